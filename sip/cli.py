@@ -1,2 +1,212 @@
+"""The ``sip`` command line: each verb loads a recipe (plus flags and ``--set`` overrides), calls the
+library, and saves the resolved config next to its outputs. Nothing here that a Python user could
+not call directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
-app = typer.Typer()
+
+from sip.config import ConfigError, load_config, save_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="sip: diffusion-driven data augmentation (SIP) and knowledge distillation.")
+
+RecipeArg = typer.Argument(None, help="YAML recipe (see pipelines/); flags and --set override it.")
+SetOpt = typer.Option([], "--set", help="Override a recipe key, e.g. --set generate.strength=0.6 (repeatable).")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _flags(**pairs: Any) -> list[str]:
+    """CLI flags as ``--set`` overrides (None means: not given)."""
+    return [f"{k}={json.dumps(v)}" for k, v in pairs.items() if v is not None]
+
+
+def _load(cls, recipe: Optional[Path], overrides: list[str]):
+    try:
+        return load_config(cls, recipe, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _input_overrides(input: Optional[Path]) -> list[str]:
+    if input is None:
+        return []
+    kind = "hf" if any((input / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")) else "folder"
+    return _flags(**{"source.kind": kind, "source.path": str(input)})
+
+
+def _captioner_overrides(captioner: Optional[str]) -> list[str]:
+    if captioner is None:
+        return []
+    from sip.caption import CAPTIONERS
+
+    if captioner in CAPTIONERS:
+        return _flags(**{"caption.kind": captioner})
+    return _flags(**{"caption.kind": "transformers", "caption.model": captioner})
+
+
+def _run(fn, *args, **kwargs):
+    """Call the library; turn the errors users can fix into a clear message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for name in ("diffusers", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.command()
+def augment(
+    recipe: Optional[Path] = RecipeArg,
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image folder root/<label>/* or a saved HF dataset."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion hub id or folder (default: the shipped model)."),
+    captioner: Optional[str] = typer.Option(None, help="'imagenet-topk' (offline) or an image-to-text hub id / folder."),
+    per_image: Optional[int] = typer.Option(None, "--per-image", help="Variants per source image."),
+    strength: Optional[float] = typer.Option(None, help="img2img strength in (0, 1]."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    seed: Optional[int] = typer.Option(None, help="Run seed."),
+    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
+    from sip.augment import AugmentRecipe, run_augment
+
+    overrides = _input_overrides(input) + _captioner_overrides(captioner) + _flags(**{
+        "output": str(output) if output else None, "generate.model": model, "generate.per_image": per_image,
+        "generate.strength": strength, "generate.guidance_scale": guidance, "generate.steps": steps,
+        "generate.seed": seed, "shard": shard}) + list(set_)
+    cfg = _load(AugmentRecipe, recipe, overrides)
+    summary = _run(run_augment, cfg)
+    save_config(cfg, Path(cfg.output) / "config.yaml")
+    typer.echo(summary.line())
+    if summary.failed and not summary.written and not summary.skipped:
+        raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    recipe: Optional[Path] = RecipeArg,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
+    model: Optional[str] = typer.Option(None, help="Stable Diffusion hub id or folder (default: the shipped model)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="Images per class."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    seed: Optional[int] = typer.Option(None, help="Run seed."),
+    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
+    from sip.augment import SynthRecipe, run_synth
+
+    overrides = _flags(**{"output": str(output) if output else None, "generate.model": model,
+                          "generate.per_class": per_class, "generate.guidance_scale": guidance,
+                          "generate.steps": steps, "generate.seed": seed, "shard": shard}) + list(set_)
+    cfg = _load(SynthRecipe, recipe, overrides)
+    summary = _run(run_synth, cfg)
+    save_config(cfg, Path(cfg.output) / "config.yaml")
+    typer.echo(summary.line())
+    if summary.failed and not summary.written and not summary.skipped:
+        raise typer.Exit(1)
+
+
+@app.command()
+def caption(
+    recipe: Optional[Path] = RecipeArg,
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image folder or saved HF dataset."),
+    output: Path = typer.Option(Path("runs/captions"), "--output", "-o", help="Folder for captions.jsonl."),
+    captioner: Optional[str] = typer.Option(None, help="'imagenet-topk' (offline) or an image-to-text hub id / folder."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Caption every image of a source (cached) and write output/captions.jsonl."""
+    from sip.augment import AugmentRecipe
+    from sip.caption import run_captions
+
+    cfg = _load(AugmentRecipe, recipe, _input_overrides(input) + _captioner_overrides(captioner) + list(set_))
+    n, path, cache = _run(run_captions, cfg.source, cfg.caption, output, cfg.progress)
+    save_config(cfg, output / "config.yaml")
+    typer.echo(f"captioned {n} images ({cache.hits} from cache, {cache.misses} new) → {path}")
+
+
+@app.command()
+def train(recipe: Optional[Path] = RecipeArg,
+          output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
+          set_: list[str] = SetOpt) -> None:
+    """Train a timm classifier on real, synthetic or mixed data."""
+    from sip.train import TrainRecipe, run_training
+
+    cfg = _load(TrainRecipe, recipe, list(set_))
+    run_dir = output or Path("runs") / "train"
+    metrics = _run(run_training, cfg, run_dir)
+    typer.echo(json.dumps(metrics))
+
+
+@app.command()
+def distill(recipe: Optional[Path] = RecipeArg,
+            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
+            set_: list[str] = SetOpt) -> None:
+    """Distil teachers into a student (Hinton KD, DeiT token, teacher ensembles, data-free)."""
+    from sip.distill import DistillRecipe, run_distillation
+
+    cfg = _load(DistillRecipe, recipe, list(set_))
+    metrics = _run(run_distillation, cfg, output or Path("runs") / "distill")
+    typer.echo(json.dumps(metrics))
+
+
+@app.command()
+def logits(recipe: Optional[Path] = RecipeArg,
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Logits store folder."),
+           set_: list[str] = SetOpt) -> None:
+    """Run teachers once over a dataset and store their logits (with augmentation replay)."""
+    from sip.distill import LogitsRecipe, run_logits
+
+    cfg = _load(LogitsRecipe, recipe, list(set_))
+    info = _run(run_logits, cfg, output or Path("runs") / "logits")
+    typer.echo(json.dumps(info))
+
+
+@app.command()
+def merge(output: Path = typer.Argument(..., help="Output folder of a sharded run."),
+          shards: int = typer.Option(..., "--shards", "-n", help="Number of shards (n of --shard i/n).")) -> None:
+    """Merge the per-shard metadata of a sharded run once every shard is done."""
+    from sip.writer import merge_shards
+
+    if not merge_shards(output, shards):
+        _fail(f"not every shard of {output} is done yet (each writes train/.shard-i-of-{shards}.done)", 1)
+    typer.echo(f"merged {shards} shards into {output / 'train' / 'metadata.jsonl'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by sip demo / augment / train.")) -> None:
+    """Write an HTML report (variant grid, training curves, accuracy table) for a run folder."""
+    _fail("sip report is not implemented yet (issue 6: the visual report); nothing was written", 3)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Run folder for every output."),
+    quick: bool = typer.Option(False, help="Smaller everything (a smoke run, ~1 minute)."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """The main job on the embedded default: 10-shot Fashion-MNIST → captions → SIP prompts → img2img
+    → dataset → student with vs. without sip data (KD from a teacher) → report."""
+    from sip.demo import run_demo
+
+    result = _run(run_demo, output, quick=quick, overrides=list(set_))
+    typer.echo(result)

@@ -162,11 +162,18 @@ def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img",
     sched_cls = resolve_scheduler(scheduler) if scheduler else None
     source = check_model_source(name, "Stable Diffusion model")
     auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForText2Image
-    pipe = auto.from_pretrained(source, torch_dtype=resolve_dtype(dtype))
+    pipe = auto.from_pretrained(source, **{_dtype_kwarg(): resolve_dtype(dtype)})
     if sched_cls is not None:
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
+
+
+def _dtype_kwarg() -> str:
+    """Newer diffusers take ``dtype`` and deprecate ``torch_dtype``; older ones know only ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def resolve_scheduler(name: str):

@@ -1,0 +1,317 @@
+"""Train sip's embedded default: a small Stable Diffusion on Fashion-MNIST, in diffusers' own classes.
+
+    python scripts/train_tiny_sd.py                      # full recipe (about an hour on 2 CPU cores)
+    python scripts/train_tiny_sd.py --unet-steps 200 --vae-steps 100 --out /tmp/sd   # smoke run
+
+Phases, each resumable from the work folder (rerun the same command after a kill):
+  1. captions: the offline captioner (EfficientNet-Lite0 ImageNet top-k, real weights) describes
+     every training image; cached as JSON lines.
+  2. vae: AutoencoderKL 32×32×3 → 8×8×4 (L1 + MSE + a gradient-difference term for sharp edges + a
+     small KL), checkpointed.
+  3. latents: every training image encoded once (posterior mean and std, sampled per step).
+  4. unet + text encoder: UNet2DConditionModel and a small CLIPTextModel trained jointly on SIP prompts
+     (label + caption; 30% label-only prompts for data-free txt2img; 10% empty for classifier-free
+     guidance), epsilon prediction on SD's scaled-linear schedule, EMA of the UNet weights, checkpointed.
+  5. export: StableDiffusionPipeline.save_pretrained (safetensors) with a DDIM scheduler.
+
+Leakage guard: only training images 0..49999 are used; few-shot experiments draw from 50000..59999.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sip.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
+from sip.dataset import FASHION_MNIST_CLASSES, FashionMNISTSource
+from sip.models import DEFAULT_SD_MODEL, offline_clip_tokenizer
+from sip.prompts import PromptBuilder, PromptConfig
+
+FMNIST_NAMES = {"T-shirt/top": "t-shirt", "Trouser": "trousers", "Pullover": "pullover", "Dress": "dress",
+                "Coat": "coat", "Sandal": "sandal", "Shirt": "shirt", "Sneaker": "sneaker", "Bag": "bag",
+                "Ankle boot": "ankle boot"}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=DEFAULT_SD_MODEL, help="where the pipeline is saved")
+    p.add_argument("--work", default=".cache/tiny-sd-work", help="checkpoints, captions, latents")
+    p.add_argument("--train-stop", type=int, default=50000, help="use training images [0, this)")
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--caption-size", type=int, default=96, help="captioner input size (224 native)")
+    p.add_argument("--num-merges", type=int, default=6000, help="BPE merges kept in the tokenizer")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA or AMX CPUs, else fp32 (bf16 without AMX is slower)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p.parse_args()
+
+
+def use_bf16(precision: str) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_available() or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+# --------------------------------------------------------------------------------------------------
+# components (diffusers / transformers classes; sizes chosen for 2 CPU cores)
+# --------------------------------------------------------------------------------------------------
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
+                         layers_per_block=1, latent_channels=4, sample_size=32, norm_num_groups=16)
+
+
+def build_text_encoder(vocab_size: int, max_len: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=max_len, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=64)
+    return CLIPTextModel(cfg)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints: safetensors weights + optimizer state loaded with weights_only=True
+# --------------------------------------------------------------------------------------------------
+
+def save_ckpt(path: Path, modules: dict, opt, step: int, extra: dict | None = None):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, m in modules.items():
+        state = m.state_dict() if hasattr(m, "state_dict") else m
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / f"{name}.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    for f in tmp.iterdir():
+        f.replace(path / f.name)
+    tmp.rmdir()
+
+
+def load_ckpt(path: Path, modules: dict, opt) -> int:
+    from safetensors.torch import load_file
+
+    if not (path / "state.json").is_file():
+        return 0
+    for name, m in modules.items():
+        state = load_file(path / f"{name}.safetensors")
+        if hasattr(m, "load_state_dict"):
+            m.load_state_dict(state)
+        else:
+            for k, v in state.items():
+                m[k].copy_(v)
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# --------------------------------------------------------------------------------------------------
+# phases
+# --------------------------------------------------------------------------------------------------
+
+def load_images(stop: int) -> tuple[torch.Tensor, np.ndarray, FashionMNISTSource]:
+    src = FashionMNISTSource("train", start=0, stop=stop, size=32)
+    arr = np.stack([np.asarray(src.sample(i).image) for i in range(len(src))])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return x, src.labels[src.indices], src
+
+
+def phase_captions(src: FashionMNISTSource, work: Path, size: int) -> list[str]:
+    cache = CaptionCache(work / "captions.jsonl")
+    captioner = ImageNetTopKCaptioner.from_config(CaptionConfig(image_size=size, device="cpu"))
+    captions = []
+    chunk = 1024
+    for start in tqdm(range(0, len(src), chunk), desc="captions", unit="chunk"):
+        images = [src.sample(i).image for i in range(start, min(start + chunk, len(src)))]
+        captions += caption_images(images, captioner, cache, batch_size=256, hashes=[image_hash(im) for im in images])
+    print(f"captions: {cache.hits} cached, {cache.misses} new; e.g. {captions[:3]}")
+    return captions
+
+
+def grad_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    start = load_ckpt(work / "vae", {"vae": vae}, opt)
+    for _ in range(start):
+        sched.step()
+    g = torch.Generator().manual_seed(1000 + start)
+    bar = tqdm(range(start, steps), desc="vae", initial=start, total=steps)
+    for step in bar:
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        xb = x[idx]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            post = vae.encode(xb).latent_dist
+            rec = vae.decode(post.sample(generator=g)).sample.float()
+        kl = post.kl().mean() / (32 * 32 * 3)
+        loss = (rec - xb).abs().mean() + F.mse_loss(rec, xb) + 0.5 * grad_loss(rec, xb) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3f}")
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            save_ckpt(work / "vae", {"vae": vae}, opt, step + 1)
+    return vae.eval()
+
+
+@torch.no_grad()
+def phase_latents(vae, x: torch.Tensor, work: Path):
+    path = work / "latents.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        d = load_file(path)
+        return d["mean"], d["std"]
+    means, stds = [], []
+    for start in tqdm(range(0, len(x), 512), desc="latents"):
+        post = vae.encode(x[start : start + 512]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, path)
+    return mean, std
+
+
+def phase_unet(mean, std, prompts_fn, tokenizer, work: Path, steps: int, batch: int, bf16: bool, seed: int,
+               scaling: float):
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.model_max_length)
+    unet = build_unet()
+    sched = build_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    warmup = 200
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    start = load_ckpt(work / "unet", {"unet": unet, "text_encoder": text_encoder, "ema": ema}, opt)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1) if start else lr_sched
+    rng = random.Random(seed * 7919 + start)
+    g = torch.Generator().manual_seed(seed * 104729 + start)
+    alphas = sched.alphas_cumprod
+    bar = tqdm(range(start, steps), desc="unet", initial=start, total=steps)
+    t0 = time.time()
+    for step in bar:
+        idx = torch.randint(0, len(mean), (batch,), generator=g)
+        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        prompts = [prompts_fn(int(i), rng) for i in idx]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            emb = text_encoder(ids)[0]
+            pred = unet(noisy, t, emb).sample.float()
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            save_ckpt(work / "unet", {"unet": unet, "text_encoder": text_encoder, "ema": ema}, opt, step + 1,
+                      {"seconds": time.time() - t0})
+    unet.load_state_dict(ema)
+    return unet.eval(), text_encoder.eval()
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    bf16 = use_bf16(args.precision)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"precision: {'bf16 autocast' if bf16 else 'fp32'}; work folder {work}")
+
+    x, labels, src = load_images(args.train_stop)
+    captions = phase_captions(src, work, args.caption_size)
+
+    tokenizer = offline_clip_tokenizer(work / "tokenizer", num_merges=args.num_merges, model_max_length=32)
+    builder = PromptBuilder.for_tokenizer(PromptConfig(label_names=FMNIST_NAMES, max_tokens=32), tokenizer)
+    prompt_cache: dict[int, str] = {}
+
+    def prompts_fn(i: int, rng: random.Random) -> str:
+        r = rng.random()
+        if r < 0.1:
+            return ""  # unconditional, for classifier-free guidance
+        label = FASHION_MNIST_CLASSES[int(labels[i])]
+        if r < 0.4:
+            return builder(label)  # label only: what data-free txt2img asks for
+        if i not in prompt_cache:
+            prompt_cache[i] = builder(label, captions[i])
+        return prompt_cache[i]
+
+    vae = phase_vae(x, work, args.vae_steps, args.batch, bf16)
+    mean, std = phase_latents(vae, x, work)
+    scaling = float(1.0 / mean.std())
+    print(f"latent std {mean.std():.3f} → scaling_factor {scaling:.4f}")
+    unet, text_encoder = phase_unet(mean, std, prompts_fn, tokenizer, work, args.unet_steps, args.batch, bf16,
+                                    args.seed, scaling)
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scaling)
+    scheduler = DDIMScheduler.from_config(build_scheduler().config, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    (Path(args.out) / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+    print(f"saved pipeline to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

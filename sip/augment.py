@@ -1,0 +1,288 @@
+"""The SIP flow end to end: real images → captions → prompts → img2img → filter → writer
+(``sip augment``), and labels → prompts → txt2img → filter → writer (``sip synth``, data-free).
+
+Sources are streamed in chunks, so memory does not grow with the dataset; finished ids are skipped,
+so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import sip
+from sip.caption import CaptionCache, CaptionConfig, Captioner, build_captioner, caption_images, image_hash
+from sip.config import to_dict
+from sip.dataset import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
+from sip.filter import FilterConfig, ImageFilter, build_filter, keep_all
+from sip.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
+from sip.prompts import PromptBuilder, PromptConfig
+from sip.writer import DatasetWriter, in_shard, parse_shard, synthetic_id, variant_id
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """``sip augment``: SIP img2img augmentation of a labelled image set.
+
+    Attributes:
+        source: the real images.
+        caption: the captioner.
+        prompt: how label and caption become a prompt.
+        generate: the diffusion model and its settings.
+        filter: optional filter of the variants.
+        output: output folder (the layout in writer.py).
+        shard: "i/n" to do the i-th of n deterministic parts (null: all).
+        chunk: sources captioned and generated per streaming step (memory vs. batching).
+        progress: show a progress bar.
+    """
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    output: str = "runs/augment"
+    shard: str | None = None
+    chunk: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        parse_shard(self.shard)
+        if self.chunk <= 0:
+            raise ValueError(f"chunk must be positive, got {self.chunk}")
+
+
+@dataclass(frozen=True)
+class SynthRecipe:
+    """``sip synth``: data-free txt2img synthesis from label prompts.
+
+    Attributes:
+        classes: label names to synthesise; empty uses ``source``'s classes.
+        source: where class names come from when ``classes`` is empty (no image is read).
+        prompt, generate, filter, output, shard, progress: as in :class:`AugmentRecipe`.
+    """
+
+    classes: list[str] = field(default_factory=list)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    output: str = "runs/synth"
+    shard: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        parse_shard(self.shard)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, failures with reasons, where it wrote."""
+
+    output: str
+    written: int = 0
+    skipped: int = 0
+    filtered: int = 0
+    failed: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    caption_hits: int = 0
+    caption_misses: int = 0
+    complete: bool = True
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        text = (f"written {self.written}, skipped {self.skipped} (already done), filtered {self.filtered}, "
+                f"failed {self.failed} in {self.seconds:.1f}s ({rate:.1f} images/s) → {self.output}")
+        if self.reasons:
+            text += "; failures: " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(5))
+        if not self.complete:
+            text += "; other shards pending: metadata.jsonl is merged when the last shard finishes"
+        return text
+
+
+def _run_info(recipe: Any, generator: DiffusionGenerator, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"sip_version": sip.__version__, "config": to_dict(recipe), "model": generator.model_id,
+            "scheduler": type(generator.pipe.scheduler).__name__, "device": describe_device(generator.device),
+            "bf16_autocast": generator.bf16, "generation_size": generator.size, **extra}
+
+
+def _chunks(source: ImageSource, size: int, keep) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for sample in source:
+        if keep(sample):
+            chunk.append(sample)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _filter_and_write(writer: DatasetWriter, filt: ImageFilter | None, summary: RunSummary, ids: list[str],
+                      images: list, labels: list[str], prompts: list[str], records: list[dict[str, Any]]) -> None:
+    verdicts = filt(images, labels, prompts) if filt is not None else keep_all(len(images))
+    for image_id, image, label, record, (keep, scores) in zip(ids, images, labels, records, verdicts):
+        record = {**record, "scores": scores}
+        if keep:
+            writer.write(image_id, image, label, record)
+            summary.written += 1
+        else:
+            writer.reject(image_id, label, record)
+            summary.filtered += 1
+
+
+def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = None,
+                captioner: Captioner | None = None, image_filter: ImageFilter | None = None) -> RunSummary:
+    """Run SIP augmentation as ``recipe`` says; models are built from it unless passed in.
+
+    Args:
+        recipe (AugmentRecipe): the resolved recipe.
+        generator (DiffusionGenerator, optional): built from ``recipe.generate`` when None.
+        captioner (Captioner, optional): built from ``recipe.caption`` when None.
+        image_filter (ImageFilter, optional): built from ``recipe.filter`` when None.
+
+    Returns:
+        RunSummary: counts and failures; images are on disk under ``recipe.output``.
+    """
+    t0 = time.time()
+    # 1. check inputs before any model is loaded
+    shard = parse_shard(recipe.shard)
+    source = open_source(recipe.source)
+    if len(source) == 0:
+        raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
+    # 2. models (built once, passed to the stages)
+    generator = generator or DiffusionGenerator.from_config(recipe.generate)
+    captioner = captioner or build_captioner(recipe.caption)
+    image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
+    builder = PromptBuilder.for_tokenizer(
+        PromptConfig(**{**to_dict(recipe.prompt),
+                        "max_tokens": min(recipe.prompt.max_tokens, generator.max_prompt_tokens)}),
+        generator.pipe.tokenizer)
+    # 3. output folder (refuses a folder written with another config)
+    out = Path(recipe.output)
+    writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img"}),
+                           source.classes, shard)
+    cache = CaptionCache(recipe.caption.cache or out / "captions.jsonl")
+    per_image, cfg = recipe.generate.per_image, recipe.generate
+    summary = RunSummary(str(out))
+    total = sum(1 for sid in _source_ids(source) if in_shard(sid, shard)) * per_image
+    bar = tqdm(total=total, desc="augment", unit="img", disable=not recipe.progress, dynamic_ncols=True)
+
+    def todo(sample: Sample) -> bool:
+        return in_shard(sample.source_id, shard)
+
+    # 4. stream: caption → prompt → img2img → filter → write, a chunk of sources at a time
+    for chunk in _chunks(source, recipe.chunk, todo):
+        jobs = [(s, v) for s in chunk for v in range(per_image) if not writer.is_done(variant_id(s.source_id, v))]
+        done_here = len(chunk) * per_image - len(jobs)
+        summary.skipped += done_here
+        bar.update(done_here)
+        if not jobs:
+            continue
+        pending = list(dict.fromkeys(id(s) for s, _ in jobs))
+        samples = {id(s): s for s, _ in jobs}
+        hashes = {k: image_hash(samples[k].image) for k in pending}
+        captions = dict(zip(pending, caption_images([samples[k].image for k in pending], captioner, cache,
+                                                    recipe.caption.batch_size, [hashes[k] for k in pending])))
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start : start + cfg.batch_size]
+            prompts = [builder(s.label_name, captions[id(s)], v) for s, v in batch]
+            seeds = [image_seed(cfg.seed, s.source_id, v) for s, v in batch]
+            try:
+                images = generator.img2img([s.image for s, _ in batch], prompts, seeds, recipe.prompt.negative_prompt)
+            except (RuntimeError, ValueError) as e:  # e.g. out of memory: count, say why, go on
+                summary.failed += len(batch)
+                summary.reasons[f"{type(e).__name__}: {str(e)[:120]}"] += len(batch)
+                bar.update(len(batch))
+                continue
+            records = [{"source": s.source_id, "source_hash": hashes[id(s)], "variant": v,
+                        "caption": captions[id(s)], "prompt": p, "negative_prompt": recipe.prompt.negative_prompt,
+                        "strength": cfg.strength, "seed": seed, **generator.settings()}
+                       for (s, v), p, seed in zip(batch, prompts, seeds)]
+            _filter_and_write(writer, image_filter, summary, [variant_id(s.source_id, v) for s, v in batch], images,
+                              [s.label_name for s, _ in batch], prompts, records)
+            bar.update(len(batch))
+            bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+    bar.close()
+    for skipped in source.skipped:
+        summary.failed += 1
+        summary.reasons[f"unreadable source {skipped.path}"] += 1
+    summary.complete = writer.finish()
+    summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _source_ids(source: ImageSource) -> Iterator[str]:
+    """Source ids without decoding images, where the source allows it."""
+    if hasattr(source, "files"):
+        root = source.root
+        return (p.relative_to(root).as_posix() for p, _ in source.files)
+    if hasattr(source, "indices"):
+        return (f"fmnist/{source.split}/{int(i)}" for i in source.indices)
+    if hasattr(source, "dataset"):
+        return (f"{source.split}/{i}" for i in range(len(source)))
+    return (s.source_id for s in source)
+
+
+def synth_classes(recipe: SynthRecipe) -> list[str]:
+    """The class names to synthesise: explicit, else the source's (no image is decoded)."""
+    if recipe.classes:
+        return list(recipe.classes)
+    if recipe.source.kind == "fashion-mnist":
+        return list(FASHION_MNIST_CLASSES)
+    return list(open_source(recipe.source).classes)
+
+
+def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
+              image_filter: ImageFilter | None = None) -> RunSummary:
+    """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt."""
+    t0 = time.time()
+    shard = parse_shard(recipe.shard)
+    classes = synth_classes(recipe)
+    if not classes:
+        raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
+    generator = generator or DiffusionGenerator.from_config(recipe.generate)
+    image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
+    builder = PromptBuilder.for_tokenizer(
+        PromptConfig(**{**to_dict(recipe.prompt),
+                        "max_tokens": min(recipe.prompt.max_tokens, generator.max_prompt_tokens)}),
+        generator.pipe.tokenizer)
+    out = Path(recipe.output)
+    writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img"}), classes, shard)
+    cfg = recipe.generate
+    jobs = [(label, k) for label in classes for k in range(cfg.per_class) if in_shard(f"{label}\x00{k}", shard)]
+    summary = RunSummary(str(out))
+    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not recipe.progress, dynamic_ncols=True)
+    todo = [(label, k) for label, k in jobs if not writer.is_done(synthetic_id(label, k))]
+    summary.skipped = len(jobs) - len(todo)
+    bar.update(summary.skipped)
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start : start + cfg.batch_size]
+        prompts = [builder(label, None, k) for label, k in batch]
+        seeds = [image_seed(cfg.seed, f"txt2img:{label}", k) for label, k in batch]
+        try:
+            images = generator.text2img(prompts, seeds, recipe.prompt.negative_prompt)
+        except (RuntimeError, ValueError) as e:
+            summary.failed += len(batch)
+            summary.reasons[f"{type(e).__name__}: {str(e)[:120]}"] += len(batch)
+            bar.update(len(batch))
+            continue
+        records = [{"source": None, "source_hash": None, "variant": k, "caption": None, "prompt": p,
+                    "negative_prompt": recipe.prompt.negative_prompt, "strength": None, "seed": seed,
+                    **generator.settings()} for (label, k), p, seed in zip(batch, prompts, seeds)]
+        _filter_and_write(writer, image_filter, summary, [synthetic_id(label, k) for label, k in batch], images,
+                          [label for label, _ in batch], prompts, records)
+        bar.update(len(batch))
+        bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+    bar.close()
+    summary.complete = writer.finish()
+    summary.seconds = time.time() - t0
+    return summary

@@ -1,0 +1,199 @@
+"""Stable Diffusion img2img (SIP augmentation) and txt2img (data-free synthesis), batched and seeded.
+
+Every image has its own ``torch.Generator`` seeded from (run seed, source id, variant index), so an
+image is the same whatever the batch size, order or shard that produced it. The pipeline is any
+diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.load_diffusion_pipeline`
+(auto pipelines), passed in — the generator never loads models itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from sip.models import DEFAULT_SD_MODEL, load_diffusion_pipeline, resolve_device, resolve_scheduler
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How images are generated.
+
+    Attributes:
+        model: hub id or folder of a Stable Diffusion family checkpoint (default: the shipped model).
+        strength: img2img noise level in (0, 1]: low keeps the source (faithful, little variety),
+            high redraws it (variety, risk of losing the label). SIP uses a moderate 0.5.
+        guidance_scale: classifier-free guidance; higher follows the prompt more, at some cost in
+            diversity and artefacts. <= 1 disables guidance (half the UNet work).
+        steps: denoising steps of the full schedule; img2img runs about ``steps * strength`` of them.
+        per_image: variants per source image (img2img).
+        per_class: images per class (txt2img).
+        batch_size: images per pipeline call; larger is faster until memory runs out. Outputs do
+            not depend on it.
+        scheduler: diffusers scheduler class name (e.g. "DDIMScheduler", "EulerDiscreteScheduler");
+            null keeps the checkpoint's own.
+        resolution: generation size in pixels (multiple of 8); null uses the model's native size.
+        resize: how a source is fitted: "resize" (stretch), "center-crop" (keep aspect, crop), or
+            "keep" (keep aspect, round each side to a multiple of 8; one source per batch).
+        seed: run seed; every image's seed derives from it, the source id and the variant.
+        dtype: weights dtype ("float32", "bfloat16", "float16"): fp16/bf16 halve memory on GPU.
+        precision: "auto" (bf16 autocast on CUDA and on AMX CPUs, else fp32), "fp32", "bf16".
+            Without AMX, bf16 on a CPU is slower than fp32.
+        device: "auto", "cpu", "cuda", "cuda:1" …
+    """
+
+    model: str = DEFAULT_SD_MODEL
+    strength: float = 0.5
+    guidance_scale: float = 4.0
+    steps: int = 30
+    per_image: int = 2
+    per_class: int = 100
+    batch_size: int = 32
+    scheduler: str | None = None
+    resolution: int | None = None
+    resize: Literal["resize", "center-crop", "keep"] = "resize"
+    seed: int = 0
+    dtype: str = "float32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for name in ("steps", "per_image", "per_class", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.scheduler is not None:
+            resolve_scheduler(self.scheduler)
+        if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def image_seed(run_seed: int, key: str, variant: int) -> int:
+    """The seed of one image: a hash of (run seed, source id or class key, variant index)."""
+    digest = hashlib.sha256(f"{run_seed}\x00{key}\x00{variant}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def use_bf16_autocast(precision: str, device: torch.device) -> bool:
+    """bf16 autocast pays off on CUDA and on CPUs with AMX; elsewhere fp32 is faster."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def fit_image(image: Image.Image, size: int | None, mode: str, multiple: int = 8) -> Image.Image:
+    """Fit a source to the generation size (see ``GenerateConfig.resize``)."""
+    w, h = image.size
+    if mode == "keep" or size is None:
+        scale = 1.0 if size is None else size / max(w, h)
+        nw = max(multiple, round(w * scale / multiple) * multiple)
+        nh = max(multiple, round(h * scale / multiple) * multiple)
+        return image if (nw, nh) == (w, h) else image.resize((nw, nh), Image.BICUBIC)
+    if mode == "center-crop":
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        return image.crop((left, top, left + size, top + size))
+    return image if (w, h) == (size, size) else image.resize((size, size), Image.BICUBIC)
+
+
+class DiffusionGenerator:
+    """Batched, seeded img2img and txt2img over one diffusers pipeline.
+
+    Args:
+        pipe: a diffusers img2img pipeline (``AutoPipelineForImage2Image``); txt2img shares its
+            components through ``AutoPipelineForText2Image.from_pipe``.
+        config (GenerateConfig): settings.
+        model_id (str, optional): recorded in metadata. Defaults to ``config.model``.
+    """
+
+    def __init__(self, pipe: Any, config: GenerateConfig, model_id: str | None = None):
+        from diffusers import AutoPipelineForText2Image
+
+        self.pipe = pipe
+        self.txt2img = AutoPipelineForText2Image.from_pipe(pipe)
+        for p in (self.pipe, self.txt2img):
+            p.set_progress_bar_config(disable=True)
+        self.config = config
+        self.model_id = model_id or config.model
+        self.device = pipe.device
+        self.native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self.size = config.resolution or self.native
+        self.bf16 = use_bf16_autocast(config.precision, self.device)
+
+    @classmethod
+    def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
+        """Load ``config.model`` (hub id or folder) and build the generator."""
+        pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
+        return cls(pipe, config)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+    def settings(self) -> dict[str, Any]:
+        """The per-image settings recorded in metadata."""
+        c = self.config
+        return {"guidance_scale": c.guidance_scale, "steps": c.steps, "model": self.model_id,
+                "scheduler": type(self.pipe.scheduler).__name__}
+
+    @torch.inference_mode()
+    def img2img(self, images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int],
+                negative_prompt: str = "") -> list[Image.Image]:
+        """Redraw each image under its prompt, one seed per image (call with ≤ batch_size images)."""
+        # 1. check inputs
+        if not (len(images) == len(prompts) == len(seeds)):
+            raise ValueError(f"images, prompts and seeds must align, got {len(images)}, {len(prompts)}, {len(seeds)}")
+        if not images:
+            return []
+        # 2. fit sources to the generation size
+        fitted = [fit_image(im, self.size, self.config.resize) for im in images]
+        # 3. denoise (the pipeline encodes prompts, adds seeded noise and runs the scheduler)
+        with self._autocast():
+            out = self.pipe(prompt=list(prompts), image=fitted, strength=self.config.strength,
+                            num_inference_steps=self.config.steps, guidance_scale=self.config.guidance_scale,
+                            negative_prompt=[negative_prompt] * len(prompts) if self.config.guidance_scale > 1 else None,
+                            generator=self._generators(seeds), output_type="pil")
+        return list(out.images)
+
+    @torch.inference_mode()
+    def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "") -> list[Image.Image]:
+        """Generate one image per prompt at the generation size, one seed per image."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"prompts and seeds must align, got {len(prompts)} and {len(seeds)}")
+        if not prompts:
+            return []
+        with self._autocast():
+            out = self.txt2img(prompt=list(prompts), height=self.size, width=self.size,
+                               num_inference_steps=self.config.steps, guidance_scale=self.config.guidance_scale,
+                               negative_prompt=[negative_prompt] * len(prompts) if self.config.guidance_scale > 1 else None,
+                               generator=self._generators(seeds), output_type="pil")
+        return list(out.images)
+
+
+def describe_device(device: torch.device | str) -> str:
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"

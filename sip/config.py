@@ -8,8 +8,8 @@ same checks. The resolved config is written next to every output (``save_config`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
@@ -53,7 +53,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1 and isinstance(value, dict):
+            raise errors[0]  # ``Section | None`` given a mapping: the section's own error names the bad key
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_where(source)}")
     if origin is Literal:
         if value not in args:
@@ -97,6 +99,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}{_where(source)}")
         return value
+    if tp is Path:  # written by save_config as a string
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{key}: expected a path (string), got {value!r}{_where(source)}")
+        return Path(value)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_where(source)}")
     return value
@@ -152,7 +158,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b=c`` override written in (nested dicts created)."""
-    out = json.loads(json.dumps(data)) if data else {}
+    out = copy.deepcopy(data) if data else {}
     for text in overrides:
         path, value = parse_override(text)
         node = out

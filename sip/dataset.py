@@ -96,6 +96,8 @@ class ImageSource:
         raise NotImplementedError
 
     def _skip(self, path: str, reason: str) -> None:
+        if any(s.path == path for s in self.skipped):  # iterated again: already reported
+            return
         self.skipped.append(Skipped(path, reason))
         logger.warning("skipping %s: %s", path, reason)
 
@@ -160,6 +162,9 @@ class HFDatasetSource(ImageSource):
         image_column (str, optional): Defaults to "image".
         label_column (str, optional): a ``ClassLabel`` (names come from it) or int column.
             Defaults to "label".
+
+    ``rows[i]`` is the row number (in the split) of ``dataset[i]``; source ids use it, so they stay the
+    same after :meth:`select`.
     """
 
     def __init__(self, path: str | Path, split: str = "train", image_column: str = "image",
@@ -184,7 +189,13 @@ class HFDatasetSource(ImageSource):
             self.classes = [str(i) for i in range(int(max(ds[label_column])) + 1)]
         self.split, self.image_column, self.label_column = split, image_column, label_column
         self.dataset = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.rows: list[int] = list(range(len(ds)))
         self.skipped = []
+
+    def select(self, indices: Sequence[int]) -> None:
+        """Keep only ``dataset[indices]`` (e.g. a few-shot subsample); source ids keep naming the rows."""
+        self.dataset = self.dataset.select(indices)
+        self.rows = [self.rows[int(i)] for i in indices]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -193,7 +204,7 @@ class HFDatasetSource(ImageSource):
         import io
 
         for i, row in enumerate(self.dataset):
-            sid = f"{self.split}/{i}"
+            sid = f"{self.split}/{self.rows[i]}"
             cell = row[self.image_column]
             try:
                 if cell.get("bytes") is not None:
@@ -210,6 +221,14 @@ class HFDatasetSource(ImageSource):
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (``.gz`` or raw), read-only. Cached per file (and its modification time), so
+    sources share one copy of the training set while a changed ``$SIP_FASHION_MNIST_DIR`` still counts."""
+    stat = path.stat()
+    return _read_idx_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _read_idx_file(path: Path, mtime_ns: int, size: int) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -236,7 +255,6 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=4)
 def load_fashion_mnist_arrays(split: Literal["train", "test"] = "train", download: bool = True,
                               ) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST as (images uint8 [N, 28, 28], labels int64 [N]).
@@ -263,7 +281,6 @@ def load_fashion_mnist_arrays(split: Literal["train", "test"] = "train", downloa
         FashionMNIST(str(Path.home() / ".cache" / "sip"), train=split == "train", download=True)
     except Exception as e:  # no network, or a mirror down: the hint says what to do
         raise FileNotFoundError(f"{hint} (download failed: {e})") from e
-    load_fashion_mnist_arrays.cache_clear()
     return load_fashion_mnist_arrays(split, download=False)
 
 
@@ -377,5 +394,5 @@ def open_source(config: SourceConfig) -> ImageSource:
         return folder
     hf = HFDatasetSource(config.path, config.split, config.image_column, config.label_column)
     if config.shots is not None:
-        hf.dataset = hf.dataset.select(select_shots(np.array(hf.dataset[config.label_column]), config.shots, config.seed))
+        hf.select(select_shots(np.array(hf.dataset[config.label_column]), config.shots, config.seed))
     return hf

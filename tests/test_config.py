@@ -1,0 +1,290 @@
+"""sip.config: YAML recipes onto frozen dataclasses, --set overrides, errors that name key and file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from sip.config import (ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config,
+                        to_dict)
+
+
+@dataclass(frozen=True)
+class GenerateSection:
+    strength: float = 0.5
+    steps: int = 30
+    scheduler: str | None = None
+    mode: Literal["img2img", "txt2img"] = "img2img"
+
+    def __post_init__(self):
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    path: str = "data"
+    shots: int | None = None
+    classes: list[str] = field(default_factory=list)
+    size: tuple[int, int] = (32, 32)
+
+
+@dataclass(frozen=True)
+class FilterSection:
+    threshold: float = 0.0
+    model: str = "teacher"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    verbose: bool = False
+    out: Path = Path("out")
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    source: SourceSection = field(default_factory=SourceSection)
+    filter: FilterSection | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NeedsName:
+    name: str
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+RECIPE = """\
+name: fmnist
+seed: 3
+verbose: true
+out: runs/fmnist
+generate:
+  strength: 1        # an int where a float is expected is fine
+  steps: 10
+  mode: txt2img
+source:
+  path: /data/fmnist
+  shots: 10
+  classes: [cat, dog]
+  size: [28, 28]
+filter:
+  threshold: 0.25
+weights: {kd: 0.9, ce: 1}
+"""
+
+
+def test_loads_nested_dataclasses(tmp_path):
+    cfg = load_config(Recipe, write(tmp_path / "r.yaml", RECIPE))
+    assert cfg == Recipe(
+        name="fmnist", seed=3, verbose=True, out=Path("runs/fmnist"),
+        generate=GenerateSection(strength=1.0, steps=10, mode="txt2img"),
+        source=SourceSection(path="/data/fmnist", shots=10, classes=["cat", "dog"], size=(28, 28)),
+        filter=FilterSection(threshold=0.25), weights={"kd": 0.9, "ce": 1.0},
+    )
+    assert type(cfg.generate.strength) is float
+    assert type(cfg.source.size) is tuple
+    assert isinstance(cfg.out, Path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 4  # type: ignore[misc]
+
+
+def test_defaults_without_file_and_empty_file(tmp_path):
+    assert load_config(Recipe) == Recipe()
+    assert load_config(Recipe, write(tmp_path / "empty.yaml", "# nothing set\n")) == Recipe()
+
+
+def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE)
+    cfg = load_config(Recipe, path, [
+        "generate.strength=0.25", "seed=7", "verbose=false", "source.classes=[shirt, bag]",
+        "source.shots=null", "name=hello world", "filter.model=clip", "generate.scheduler=DDIMScheduler",
+    ])
+    assert cfg.generate.strength == 0.25 and cfg.generate.steps == 10  # the rest of the section is kept
+    assert cfg.seed == 7 and cfg.verbose is False
+    assert cfg.source.classes == ["shirt", "bag"] and cfg.source.shots is None
+    assert cfg.name == "hello world"
+    assert cfg.filter == FilterSection(threshold=0.25, model="clip")
+    assert cfg.generate.scheduler == "DDIMScheduler"
+
+
+def test_override_creates_a_section_missing_from_the_file(tmp_path):
+    cfg = load_config(Recipe, write(tmp_path / "r.yaml", "seed: 1\n"), ["filter.threshold=0.5"])
+    assert cfg.filter == FilterSection(threshold=0.5)
+    assert load_config(Recipe, None, ["generate.steps=2"]).generate.steps == 2
+
+
+@pytest.mark.parametrize("text, match", [
+    ("seed", "key=value"),
+    ("=3", "empty key"),
+    ("generate..steps=3", "empty key"),
+    ("seed=[1, 2", "cannot parse"),
+])
+def test_malformed_overrides(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_override(text)
+
+
+def test_override_into_a_value_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set seed\.x: seed is a value"):
+        load_config(Recipe, write(tmp_path / "r.yaml", "seed: 1\n"), ["seed.x=2"])
+
+
+def test_override_leaves_input_untouched():
+    data = {"generate": {"steps": 3}}
+    out = apply_overrides(data, ["generate.steps=4"])
+    assert out == {"generate": {"steps": 4}} and data == {"generate": {"steps": 3}}
+
+
+def test_override_on_a_recipe_with_non_json_values(tmp_path):
+    # YAML gives dates (and non-string keys); an override must not crash on them before validation.
+    path = write(tmp_path / "r.yaml", "name: 2024-05-01\n")
+    with pytest.raises(ConfigError, match=r"name: expected a string.*r\.yaml \+ --set"):
+        load_config(Recipe, path, ["seed=1"])
+    assert load_config(Recipe, path, ["name=may"]).name == "may"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("sede: 1\n", "sede"),
+    ("generate:\n  strenght: 0.5\n", "generate.strenght"),
+    ("source:\n  path: x\n  shot: 2\n", "source.shot"),
+])
+def test_unknown_key_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path / "recipe.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, path)
+    message = str(info.value)
+    assert f"unknown key {key}" in message
+    assert str(path) in message
+    assert "valid keys" in message
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="valid keys of generate: mode, scheduler, steps, strength"):
+        load_config(Recipe, write(tmp_path / "r.yaml", "generate:\n  strenght: 0.5\n"))
+
+
+def test_unknown_key_inside_an_optional_section_is_named(tmp_path):
+    path = write(tmp_path / "r.yaml", "filter:\n  treshold: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"unknown key filter\.treshold in {path}"):
+        load_config(Recipe, path)
+
+
+def test_unknown_key_from_override_names_the_override(tmp_path):
+    path = write(tmp_path / "r.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match=rf"unknown key generate\.stps in {path} \+ --set"):
+        load_config(Recipe, path, ["generate.stps=3"])
+    with pytest.raises(ConfigError, match=r"unknown key nope in --set"):
+        load_config(Recipe, None, ["nope=3"])
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("seed: abc\n", "seed", "integer"),
+    ("seed: 1.5\n", "seed", "integer"),
+    ("seed: true\n", "seed", "integer"),
+    ("verbose: 1\n", "verbose", "true or false"),
+    ("name: [a, b]\n", "name", "string"),
+    ("generate:\n  strength: high\n", "generate.strength", "number"),
+    ("generate:\n  mode: inpaint\n", "generate.mode", "one of 'img2img', 'txt2img'"),
+    ("generate: 3\n", "generate", "mapping"),
+    ("source:\n  classes: cat\n", "source.classes", "list"),
+    ("source:\n  classes: [cat, 2]\n", r"source.classes[1]", "string"),
+    ("source:\n  size: [1, 2, 3]\n", "source.size", "2 items"),
+    ("source:\n  shots: many\n", "source.shots", "int | None"),
+    ("weights: {kd: heavy}\n", "weights.kd", "number"),
+    ("filter: 0.5\n", "filter", "FilterSection | None"),
+])
+def test_wrong_type_names_key_and_file(tmp_path, text, key, expected):
+    path = write(tmp_path / "recipe.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, path)
+    message = str(info.value)
+    assert message.startswith(f"{key}: ")
+    assert expected in message
+    assert str(path) in message
+
+
+def test_wrong_type_from_override(tmp_path):
+    path = write(tmp_path / "r.yaml", RECIPE)
+    expected = rf"generate\.steps: expected an integer, got 'ten' in {path} \+ --set"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(Recipe, path, ["generate.steps=ten"])
+
+
+def test_bad_value_becomes_config_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "recipe.yaml", "generate:\n  strength: 1.7\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, path)
+    message = str(info.value)
+    assert "generate" in message
+    assert "strength must be in (0, 1], got 1.7" in message
+    assert str(path) in message
+    assert isinstance(info.value, ValueError)  # callers may catch ValueError
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_bad_value_from_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"strength must be in \(0, 1\], got -0\.5 in --set"):
+        load_config(Recipe, None, ["generate.strength=-0.5"])
+
+
+def test_missing_required_field_names_the_file(tmp_path):
+    path = write(tmp_path / "r.yaml", "{}\n")
+    with pytest.raises(ConfigError, match=rf"NeedsName: .*name.* in {path}"):
+        load_config(NeedsName, path)
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("just text\n", "str"), ("3\n", "int")])
+def test_top_level_must_be_a_mapping(tmp_path, text, kind):
+    path = write(tmp_path / "recipe.yaml", text)
+    expected = rf"{path}: the top level of a recipe must be a mapping, got {kind}"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(Recipe, path)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = write(tmp_path / "recipe.yaml", "generate: {strength: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"{path} is not valid YAML"):
+        load_config(Recipe, path)
+
+
+def test_missing_recipe_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"recipe {path} does not exist.*pipelines/"):
+        load_config(Recipe, path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Recipe, tmp_path)  # a folder is not a recipe
+
+
+def test_yaml_is_not_executed(tmp_path):
+    path = write(tmp_path / "r.yaml", "name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Recipe, path)
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(Recipe, write(tmp_path / "r.yaml", RECIPE), ["generate.scheduler=DDIMScheduler"])
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert out == tmp_path / "run" / "config.yaml"
+    assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+    plain = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert plain == to_dict(cfg)
+    assert plain["source"]["size"] == [28, 28] and plain["out"] == "runs/fmnist"
+    assert list(plain) == [f.name for f in dataclasses.fields(Recipe)]  # field order kept
+    assert load_config(Recipe, out) == cfg
+    # defaults (None section, empty containers) round-trip too
+    save_config(Recipe(), out)
+    assert load_config(Recipe, out) == Recipe()
+
+
+def test_from_dict_prefix_names_nested_keys():
+    with pytest.raises(ConfigError, match=r"unknown key recipe\.generate\.x; valid keys of recipe\.generate"):
+        from_dict(Recipe, {"generate": {"x": 1}}, prefix="recipe")

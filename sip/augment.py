@@ -228,7 +228,7 @@ def _source_ids(source: ImageSource) -> Iterator[str]:
     if hasattr(source, "indices"):
         return (f"fmnist/{source.split}/{int(i)}" for i in source.indices)
     if hasattr(source, "dataset"):
-        return (f"{source.split}/{i}" for i in range(len(source)))
+        return (f"{source.split}/{r}" for r in source.rows)
     return (s.source_id for s in source)
 
 

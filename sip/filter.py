@@ -80,13 +80,23 @@ class ClassifierFilter:
 
     @classmethod
     def from_config(cls, config: FilterConfig) -> ClassifierFilter:
-        """Load a sip-trained classifier (run folder or checkpoint) with its class names and transform."""
-        from sip.distill.teachers import load_classifier
+        """Load a sip-trained classifier (run folder or .safetensors) with its class names and its own
+        preprocessing (input size, mean/std recorded at training time)."""
+        from torchvision import transforms
 
+        from sip.distill.logits import tensor_transform
+        from sip.distill.teachers import TeacherSection, build_teacher
         from sip.models import resolve_device
 
-        model, class_names, transform = load_classifier(config.model)
-        return cls(model.to(resolve_device(config.device)), class_names, transform, config.threshold, config.batch_size)
+        teacher = build_teacher(TeacherSection(checkpoint=config.model))
+        classes = teacher.identity.get("classes")
+        if not classes:
+            raise ValueError(f"{config.model} records no class names; train it with `sip train` so the filter "
+                             "can match labels to logits")
+        size = list(teacher.input_config["input_size"])[-2:]
+        transform = transforms.Compose([transforms.Resize(size), tensor_transform(teacher.input_config)])
+        return cls(teacher.model.to(resolve_device(config.device)), classes, transform, config.threshold,
+                   config.batch_size)
 
     @torch.inference_mode()
     def __call__(self, images, labels, prompts=None):

@@ -49,6 +49,8 @@ class GenerateConfig:
             the batch it was in. Batched float kernels (oneDNN, cuBLAS) round differently for
             different batch sizes: without this, the same seed gives the same image up to ±1 grey
             level in a few pixels (measured: ≤ 4 of 30,720 values) when the batch size changes.
+        channels_last: NHWC memory format for the UNet and VAE (faster convolutions on some
+            hardware; see scripts/bench_generate.py).
     """
 
     model: str = DEFAULT_SD_MODEL
@@ -66,6 +68,7 @@ class GenerateConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     batch_invariant: bool = False
+    channels_last: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.strength <= 1.0:
@@ -137,6 +140,12 @@ class DiffusionGenerator:
         self.native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self.size = config.resolution or self.native
         self.bf16 = use_bf16_autocast(config.precision, self.device)
+        # SD 1.x/2.x img2img: sip encodes each source and each prompt once (SDXL & others: plain call)
+        self._fast = type(pipe).__name__ == "StableDiffusionImg2ImgPipeline"
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        if config.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
@@ -177,13 +186,60 @@ class DiffusionGenerator:
                     for im in self.img2img(images[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], negative_prompt)]
         # 2. fit sources to the generation size
         fitted = [fit_image(im, self.size, self.config.resize) for im in images]
-        # 3. denoise (the pipeline encodes prompts, adds seeded noise and runs the scheduler)
+        generators = self._generators(seeds)
+        cfg = self.config
+        guided = cfg.guidance_scale > 1
+        negatives = [negative_prompt] * len(prompts) if guided else None
         with self._autocast():
-            out = self.pipe(prompt=list(prompts), image=fitted, strength=self.config.strength,
-                            num_inference_steps=self.config.steps, guidance_scale=self.config.guidance_scale,
-                            negative_prompt=[negative_prompt] * len(prompts) if self.config.guidance_scale > 1 else None,
-                            generator=self._generators(seeds), output_type="pil")
+            if not self._fast:
+                out = self.pipe(prompt=list(prompts), image=fitted, strength=cfg.strength,
+                                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                negative_prompt=negatives, generator=generators, output_type="pil")
+                return list(out.images)
+            # 3. encode each distinct source once for all its variants; each variant samples its own
+            #    latent with its own generator, exactly as the pipeline would
+            latents = self._init_latents(images, fitted, generators)
+            # 4. encode each distinct prompt once (the shared negative prompt included)
+            prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)
+            # 5. denoise (the pipeline adds the seeded noise and runs the scheduler)
+            out = self.pipe(image=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                            strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                            generator=generators, output_type="pil")
         return list(out.images)
+
+    def _init_latents(self, images: Sequence[Image.Image], fitted: Sequence[Image.Image],
+                      generators: Sequence[torch.Generator]) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae = self.pipe.vae
+        order: dict[int, int] = {}
+        for im in images:
+            order.setdefault(id(im), len(order))
+        distinct = {order[id(im)]: f for im, f in zip(images, fitted)}
+        pixels = self.pipe.image_processor.preprocess([distinct[i] for i in range(len(distinct))])
+        pixels = pixels.to(device=self.device, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        samples = []
+        for im, g in zip(images, generators):
+            i = order[id(im)]
+            mean, std = dist.mean[i : i + 1], dist.std[i : i + 1]
+            samples.append(mean + std * randn_tensor(mean.shape, generator=g, device=mean.device, dtype=mean.dtype))
+        return torch.cat(samples) * vae.config.scaling_factor
+
+    def _encode_prompts(self, prompts: list[str], negative_prompt: str, guided: bool):
+        missing = list(dict.fromkeys(p for p in prompts + ([negative_prompt] if guided else [])
+                                     if p not in self._prompt_cache))
+        if len(self._prompt_cache) + len(missing) > 8192:
+            self._prompt_cache.clear()
+        # batch_invariant: one prompt per text-encoder call, so no embedding depends on its batch
+        step = 1 if self.config.batch_invariant else max(1, len(missing))
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            embeds, _ = self.pipe.encode_prompt(chunk, self.device, 1, False)
+            self._prompt_cache.update({p: e for p, e in zip(chunk, embeds)})
+        prompt_embeds = torch.stack([self._prompt_cache[p] for p in prompts])
+        negative = torch.stack([self._prompt_cache[negative_prompt]] * len(prompts)) if guided else None
+        return prompt_embeds, negative
 
     @torch.inference_mode()
     def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "") -> list[Image.Image]:
@@ -195,11 +251,17 @@ class DiffusionGenerator:
         if self.config.batch_invariant and len(prompts) > 1:
             return [im for i in range(len(prompts))
                     for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt)]
+        cfg = self.config
+        guided = cfg.guidance_scale > 1
         with self._autocast():
-            out = self.txt2img(prompt=list(prompts), height=self.size, width=self.size,
-                               num_inference_steps=self.config.steps, guidance_scale=self.config.guidance_scale,
-                               negative_prompt=[negative_prompt] * len(prompts) if self.config.guidance_scale > 1 else None,
-                               generator=self._generators(seeds), output_type="pil")
+            if self._fast:  # each distinct prompt encoded once
+                prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)
+                kwargs = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+            else:
+                kwargs = {"prompt": list(prompts), "negative_prompt": [negative_prompt] * len(prompts) if guided else None}
+            out = self.txt2img(height=self.size, width=self.size, num_inference_steps=cfg.steps,
+                               guidance_scale=cfg.guidance_scale, generator=self._generators(seeds),
+                               output_type="pil", **kwargs)
         return list(out.images)
 
 

@@ -1,0 +1,32 @@
+"""Every recipe in pipelines/ loads into its recipe class (plain YAML, no unknown keys)."""
+
+from pathlib import Path
+
+import pytest
+
+from sip.config import load_config
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def recipe_class(path: Path):
+    stem = path.stem
+    if stem.endswith("_augment"):
+        from sip.augment import AugmentRecipe
+        return AugmentRecipe
+    if stem.endswith("_synth"):
+        from sip.augment import SynthRecipe
+        return SynthRecipe
+    if "logits" in stem:
+        from sip.distill import LogitsRecipe
+        return LogitsRecipe
+    if any(k in stem for k in ("kd", "distill", "datafree", "ensemble")):
+        from sip.distill import DistillRecipe
+        return DistillRecipe
+    from sip.train import TrainRecipe
+    return TrainRecipe
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_loads(path):
+    load_config(recipe_class(path), path)

@@ -58,7 +58,7 @@ def _run(fn, *args, **kwargs):
     """Call the library; turn the errors users can fix into a clear message and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
 
 
@@ -193,9 +193,32 @@ def merge(output: Path = typer.Argument(..., help="Output folder of a sharded ru
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder written by sip demo / augment / train.")) -> None:
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by sip demo / augment / train."),
+           max_sources: int = typer.Option(10, "--max-sources", help="Source images per dataset grid."),
+           max_variants: int = typer.Option(4, "--max-variants", help="Variants shown per source.")) -> None:
     """Write an HTML report (variant grid, training curves, accuracy table) for a run folder."""
-    _fail("sip report is not implemented yet (issue 6: the visual report); nothing was written", 3)
+    from sip.report import write_report
+
+    path = _run(write_report, run_dir, max_sources=max_sources, max_variants=max_variants)
+    typer.echo(f"report → {path}")
+
+
+@app.command()
+def export(dataset: Path = typer.Argument(..., help="A dataset written by sip augment / synth."),
+           dest: Optional[Path] = typer.Option(None, "--dest", "-o", help="save_to_disk folder (default: DATASET-hf)."),
+           hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Hub repo id (needs network and a token)."),
+           private: bool = typer.Option(False, help="Private hub repo."),
+           overwrite: bool = typer.Option(False, help="Replace an existing --dest.")) -> None:
+    """Convert a written dataset to a Hugging Face DatasetDict (save_to_disk), or push it to the Hub."""
+    from sip.export import export_dataset, push_to_hub
+
+    if hub:
+        _run(push_to_hub, dataset, hub, private=private)
+        typer.echo(f"pushed {dataset} → {hub}")
+        return
+    dest = dest or dataset.with_name(dataset.name + "-hf")
+    ds = _run(export_dataset, dataset, dest, overwrite=overwrite)
+    typer.echo(f"{len(ds['train'])} images → {dest}")
 
 
 @app.command()

@@ -32,13 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sip.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
-from sip.dataset import FASHION_MNIST_CLASSES, FashionMNISTSource
+from sip.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
 from sip.models import DEFAULT_SD_MODEL, offline_clip_tokenizer
 from sip.prompts import PromptBuilder, PromptConfig
-
-FMNIST_NAMES = {"T-shirt/top": "t-shirt", "Trouser": "trousers", "Pullover": "pullover", "Dress": "dress",
-                "Coat": "coat", "Sandal": "sandal", "Shirt": "shirt", "Sneaker": "sneaker", "Bag": "bag",
-                "Ankle boot": "ankle boot"}
 
 
 def parse_args():
@@ -280,7 +276,8 @@ def main():
     captions = phase_captions(src, work, args.caption_size)
 
     tokenizer = offline_clip_tokenizer(work / "tokenizer", num_merges=args.num_merges, model_max_length=32)
-    builder = PromptBuilder.for_tokenizer(PromptConfig(label_names=FMNIST_NAMES, max_tokens=32), tokenizer)
+    builder = PromptBuilder.for_tokenizer(PromptConfig(label_names=FASHION_MNIST_READABLE, max_tokens=32),
+                                          tokenizer)
     prompt_cache: dict[int, str] = {}
 
     def prompts_fn(i: int, rng: random.Random) -> str:

@@ -16,9 +16,7 @@ from typing import Any
 
 from sip.config import load_config, save_config
 
-FMNIST_READABLE = {"T-shirt/top": "t-shirt", "Trouser": "trousers", "Pullover": "pullover", "Dress": "dress",
-                   "Coat": "coat", "Sandal": "sandal", "Shirt": "shirt", "Sneaker": "sneaker", "Bag": "bag",
-                   "Ankle boot": "ankle boot"}
+from sip.dataset import FASHION_MNIST_READABLE
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def _augment(recipe: DemoRecipe, out: Path, progress: bool):
     aug = AugmentRecipe(
         source=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000, size=32),
         caption=CaptionConfig(kind="imagenet-topk", image_size=96),
-        prompt=PromptConfig(label_names=FMNIST_READABLE),
+        prompt=PromptConfig(label_names=FASHION_MNIST_READABLE),
         generate=GenerateConfig(model=recipe.model or DEFAULT_SD_MODEL, strength=recipe.strength,
                                 guidance_scale=recipe.guidance_scale, steps=recipe.steps, per_image=recipe.per_image,
                                 batch_size=128, seed=recipe.seed),

@@ -1,0 +1,321 @@
+"""``sip distill`` and ``sip logits``: recipes and the functions that run them.
+
+``run_distillation(recipe, run_dir)`` trains a student from one or more teachers — online (the teachers
+run on every batch) or from a :class:`~sip.distill.logits.TeacherLogitsStore` written by
+``run_logits(recipe, out_dir)`` (no teacher forward pass at all). Both paths draw the same kind of
+views (a RandomResizedCrop box + flip, timm's distribution), so online and stored KD are comparable.
+Modes are recipes: data-scarce (few real shots, optionally + sip variants), full data, and data-free
+(``data.real: null``, a synthetic set, ``loss.use_labels: false``: the teacher's soft outputs are the
+only labels).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sip.config import save_config
+from sip.distill.logits import (
+    StoreMismatchError,
+    TeacherLogitsStore,
+    ViewConfig,
+    dataset_fingerprint,
+    sample_view,
+    tensor_transform,
+    view_input,
+)
+from sip.distill.losses import build_kd_loss, kd_loss_arguments
+from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
+from sip.train import (
+    DataSection,
+    EpochView,
+    ModelSection,
+    OptimSection,
+    RunSection,
+    build_eval_images,
+    build_model,
+    build_train_images,
+    build_transforms,
+    check_model_name,
+    class_names,
+    fit,
+    make_accelerator,
+    merge_heads,
+    model_metadata,
+    prepare_run_dir,
+    resolve_input_config,
+    resolve_precision,
+    seed_everything,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """Which KD loss and its settings (each loss uses the fields it has; see sip.distill.losses)."""
+
+    name: str = "hinton"  # ce | hinton | deit_soft | deit_hard | multi_teacher | multi_token (or your own)
+    temperature: float = 4.0  # softens both distributions; 2-6 is usual, higher for small data
+    alpha: float = 0.5  # weight of the teacher term; 1 - alpha goes to the ground-truth labels
+    mode: Literal["hard", "soft"] = "hard"  # multi_token: argmax teacher labels (CivT) or softened KL
+    label_smoothing: float = 0.0  # on the ground-truth (and hard-teacher) cross-entropy
+    use_labels: bool = True  # false: the dataset's labels are never read (data-free: teachers only)
+
+
+def _default_student() -> ModelSection:
+    # ViT for 28 px: 7×7 patches of 4 px, ViT-Tiny's width (192) at half its depth
+    return ModelSection(name="vit_tiny_patch16_224", patch_size=4, kwargs={"depth": 6})
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """One distillation run (``sip distill``)."""
+
+    data: DataSection = field(default_factory=DataSection)
+    student: ModelSection = field(default_factory=_default_student)
+    teachers: list[TeacherSection] = field(default_factory=list)  # one or more; order = logits order
+    loss: LossSection = field(default_factory=LossSection)
+    logits: str | None = None  # a store written by `sip logits`; null = teachers run online on every batch
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self):
+        if not self.teachers and not self.logits:
+            raise ValueError("distillation needs teachers (teachers: [...]) or a logits store (logits: DIR)")
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    """How ``sip logits`` writes its store."""
+
+    views: int = 4  # augmented views per image (the student replays one of them each time it sees the image)
+    identity_view: bool = True  # view 0 = the whole, unflipped image
+    seed: int = 0  # fixes every view (with the sample id)
+    dtype: Literal["float16", "float32"] = "float16"  # stored logits; float16 halves the size
+    shard_size: int = 10000  # images per safetensors shard (a killed build resumes by shard)
+    batch_size: int = 128  # images per teacher step (each with all its views)
+
+
+@dataclass(frozen=True)
+class LogitsRecipe:
+    """Precompute teacher logits (``sip logits``) for a dataset (its real + synthetic images; the crop
+    box and flip distribution come from ``data.scale``, ``data.ratio``, ``data.hflip``)."""
+
+    data: DataSection = field(default_factory=DataSection)
+    teachers: list[TeacherSection] = field(default_factory=list)
+    store: StoreSection = field(default_factory=StoreSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self):
+        if not self.teachers:
+            raise ValueError("sip logits needs at least one teacher (teachers: [{checkpoint: RUN_DIR}])")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sip logits
+# ----------------------------------------------------------------------------------------------------
+
+def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
+    """Run the recipe's teachers once over its dataset and write a :class:`TeacherLogitsStore` to ``out_dir``.
+
+    Returns:
+        dict: store path, samples, views, teachers, build time, how often the teachers agree with the
+        dataset's labels on the whole image (``identity_view_top1``).
+    """
+    from sip.models import resolve_device
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(recipe, out_dir / "config.yaml")
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    # 1. data (the whole pool: every real and every synthetic image, whatever the mix)
+    classes = class_names(recipe.data)
+    images = build_train_images(recipe.data, classes, recipe.run.seed)
+    # 2. teachers
+    teachers = build_teachers(recipe.teachers, recipe.data)
+    check_teacher_classes(teachers, classes)
+    # 3. views and the store
+    device = resolve_device(recipe.run.device)
+    precision = resolve_precision(recipe.run.precision, device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    views = ViewConfig(recipe.store.views, recipe.store.identity_view, tuple(recipe.data.scale),
+                       tuple(recipe.data.ratio), recipe.data.hflip, recipe.store.seed)
+    store = TeacherLogitsStore.build(out_dir, images.pool(), teachers, classes, views, recipe.store.batch_size,
+                                     recipe.store.shard_size, recipe.store.dtype, device, recipe.data.num_workers,
+                                     autocast, recipe.run.progress)
+    m = store.manifest
+    return {"store": str(out_dir), "samples": m["num_samples"], "views": m["num_views"],
+            "teachers": [describe(t) for t in teachers], "dtype": m["dtype"], "build_time_s": m["build_time_s"],
+            "identity_view_top1": m.get("identity_view_top1"), "fingerprint": m["fingerprint"]["sha256"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# sip distill
+# ----------------------------------------------------------------------------------------------------
+
+def build_loss(section: LossSection, teachers: list[Teacher] | None = None) -> torch.nn.Module:
+    """The recipe's loss with the settings it accepts; teacher weights go to losses that take them."""
+    accepted = kd_loss_arguments(section.name)
+    kwargs = {k: getattr(section, k) for k in ("temperature", "alpha", "mode", "label_smoothing") if k in accepted}
+    weights = [t.weight for t in teachers] if teachers else None
+    if "weights" in accepted:
+        kwargs["weights"] = weights
+    elif weights and len(set(weights)) > 1:
+        raise ValueError(f"loss {section.name!r} averages teachers equally; per-teacher weights {weights} need "
+                         "loss multi_teacher or multi_token")
+    if not section.use_labels and "alpha" in kwargs and kwargs["alpha"] < 1 and section.name != "deit_hard":
+        raise ValueError(f"loss.use_labels is false (data-free) but loss.alpha={section.alpha} gives the labels "
+                         "weight 1 - alpha; set loss.alpha: 1.0")
+    if section.name == "ce" and not section.use_labels:
+        raise ValueError("loss 'ce' learns from labels only; with use_labels false nothing would be learnt")
+    return build_kd_loss(section.name, **kwargs)
+
+
+def _check_student_heads(model: torch.nn.Module, loss_name: str, num_teachers: int, student_name: str) -> None:
+    """DeiT losses need a distillation token; multi_token needs one per teacher."""
+    if loss_name in ("deit_soft", "deit_hard"):
+        if not hasattr(model, "set_distilled_training") or getattr(model, "num_distill_tokens", 1) != 1:
+            raise ValueError(f"loss {loss_name!r} needs a student with one distillation token, e.g. "
+                             f"deit_tiny_distilled_patch16_224; {student_name!r} has none")
+        model.set_distilled_training(True)
+    elif loss_name == "multi_token":
+        tokens = getattr(model, "num_distill_tokens", None)
+        if tokens is None:
+            raise ValueError(f"loss 'multi_token' needs a student with one distillation token per teacher "
+                             f"(sip_civt_tiny with kwargs num_distill_tokens: {num_teachers}); got {student_name!r}")
+        if tokens != num_teachers:
+            raise ValueError(f"the student has {tokens} distillation tokens but there are {num_teachers} teachers")
+        model.set_distilled_training(True)
+
+
+def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, Any]:
+    """Distil ``recipe.teachers`` (or a logits store) into ``recipe.student``; write under ``run_dir``.
+
+    Everything that can be wrong — class counts of teachers, student and data; a store of another
+    dataset or teacher; a checkpoint that is not safetensors / weights_only; an unknown timm name; a
+    student without the distillation tokens the loss needs — raises before the first step.
+
+    Returns:
+        dict: final metrics (as :func:`sip.train.run_training`) plus ``teachers``, ``loss``, ``logits``.
+    """
+    # 1. check names and the run folder
+    check_model_name(recipe.student.name)
+    kd_loss_arguments(recipe.loss.name)  # an unknown loss name fails here, before any data is read
+    run_dir, resume = prepare_run_dir(recipe, run_dir)
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    accelerator = make_accelerator(recipe.run)
+    data = recipe.data
+
+    # 2. data and label space
+    classes = class_names(data)
+    train_images = build_train_images(data, classes, recipe.run.seed)
+    eval_images = build_eval_images(data)
+
+    # 3. teachers (online) or the store, each checked against the data
+    teachers = build_teachers(recipe.teachers, data) if recipe.teachers else []
+    check_teacher_classes(teachers, classes)
+    store, columns = None, []
+    if recipe.logits:
+        store = TeacherLogitsStore(recipe.logits)
+        store.check(dataset_fingerprint(train_images.pool()), classes=classes)
+        # the recipe's teachers may be any subset of the stored ones (e.g. one teacher of an ensemble store)
+        columns = store.teacher_indices([t.identity for t in teachers]) if teachers else list(range(store.num_teachers))
+        missing = store.missing([ds.sample_id(i) for ds in train_images.pool() for i in range(len(ds))])
+        if missing:
+            raise StoreMismatchError(f"logits store {recipe.logits} lacks {len(missing)} training samples "
+                                     f"(e.g. {missing[:3]}); rebuild it with `sip logits` on this data")
+    num_teachers = len(columns) if store is not None else len(teachers)
+    loss_fn = build_loss(recipe.loss, teachers or None)
+    needs_teacher = getattr(loss_fn, "needs_teacher", True)
+
+    # 4. student
+    seed_everything(recipe.run.seed)
+    student, create_kwargs = build_model(recipe.student, len(classes), data.img_size)
+    _check_student_heads(student, recipe.loss.name, num_teachers, recipe.student.name)
+    input_config = resolve_input_config(student, data)
+    _, eval_tf = build_transforms(input_config, data)  # evaluation exactly as sip train evaluates
+    student_tail = tensor_transform(input_config)
+
+    # 5. items: one replayable view per image per epoch; the teachers' inputs or stored logits with it
+    keys: list[str] = []  # teachers with the same preprocessing share one input tensor
+    groups: list[dict[str, Any]] = []
+    for t in teachers:
+        if t.input_key() not in keys:
+            keys.append(t.input_key())
+            groups.append(t.input_config)
+    teacher_group = [keys.index(t.input_key()) for t in teachers]
+    group_tails = [tensor_transform(g) for g in groups]
+    online = store is None and needs_teacher
+
+    def make_item(images, index, rng):
+        image, label = images[index]
+        item: dict[str, Any] = {"label": label}
+        if store is not None:
+            v = rng.randrange(store.num_views)
+            view, logits = store.get(images.sample_id(index), v)
+            item["teacher_logits"] = logits[columns]
+        else:
+            view = sample_view(rng, image.width, image.height, data.scale, data.ratio, data.hflip)
+        item["image"] = view_input(image, view, input_config, student_tail)
+        if online:
+            for g, (cfg, tail) in enumerate(zip(groups, group_tails)):
+                item[f"teacher_image_{g}"] = view_input(image, view, cfg, tail)
+        return item
+
+    view = EpochView(train_images, make_item, recipe.run.seed, data.repeat, accelerator.process_index,
+                     accelerator.num_processes)
+    use_labels = recipe.loss.use_labels
+
+    def step_fn(model, batch):
+        device = accelerator.device
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if store is not None:
+            teacher_out = batch["teacher_logits"].to(device).transpose(0, 1)  # [K, B, C]
+        elif online:
+            with torch.no_grad():
+                outs = []
+                for t, g in zip(teachers, teacher_group):
+                    z = t.model(batch[f"teacher_image_{g}"].to(device, non_blocking=True))
+                    outs.append((z[0] if isinstance(z, (tuple, list)) else z).float())
+                teacher_out = torch.stack(outs)
+        else:
+            teacher_out = None
+        student_out = model(x)
+        loss = loss_fn(student_out, teacher_out, y if use_labels else None)
+        return loss, merge_heads(student_out), (y if use_labels else None)
+
+    # 6. the shared loop
+    meta = model_metadata(recipe.student.name, create_kwargs, classes, input_config)
+    meta["distilled_from"] = [t.identity for t in teachers] or (store.teachers if store is not None else [])
+    logger.info("distilling %s from %s (%s) on %s", recipe.student.name,
+                ", ".join(describe(t) for t in teachers) or f"store {recipe.logits}", recipe.loss.name, train_images)
+    result = fit(model=student, train_view=view, eval_images=eval_images, eval_transform=eval_tf, step_fn=step_fn,
+                 optim=recipe.optim, run=recipe.run, data=data, run_dir=run_dir, accelerator=accelerator,
+                 model_meta=meta, resume=resume, desc=f"distill {recipe.student.name}",
+                 modules_to_device=[t.model for t in teachers] if online else [])
+    metrics = dict(result.metrics)
+    metrics.update({"loss": recipe.loss.name, "logits": recipe.logits,
+                    "teachers": [describe(t) for t in teachers] or [t["name"] for t in store.teachers]})
+    if store is not None:
+        metrics["store_views"] = store.num_views
+    return metrics
+
+
+__all__ = [
+    "DistillRecipe",
+    "LogitsRecipe",
+    "LossSection",
+    "StoreSection",
+    "TeacherSection",
+    "build_loss",
+    "run_distillation",
+    "run_logits",
+]

@@ -32,6 +32,8 @@ class DemoRecipe:
             (from index 0) it sees; teacher_epochs: its epochs.
         student: timm name of the student (a small ViT with 4-px patches); student_epochs: epochs over
             the (repeated) student set; student_repeat: passes over the 100 real images per epoch.
+        swap_p: with sip data, each real image is replaced by one of its own variants with this
+            probability (as SIP/SGID train), so both students take the same number of steps.
         alpha, temperature: Hinton KD settings.
     """
 
@@ -41,13 +43,14 @@ class DemoRecipe:
     strength: float = 0.5
     guidance_scale: float = 4.0
     steps: int = 20
-    teacher: str = "resnet18"
-    teacher_images: int = 50000
-    teacher_epochs: int = 1
+    teacher: str = "resnet10t"
+    teacher_images: int = 12000
+    teacher_epochs: int = 2
     student: str = "vit_tiny_patch16_224"
     student_depth: int = 4
-    student_epochs: int = 8
-    student_repeat: int = 10
+    student_epochs: int = 10
+    student_repeat: int = 20
+    swap_p: float = 0.5
     alpha: float = 0.7
     temperature: float = 4.0
     model: str = field(default="")  # Stable Diffusion folder or hub id; empty = the shipped model
@@ -99,7 +102,7 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: Path | None, run_
     data = DataSection(real=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000,
                                          size=32),
                        synthetic=str(synthetic) if synthetic else None,
-                       mix=MixConfig() if synthetic else MixConfig(),
+                       mix=MixConfig(mode="swap", p=recipe.swap_p),
                        img_size=32, batch_size=64, repeat=recipe.student_repeat)
     cfg = DistillRecipe(
         data=data,

@@ -104,12 +104,19 @@ class TransformersCaptioner:
         name (str): model id or folder, part of the cache identity.
         prefix (str, optional): conditional text prefix. Defaults to None.
         max_new_tokens (int, optional): Defaults to 20.
+        generate_kwargs (dict, optional): extra keyword arguments for ``model.generate`` (e.g.
+            ``{"num_beams": 3}``, or ``{"min_new_tokens": 20}`` to fix the length, as
+            scripts/bench_caption.py does); part of the cache identity. Defaults to None.
     """
 
-    def __init__(self, model, processor, name: str, prefix: str | None = None, max_new_tokens: int = 20):
+    def __init__(self, model, processor, name: str, prefix: str | None = None, max_new_tokens: int = 20,
+                 generate_kwargs: dict | None = None):
         self.model, self.processor = model.eval(), processor
         self.prefix, self.max_new_tokens = prefix, max_new_tokens
+        self.generate_kwargs = dict(generate_kwargs or {})
         self.identity = f"transformers:{name}:prefix={prefix}:max_new_tokens={max_new_tokens}"
+        if self.generate_kwargs:  # other generation settings give other captions: another cache key
+            self.identity += ":" + json.dumps(self.generate_kwargs, sort_keys=True, default=str)
 
     @classmethod
     def from_config(cls, config: CaptionConfig) -> TransformersCaptioner:
@@ -131,7 +138,7 @@ class TransformersCaptioner:
         kwargs = {"text": [self.prefix] * len(images)} if self.prefix else {}
         inputs = self.processor(images=list(images), return_tensors="pt", **kwargs).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 

@@ -92,6 +92,25 @@ def test_transformers_captioner_on_tiny_blip(tiny_blip_dir):
     assert len(with_prefix(_images(2, size=32))) == 2
 
 
+def test_transformers_captioner_passes_generate_kwargs(tiny_blip_dir):
+    base = TransformersCaptioner.from_config(
+        CaptionConfig(kind="transformers", model=str(tiny_blip_dir), max_new_tokens=6, device="cpu"))
+    fixed = TransformersCaptioner(base.model, base.processor, str(tiny_blip_dir), max_new_tokens=6,
+                                  generate_kwargs={"min_new_tokens": 6})
+    assert fixed.identity != base.identity  # other generation settings, other cache key
+    lengths = []
+    generate = fixed.model.generate
+
+    def spy(**kwargs):
+        ids = generate(**kwargs)
+        lengths.append(ids.shape[1])
+        return ids
+
+    fixed.model.generate = spy
+    assert len(fixed(_images(2, size=32))) == 2
+    assert lengths == [1 + 6]  # the decoder's start token, then exactly 6 new tokens (no early stop)
+
+
 def test_missing_captioner_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="captioner folder .*does-not-exist"):
         build_captioner(CaptionConfig(kind="transformers", model=str(tmp_path / "does-not-exist")))

@@ -44,12 +44,12 @@ class DemoRecipe:
     guidance_scale: float = 4.0
     steps: int = 20
     teacher: str = "resnet10t"
-    teacher_images: int = 12000
+    teacher_images: int = 10000
     teacher_epochs: int = 2
     student: str = "vit_tiny_patch16_224"
     student_depth: int = 4
-    student_epochs: int = 10
-    student_repeat: int = 20
+    student_epochs: int = 6
+    student_repeat: int = 10
     swap_p: float = 0.5
     alpha: float = 0.7
     temperature: float = 4.0
@@ -102,7 +102,7 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: Path | None, run_
     data = DataSection(real=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000,
                                          size=32),
                        synthetic=str(synthetic) if synthetic else None,
-                       mix=MixConfig(mode="swap", p=recipe.swap_p),
+                       mix=MixConfig(mode="swap", p=recipe.swap_p) if synthetic else MixConfig(),
                        img_size=32, batch_size=64, repeat=recipe.student_repeat)
     cfg = DistillRecipe(
         data=data,

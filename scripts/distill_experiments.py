@@ -73,18 +73,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/exp"))
     p.add_argument("--augmented", default="runs/fmnist-aug", help="sip augment output for the seed-0 10-shot set")
     p.add_argument("--synthetic", default="runs/fmnist-synth", help="sip synth (txt2img) output")
+    p.add_argument("--conv-teacher", default="runs/fmnist_teacher", help="run folder of fmnist_teacher.yaml")
+    p.add_argument("--involution-teacher", default="runs/fmnist_teacher_involution",
+                   help="run folder of fmnist_teacher_involution.yaml")
     args = p.parse_args()
     out = args.out
     log: list[str] = []
     rows: dict[str, list[float]] = {}
     notes: list[str] = []
-    conv, inv = "runs/fmnist_teacher", "runs/fmnist_teacher_involution"
+    conv, inv = args.conv_teacher, args.involution_teacher
+    t_conv = f"teachers=[{{checkpoint: {conv}}}]"
+    t_inv = f"teachers=[{{checkpoint: {inv}}}]"
+    t_both = f"teachers=[{{checkpoint: {conv}}}, {{checkpoint: {inv}}}]"
 
     def add(name: str, result: dict | None) -> None:
         if result is not None:
             rows.setdefault(name, []).append(result["top1"])
 
-    if "teachers" in args.only or not (ROOT / conv / "model.safetensors").exists():
+    if "teachers" in args.only:
         print("teachers", flush=True)
         add("teacher: ResNet-10-T (conv), full 60k", run("train", "fmnist_teacher.yaml", Path(conv), [], args.threads, log))
         add("teacher: RedNet-tiny (involution), full 60k",
@@ -93,31 +99,32 @@ def main() -> None:
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         seeds = [f"data.real.seed={seed}", f"run.seed={seed}"]
-        store = out / f"logits_s{seed}"
-        need_store = {"kd_stored", "kd_involution", "ensemble", "civt"} & set(args.only)
-        if need_store:
-            run("logits", "fmnist_logits_10shot.yaml", store, [f"data.real.seed={seed}"], args.threads, log)
+        store_conv, store_both = out / f"logits_conv_s{seed}", out / f"logits_both_s{seed}"
+        if "kd_stored" in args.only:
+            run("logits", "fmnist_logits_10shot.yaml", store_conv, [f"data.real.seed={seed}", t_conv], args.threads, log)
+        if {"kd_involution", "ensemble", "civt"} & set(args.only):
+            run("logits", "fmnist_logits_10shot.yaml", store_both, [f"data.real.seed={seed}", t_both], args.threads, log)
         if "scratch" in args.only:
             add("ViT from scratch, 10 shots", run("train", "fmnist_vit_scratch_10shot.yaml", out / f"scratch_s{seed}",
                                                   seeds, args.threads, log))
         if "kd_online" in args.only:
             add("ViT + KD (conv teacher, online)", run("distill", "fmnist_kd_10shot.yaml", out / f"kd_online_s{seed}",
-                                                       seeds, args.threads, log))
+                                                       [*seeds, t_conv], args.threads, log))
         if "kd_stored" in args.only:
             add("ViT + KD (conv teacher, stored logits)",
-                run("distill", "fmnist_kd_10shot.yaml", out / f"kd_stored_s{seed}", [*seeds, f"logits={store}"],
-                    args.threads, log))
+                run("distill", "fmnist_kd_10shot.yaml", out / f"kd_stored_s{seed}",
+                    [*seeds, t_conv, f"logits={store_conv}"], args.threads, log))
         if "kd_involution" in args.only:
             add("ViT + KD (involution teacher, stored logits)",
                 run("distill", "fmnist_kd_10shot.yaml", out / f"kd_inv_s{seed}",
-                    [*seeds, f"logits={store}", f"teachers=[{{checkpoint: {inv}}}]"], args.threads, log))
+                    [*seeds, t_inv, f"logits={store_both}"], args.threads, log))
         if "ensemble" in args.only:
             add("ViT + KD (conv + involution, averaged soft targets)",
-                run("distill", "fmnist_ensemble_kd.yaml", out / f"ensemble_s{seed}", [*seeds, f"logits={store}"],
-                    args.threads, log))
+                run("distill", "fmnist_ensemble_kd.yaml", out / f"ensemble_s{seed}",
+                    [*seeds, t_both, f"logits={store_both}"], args.threads, log))
         if "civt" in args.only:
             add("CivT-style ViT + KD (one token per teacher)",
-                run("distill", "fmnist_civt_kd.yaml", out / f"civt_s{seed}", [*seeds, f"logits={store}"],
+                run("distill", "fmnist_civt_kd.yaml", out / f"civt_s{seed}", [*seeds, t_both, f"logits={store_both}"],
                     args.threads, log))
 
     if "sip" in args.only:
@@ -131,10 +138,11 @@ def main() -> None:
                         [*sets, f"data.synthetic={args.augmented}", "data.mix.mode=swap", "data.mix.p=0.5"],
                         args.threads, log))
                 add("[data seed 0] ViT + KD, real only", run("distill", "fmnist_kd_10shot.yaml",
-                                                             out / f"sip_kd_real_r{seed}", sets, args.threads, log))
+                                                             out / f"sip_kd_real_r{seed}", [*sets, t_conv],
+                                                             args.threads, log))
                 add("[data seed 0] ViT + KD, real + sip variants",
                     run("distill", "fmnist_kd_10shot_sip.yaml", out / f"sip_kd_r{seed}",
-                        [*sets, f"data.synthetic={args.augmented}"], args.threads, log))
+                        [*sets, t_conv, f"data.synthetic={args.augmented}"], args.threads, log))
         else:
             notes.append(f"real + sip variants: skipped, {args.augmented}/train/metadata.jsonl does not exist yet")
     if "datafree" in args.only:
@@ -142,7 +150,7 @@ def main() -> None:
             for seed in args.seeds:
                 add("data-free ViT (txt2img only, teacher soft labels)",
                     run("distill", "fmnist_datafree.yaml", out / f"datafree_s{seed}",
-                        [f"run.seed={seed}", f"data.synthetic={args.synthetic}"], args.threads, log))
+                        [f"run.seed={seed}", t_conv, f"data.synthetic={args.synthetic}"], args.threads, log))
         else:
             notes.append(f"data-free: skipped, {args.synthetic}/train/metadata.jsonl does not exist yet")
 

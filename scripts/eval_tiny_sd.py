@@ -623,11 +623,14 @@ def format_table(r: dict[str, Any]) -> str:
         i = r["img2img"]
         lines.append(f"img2img label preservation ({i['sources']} test sources × {i['variants']} variants, "
                      f"guidance {i['guidance']}, prompts: {r['prompts']}):")
-        lines.append("  strength  preserved  pixel L1   feat→source  feat between variants")
+        lines.append(f"  the judge is right on {pct(i['source_accuracy']).strip()} of the sources themselves; "
+                     f"'if right': preservation among those sources")
+        lines.append("  strength  preserved  if right  pixel L1   feat→source  feat between variants")
         for s, p in r["img2img_preservation"].items():
             d = r["diversity"][s]
-            lines.append(f"  {s:8s}  {pct(p):>9s}  {num(d['pixel_l1'])}     {num(d['feature_to_source'])}       "
-                         f"{num(d['feature_between_variants'])}")
+            right = i["preservation_where_source_judged_right"][s]
+            lines.append(f"  {s:8s}  {pct(p):>9s}  {pct(right):>8s}  {num(d['pixel_l1'])}     "
+                         f"{num(d['feature_to_source'])}       {num(d['feature_between_variants'])}")
         ref = r["diversity"]["reference"]
         lines.append(f"  reference: two real test images of one class: pixel L1 {ref['pixel_l1_same_class']:.4f}, "
                      f"feature {ref['feature_same_class']:.4f}; of two classes: feature {ref['feature_other_class']:.4f}")
@@ -825,15 +828,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         source_ids = [f"fmnist/test/{int(i)}" for i in idx]
         caps = captions(sources) if cfg.prompts == "caption" else None
         src_rgb = to_rgb_array(sources)
-        _, src_feats = classify(judge, test_grey[idx])
+        src_pred, src_feats = classify(judge, test_grey[idx])
+        # the judge errs on some real sources too: preservation among the sources it gets right separates
+        # the generator's label loss from the judge's own errors
+        src_right = np.repeat(src_pred == src_labels, cfg.img2img_variants)
         v = cfg.img2img_variants
-        preservation, per_class, diversity = {}, {}, {}
+        preservation, preserved_right, per_class, diversity = {}, {}, {}, {}
         for s in cfg.img2img_strengths:
             rgb = gen.img2img(sources, src_labels.tolist(), caps, source_ids, v, s, cfg.img2img_guidance, cfg.seed,
                               f"img2img s={s:g}")
             pred, feats = classify(judge, to_grey(rgb))
             target = np.repeat(src_labels, v)
             preservation[f"{s:g}"] = share(pred, target)
+            preserved_right[f"{s:g}"] = share(pred[src_right], target[src_right])
             per_class[f"{s:g}"] = per_class_share(pred, target)
             diversity[f"{s:g}"] = variant_diversity(src_rgb, src_feats, rgb, feats, v)
         diversity["reference"] = reference_distances(test_grey[judge_test], test_labels[judge_test], test_feats,
@@ -846,7 +853,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pred, _ = classify(judge, to_grey(rgb))
         result["img2img_preservation"], result["diversity"] = preservation, diversity
         result["img2img"] = {"sources": len(idx), "variants": v, "guidance": cfg.img2img_guidance,
-                             "prompts": cfg.prompts, "per_class": per_class,
+                             "prompts": cfg.prompts, "source_accuracy": share(src_pred, src_labels),
+                             "preservation_where_source_judged_right": preserved_right, "per_class": per_class,
                              "prompt_example": gen.builder(CLASSES[int(src_labels[0])], caps[0] if caps else None)}
         result["steering"] = {"strength": cfg.steer_strength, "to_target": share(pred, wrong),
                               "kept_source": share(pred, src_labels), "images": len(idx)}

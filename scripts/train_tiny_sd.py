@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from sip.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
 from sip.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
-from sip.models import DEFAULT_SD_MODEL, offline_clip_tokenizer
+from sip.models import DEFAULT_SD_MODEL, offline_clip_tokenizer, resolve_precision
 from sip.prompts import PromptBuilder, PromptConfig
 
 
@@ -48,16 +48,11 @@ def parse_args():
     p.add_argument("--caption-size", type=int, default=96, help="captioner input size (224 native)")
     p.add_argument("--num-merges", type=int, default=6000, help="BPE merges kept in the tokenizer")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA or AMX CPUs, else fp32 (bf16 without AMX is slower)")
+                   help="auto: bf16 autocast for the VAE on AMX CPUs, fp32 for the small UNet (faster here); "
+                        "bf16 forces both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args()
-
-
-def use_bf16(precision: str) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    return torch.cuda.is_available() or "AMX" in torch.backends.cpu.get_cpu_capability()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,10 +262,14 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bf16 = use_bf16(args.precision)
+    # This script trains on the CPU. With `auto` on an AMX CPU, the VAE (32x32 convolutions) trains in bf16
+    # (1.3x fp32 here) and the 8x8-latent UNet in fp32 (bf16 measured 2.3x slower: its operators are too small).
+    bf16 = resolve_precision(args.precision, torch.device("cpu")) == "bf16"
+    bf16_unet = resolve_precision(args.precision, torch.device("cpu"), large=False) == "bf16"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    print(f"precision: {'bf16 autocast' if bf16 else 'fp32'}; work folder {work}")
+    name = lambda on: "bf16 autocast" if on else "fp32"  # noqa: E731
+    print(f"precision: VAE {name(bf16)}, UNet {name(bf16_unet)}; work folder {work}")
 
     x, labels, src = load_images(args.train_stop)
     captions = phase_captions(src, work, args.caption_size)
@@ -295,7 +294,7 @@ def main():
     mean, std = phase_latents(vae, x, work)
     scaling = float(1.0 / mean.std())
     print(f"latent std {mean.std():.3f} → scaling_factor {scaling:.4f}")
-    unet, text_encoder = phase_unet(mean, std, prompts_fn, tokenizer, work, args.unet_steps, args.batch, bf16,
+    unet, text_encoder = phase_unet(mean, std, prompts_fn, tokenizer, work, args.unet_steps, args.batch, bf16_unet,
                                     args.seed, scaling)
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline

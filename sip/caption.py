@@ -21,12 +21,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sip.models import autocast
 from sip.registry import Registry
 
 
@@ -66,6 +67,8 @@ class CaptionConfig:
         batch_size: images per forward pass.
         device: "auto", "cpu", "cuda" …
         dtype: model dtype ("float32", "bfloat16", "float16").
+        precision: "auto" (bf16 autocast on CUDA and AMX CPUs, else fp32), "fp32", "bf16". bf16 can
+            change a near-tie between two names, so it is part of the caption cache's identity.
         cache: caption cache file (JSON lines); null disables caching.
     """
 
@@ -79,6 +82,7 @@ class CaptionConfig:
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "float32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     cache: str | None = None
 
     def __post_init__(self):
@@ -107,16 +111,23 @@ class TransformersCaptioner:
         generate_kwargs (dict, optional): extra keyword arguments for ``model.generate`` (e.g.
             ``{"num_beams": 3}``, or ``{"min_new_tokens": 20}`` to fix the length, as
             scripts/bench_caption.py does); part of the cache identity. Defaults to None.
+        precision (str, optional): "auto", "fp32" or "bf16" autocast (see
+            :func:`sip.models.resolve_precision`). Defaults to "fp32".
     """
 
     def __init__(self, model, processor, name: str, prefix: str | None = None, max_new_tokens: int = 20,
-                 generate_kwargs: dict | None = None):
+                 generate_kwargs: dict | None = None, precision: str = "fp32"):
+        from sip.models import resolve_precision
+
         self.model, self.processor = model.eval(), processor
         self.prefix, self.max_new_tokens = prefix, max_new_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.precision = resolve_precision(precision, next(model.parameters()).device)
         self.identity = f"transformers:{name}:prefix={prefix}:max_new_tokens={max_new_tokens}"
         if self.generate_kwargs:  # other generation settings give other captions: another cache key
             self.identity += ":" + json.dumps(self.generate_kwargs, sort_keys=True, default=str)
+        if self.precision != "fp32":
+            self.identity += f":{self.precision}"
 
     @classmethod
     def from_config(cls, config: CaptionConfig) -> TransformersCaptioner:
@@ -129,7 +140,7 @@ class TransformersCaptioner:
         processor = AutoProcessor.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=resolve_dtype(config.dtype))
         return cls(model.to(resolve_device(config.device)), processor, config.model, config.prefix,
-                   config.max_new_tokens)
+                   config.max_new_tokens, precision=config.precision)
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
@@ -138,7 +149,8 @@ class TransformersCaptioner:
         kwargs = {"text": [self.prefix] * len(images)} if self.prefix else {}
         inputs = self.processor(images=list(images), return_tensors="pt", **kwargs).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+        with autocast(self.precision, device):
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
@@ -155,15 +167,23 @@ class ImageNetTopKCaptioner:
         image_size (int, optional): input size. Defaults to 224.
         mean, std (float, optional): normalisation (EfficientNet-Lite: 0.498 / 0.502).
         name (str, optional): part of the cache identity. Defaults to "efficientnet-lite0".
+        precision (str, optional): "auto", "fp32" or "bf16" autocast. Defaults to "fp32".
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], top_k: int = 2, min_prob: float = 0.05,
-                 image_size: int = 224, mean: float = 0.498, std: float = 0.502, name: str = "efficientnet-lite0"):
+                 image_size: int = 224, mean: float = 0.498, std: float = 0.502, name: str = "efficientnet-lite0",
+                 precision: str = "fp32"):
+        from sip.models import AMX_MIN_IMG_SIZE, resolve_precision
+
         if len(class_names) != 1000:
             raise ValueError(f"expected 1000 ImageNet class names, got {len(class_names)}")
         self.model, self.class_names = model.eval(), list(class_names)
         self.top_k, self.min_prob, self.image_size, self.mean, self.std = top_k, min_prob, image_size, mean, std
+        # auto: bf16 on an AMX CPU only from AMX_MIN_IMG_SIZE up (small inputs run faster in fp32)
+        self.precision = resolve_precision(precision, next(model.parameters()).device, image_size >= AMX_MIN_IMG_SIZE)
         self.identity = f"imagenet-topk:{name}:k={top_k}:min_prob={min_prob}:size={image_size}"
+        if self.precision != "fp32":
+            self.identity += f":{self.precision}"
 
     @classmethod
     def from_config(cls, config: CaptionConfig) -> ImageNetTopKCaptioner:
@@ -171,7 +191,8 @@ class ImageNetTopKCaptioner:
         from sip.models import imagenet_class_names, load_efficientnet_lite0, resolve_device
 
         model = load_efficientnet_lite0().to(resolve_device(config.device))
-        return cls(model, imagenet_class_names(), config.top_k, config.min_prob, config.image_size)
+        return cls(model, imagenet_class_names(), config.top_k, config.min_prob, config.image_size,
+                   precision=config.precision)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         size = (self.image_size, self.image_size)
@@ -182,7 +203,9 @@ class ImageNetTopKCaptioner:
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
         device = next(self.model.parameters()).device
-        probs = self.model(self.preprocess(images).to(device)).float().softmax(-1).cpu()
+        with autocast(self.precision, device):
+            logits = self.model(self.preprocess(images).to(device))
+        probs = logits.float().softmax(-1).cpu()
         top = probs.topk(self.top_k, dim=-1)
         captions = []
         for values, indices in zip(top.values.tolist(), top.indices.tolist()):

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from sip.models import DEFAULT_SD_MODEL, load_diffusion_pipeline, resolve_device, resolve_scheduler
+from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, cpu_has_amx, load_diffusion_pipeline, resolve_device, resolve_precision,
+                        resolve_scheduler)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ class GenerateConfig:
             "keep" (keep aspect, round each side to a multiple of 8; one source per batch).
         seed: run seed; every image's seed derives from it, the source id and the variant.
         dtype: weights dtype ("float32", "bfloat16", "float16"): fp16/bf16 halve memory on GPU.
-        precision: "auto" (bf16 autocast on CUDA and on AMX CPUs, else fp32), "fp32", "bf16".
-            Without AMX, bf16 on a CPU is slower than fp32.
+        precision: "auto", "fp32", "bf16". auto: bf16 autocast on CUDA, and on AMX CPUs for a UNet of
+            >= 100 M parameters (every Stable Diffusion checkpoint: several times faster there, see
+            scripts/bench_generate.py); fp32 for small UNets such as the shipped one (bf16 0.79x) and
+            on CPUs without AMX (bf16 2-4x slower).
         device: "auto", "cpu", "cuda", "cuda:1" …
         batch_invariant: run the networks one image at a time, so an image's bytes never depend on
             the batch it was in. Batched float kernels (oneDNN, cuBLAS) round differently for
@@ -92,15 +95,6 @@ def image_seed(run_seed: int, key: str, variant: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def use_bf16_autocast(precision: str, device: torch.device) -> bool:
-    """bf16 autocast pays off on CUDA and on CPUs with AMX; elsewhere fp32 is faster."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and "AMX" in torch.backends.cpu.get_cpu_capability()
-
-
 def fit_image(image: Image.Image, size: int | None, mode: str, multiple: int = 8) -> Image.Image:
     """Fit a source to the generation size (see ``GenerateConfig.resize``)."""
     w, h = image.size
@@ -139,7 +133,10 @@ class DiffusionGenerator:
         self.device = pipe.device
         self.native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self.size = config.resolution or self.native
-        self.bf16 = use_bf16_autocast(config.precision, self.device)
+        # bf16 autocast (fp32 weights kept) on CUDA, and on AMX CPUs for UNets big enough to gain from it
+        # (see sip.models.AMX_MIN_UNET_PARAMS); fp16 weights on a GPU come from `dtype`
+        unet_params = sum(p.numel() for p in pipe.unet.parameters())
+        self.bf16 = resolve_precision(config.precision, self.device, unet_params >= AMX_MIN_UNET_PARAMS) == "bf16"
         # SD 1.x/2.x img2img: sip encodes each source and each prompt once (SDXL & others: plain call)
         self._fast = type(pipe).__name__ == "StableDiffusionImg2ImgPipeline"
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -269,4 +266,5 @@ def describe_device(device: torch.device | str) -> str:
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+    amx = "+AMX" if cpu_has_amx() else ""
+    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}{amx})"

@@ -45,6 +45,7 @@ import sip.involution  # noqa: F401  (registers sip_rednet_* with timm; sip_civt
 from sip.config import ConfigError, save_config, to_dict
 from sip.dataset import SourceConfig, open_source
 from sip.mixing import MixConfig, MixedImages, RealImages, SyntheticImages, _stable_seed
+from sip.models import AMX_MIN_IMG_SIZE, cpu_has_amx, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ class RunSection:
 
     seed: int = 0  # seeds the model init, epoch order, augmentation and dropout
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA and AMX CPUs, else fp32
+    # auto: bf16 on CUDA; on AMX CPUs for inputs >= 112 px (smaller ones train faster in fp32); else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = 1  # evaluate every N epochs (the last epoch always)
     eval_max_samples: int | None = None  # cap per-epoch evaluation (a fixed subset); the final one is full
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N steps; 0 = at epoch ends only
@@ -491,42 +493,15 @@ class TransformedImages(torch.utils.data.Dataset):
 # Device and precision
 # ----------------------------------------------------------------------------------------------------
 
-def cpu_has_amx() -> bool:
-    """True on CPUs with AMX tiles (Sapphire Rapids and later), where bf16 matmuls beat fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        try:
-            return bool(probe())
-        except RuntimeError:
-            pass
-    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` → ``"bf16"`` on CUDA (``"fp16"`` without bf16 support) and on AMX CPUs, else ``"fp32"``.
-
-    Measured on this project's AVX-512 CPU without AMX: bf16 matmuls run ~4× slower than fp32, so a CPU
-    without AMX trains in fp32 unless bf16 is asked for explicitly.
-    """
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_amx() else "fp32"
-
-
-def make_accelerator(run: RunSection):
+def make_accelerator(run: RunSection, img_size: int | None = None):
     """An ``accelerate.Accelerator`` for ``run.device`` / ``run.precision`` (multi-process under
-    ``accelerate launch``)."""
+    ``accelerate launch``). ``img_size``: the model's input size; ``precision: auto`` on an AMX CPU takes
+    bf16 only from ``sip.models.AMX_MIN_IMG_SIZE`` up (smaller inputs train faster in fp32)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    from sip.models import resolve_device
-
     device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device)
+    precision = resolve_precision(run.precision, device, img_size is None or img_size >= AMX_MIN_IMG_SIZE)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     state = AcceleratorState._shared_state
     if state and PartialState().num_processes == 1 and (
@@ -761,6 +736,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                                              num_workers=data.num_workers)
         model.train()
         loss_sum = correct = seen = labelled = 0.0
+        nonfinite = 0
         t0 = t_mark = time.perf_counter()
         seen_mark = 0.0
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", leave=False, disable=not progress)
@@ -769,13 +745,18 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
             with accelerator.autocast():
                 loss, logits, labels = step_fn(model, batch)
             accelerator.backward(loss)
-            if optim.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            optimizer.step()
+            # the norm is needed anyway for clipping; a non-finite one means a bad step: skip it, as fp16's
+            # GradScaler does. Seen here: torch 2.14's bf16 (AMX) conv weight-gradient is sometimes NaN for a
+            # stride-2 3x3 conv over a 1x1 map (tiny inputs in deep ResNets); one such step ruins the weights.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip or float("inf"))
+            if torch.isfinite(torch.as_tensor(grad_norm)):
+                optimizer.step()
+            else:
+                nonfinite += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             n = batch["image"].shape[0]
-            loss_sum += loss.item() * n
+            loss_sum += loss.item() * n if math.isfinite(loss.item()) else 0.0
             seen += n
             if labels is not None:
                 correct += (merge_heads(logits).argmax(1) == labels).sum().item()
@@ -792,6 +773,15 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                                      {**model_meta, "epoch": epoch}, counters)
                 t_mark, seen_mark = time.perf_counter(), seen
         epoch_time = time.perf_counter() - t0
+        if nonfinite:
+            steps_done = int(counters["step_in_epoch"]) - skip // bs
+            logger.warning("epoch %d: %d of %d steps had non-finite gradients and were skipped",
+                           epoch + 1, nonfinite, steps_done)
+            if nonfinite == steps_done:
+                raise FloatingPointError(
+                    f"every step of epoch {epoch + 1} had non-finite gradients (precision "
+                    f"{accelerator.mixed_precision}); lower optim.lr, set optim.grad_clip, or rerun with "
+                    f"--set run.precision=fp32. The last checkpoint in {run_dir} is untouched.")
         counters["train_time_s"] += time.perf_counter() - t_mark
         counters["train_images"] += seen - seen_mark
         counters["epoch"] = epoch + 1
@@ -800,7 +790,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         # 7b. evaluation, metrics line, checkpoint
         line: dict[str, Any] = {"epoch": epoch + 1, "step": int(counters["global_step"]),
                                 "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
-                                "epoch_time_s": round(epoch_time, 3),
+                                "epoch_time_s": round(epoch_time, 3), "nonfinite_steps": nonfinite,
                                 "train_images_per_s": round(seen / max(epoch_time, 1e-9), 2)}
         if labelled:
             line["train_top1"] = 100.0 * correct / labelled
@@ -866,7 +856,7 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
     run_dir, resume = prepare_run_dir(recipe, run_dir)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
-    accelerator = make_accelerator(recipe.run)
+    accelerator = make_accelerator(recipe.run, recipe.data.img_size)
 
     # 2. data: the label space comes from the evaluation set
     classes = class_names(recipe.data)

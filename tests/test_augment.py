@@ -321,7 +321,7 @@ def test_fast_path_matches_the_plain_diffusers_call(image_folder, tiny_sd_img2im
     from sip.dataset import ImageFolderSource
     from sip.generate import fit_image
 
-    gen = generator_factory(batch_size=4, guidance_scale=3.0)
+    gen = generator_factory(batch_size=4, guidance_scale=3.0, precision="fp32")  # the plain call runs fp32
     assert gen._fast
     sources = [s.image for s in ImageFolderSource(image_folder)][:3]
     images = [sources[0], sources[0], sources[1], sources[2]]  # two variants of the first source

@@ -190,8 +190,10 @@ def test_civt_has_one_token_and_head_per_teacher():
 # runs: shared tiny teachers (trained once per module)
 # ----------------------------------------------------------------------------------------------------
 
+# fp32: at 16 px the ResNets' last stride-2 conv sees a 1x1 map, where torch 2.14's bf16 (AMX) weight gradient
+# is intermittently NaN (see sip.train.fit); these tests are about distillation, not about that upstream bug.
 DATA = ["data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16", "data.batch_size=10",
-        "data.repeat=2", "run.progress=false", "run.threads=1", "run.device=cpu"]
+        "data.repeat=2", "run.progress=false", "run.threads=1", "run.device=cpu", "run.precision=fp32"]
 STUDENT = ["student.name=test_vit", "student.patch_size=4", "student.kwargs={depth: 2}", "optim.epochs=2"]
 
 
@@ -408,3 +410,29 @@ def test_views_follow_timm_random_resized_crop():
         top, left, h, w, flip = sample_view(rng, 28, 28, (0.35, 1.0), (0.75, 1.333), 0.5)
         assert 0 <= top and top + h <= 28 and 0 <= left and left + w <= 28 and flip in (0, 1)
         assert 0.3 * 784 <= h * w <= 784
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_an_all_nan_epoch_stops(teachers, tmp_path):
+    calls = {"n": 0}
+
+    @register_kd_loss("test_nan_on_calls", overwrite=True)
+    class NaNOnCalls(torch.nn.Module):
+        """Cross-entropy, times NaN on the calls listed in ``calls["bad"]`` (a poisoned step)."""
+
+        def forward(self, student_out, teacher_out, targets):
+            calls["n"] += 1
+            loss = torch.nn.functional.cross_entropy(student_out, targets)
+            return loss * float("nan") if calls["n"] in calls["bad"] else loss
+
+    calls["bad"] = {2}
+    recipe = distill_recipe([teachers["test_resnet"]], "loss.name=test_nan_on_calls", "optim.epochs=1")
+    run_distillation(recipe, tmp_path / "one")
+    line = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["nonfinite_steps"] == 1 and math.isfinite(line["train_loss"])
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "one" / "model.safetensors").values())
+
+    calls["n"], calls["bad"] = 0, set(range(1, 1000))
+    with pytest.raises(FloatingPointError, match="every step of epoch 1 had non-finite gradients"):
+        run_distillation(recipe, tmp_path / "all")

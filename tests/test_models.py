@@ -186,3 +186,30 @@ def test_efficientnet_lite0_recognises_a_cat():
     cats = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
     assert cats & set(top5), top5
     assert names[int(logits[0].argmax())] in cats
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_precision_auto_follows_torchs_amx_probe_in_every_stage(amx, monkeypatch, tiny_sd_img2img, tiny_classifier):
+    """On AMX CPUs torch reports the capability "AVX512" (no "AMX"): every stage must ask the AMX probe."""
+    from sip.caption import ImageNetTopKCaptioner
+    from sip.generate import DiffusionGenerator, GenerateConfig
+    from sip.models import cpu_has_amx, imagenet_class_names, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpu = torch.device("cpu")
+    want = "bf16" if amx else "fp32"
+    assert cpu_has_amx() is amx and resolve_precision("auto", cpu) == want
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be auto, fp32, bf16 or fp16, got 'half'"):
+        resolve_precision("half", cpu)
+    assert resolve_precision("auto", cpu, large=False) == "fp32"  # small operators: fp32 even with AMX
+    # a tiny UNet (far below AMX_MIN_UNET_PARAMS) stays fp32 under auto; bf16 when asked for
+    assert DiffusionGenerator(tiny_sd_img2img, GenerateConfig(device="cpu"), model_id="tiny").bf16 is False
+    assert DiffusionGenerator(tiny_sd_img2img, GenerateConfig(device="cpu", precision="bf16"), model_id="tiny").bf16
+    names = imagenet_class_names()
+    big = ImageNetTopKCaptioner(tiny_classifier, names, image_size=224, precision="auto")
+    assert big.precision == want and big.identity.endswith(":bf16") is amx
+    assert ImageNetTopKCaptioner(tiny_classifier, names, image_size=64, precision="auto").precision == "fp32"

@@ -227,14 +227,6 @@ def test_dataloader_workers_give_the_same_batches(tmp_path):
                            batches[0])
 
 
-def test_precision_auto_uses_fp32_on_cpus_without_amx():
-    expected = "bf16" if train_mod.cpu_has_amx() else "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(ValueError, match="fp16 needs a GPU"):
-        resolve_precision("fp16", torch.device("cpu"))
-
-
 def test_bf16_run_on_cpu(tmp_path):
     metrics = run_training(tiny("run.precision=bf16", "optim.epochs=1"), tmp_path / "run")
     assert metrics["steps"] == 6 and np.isfinite(metrics["eval_loss"])
@@ -249,3 +241,15 @@ def test_recipe_validation():
         load_config(TrainRecipe, overrides=["data.img_sz=3"])
     with pytest.raises(ConfigError, match="model.<key>"):
         load_config(TrainRecipe, overrides=["model.kwargs={num_classes: 3}"])
+
+
+def test_precision_auto_on_an_amx_cpu_takes_bf16_only_for_large_inputs(monkeypatch):
+    from sip.train import RunSection, make_accelerator
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    run = RunSection(device="cpu")
+    assert make_accelerator(run, img_size=28).mixed_precision == "no"  # 28 px: fp32 is faster here
+    assert make_accelerator(run, img_size=224).mixed_precision == "bf16"
+    assert make_accelerator(RunSection(device="cpu", precision="bf16"), img_size=28).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert make_accelerator(run, img_size=224).mixed_precision == "no"

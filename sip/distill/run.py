@@ -51,6 +51,7 @@ from sip.train import (
     resolve_precision,
     seed_everything,
 )
+from sip.models import AMX_MIN_IMG_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
     check_teacher_classes(teachers, classes)
     # 3. views and the store
     device = resolve_device(recipe.run.device)
-    precision = resolve_precision(recipe.run.precision, device)
+    size = recipe.data.img_size
+    precision = resolve_precision(recipe.run.precision, device, size is None or size >= AMX_MIN_IMG_SIZE)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     views = ViewConfig(recipe.store.views, recipe.store.identity_view, tuple(recipe.data.scale),
                        tuple(recipe.data.ratio), recipe.data.hflip, recipe.store.seed)
@@ -210,7 +212,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     run_dir, resume = prepare_run_dir(recipe, run_dir)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
-    accelerator = make_accelerator(recipe.run)
+    accelerator = make_accelerator(recipe.run, recipe.data.img_size)
     data = recipe.data
 
     # 2. data and label space

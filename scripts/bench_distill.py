@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--student", default="vit_tiny_patch16_224")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 on an AMX CPU at 224 px (what sip distill picks), else fp32")
     args = parser.parse_args()
     n_images = args.images or (16 if args.quick else 96)
     shots = max(1, -(-n_images // 10))  # Fashion-MNIST: 10 classes
@@ -56,6 +58,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sip-bench-distill-"))
     size = args.img_size
+    from sip.models import AMX_MIN_IMG_SIZE, resolve_precision
+
+    precision = resolve_precision(args.precision, torch.device("cpu"), size >= AMX_MIN_IMG_SIZE)
 
     # a sip checkpoint of the teacher (random weights, real architecture and preprocessing)
     teacher = create_model(args.teacher, {"num_classes": 10})
@@ -68,7 +73,7 @@ def main() -> None:
 
     common = [f"data.real.shots={shots}", "data.real.start=50000", "data.eval.shots=1", f"data.img_size={size}",
               f"data.batch_size={args.batch_size}", "data.scale=[0.35, 1.0]", "run.progress=false",
-              "run.device=cpu", "run.precision=fp32", "run.eval_every=100"]
+              "run.device=cpu", f"run.precision={args.precision}", "run.eval_every=100"]
     if args.threads:
         common.append(f"run.threads={args.threads}")
     student = [f"student.name={args.student}", "student.patch_size=null", "student.kwargs={}", "optim.epochs=3"]
@@ -101,7 +106,7 @@ def main() -> None:
     stored = rows["precomputed KD (logits store)"]
     print(f"\nKD epoch on {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads: "
           f"teacher {args.teacher} ({teacher_params / 1e6:.1f} M params), student {args.student}, {size} px, "
-          f"{n_epoch} images/epoch, batch {args.batch_size}, fp32")
+          f"{n_epoch} images/epoch, batch {args.batch_size}, precision {precision}")
     print(f"{'mode':34s} {'epoch s':>9s} {'images/s':>9s} {'× floor':>8s}")
     for name, seconds in rows.items():
         print(f"{name:34s} {seconds:9.2f} {n_epoch / seconds:9.2f} {seconds / floor:8.2f}")
@@ -110,7 +115,7 @@ def main() -> None:
                       "online_vs_floor": round(online / floor, 3), "store_build_s": round(build, 2),
                       "epoch_s": {"floor": floor, "online": online, "precomputed": stored},
                       "teacher": args.teacher, "student": args.student, "img_size": size, "images": n_epoch,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(), "precision": precision}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ Phases, each resumable from the work folder (rerun the same command after a kill
   4. unet + text encoder: UNet2DConditionModel and a small CLIPTextModel trained jointly on SIP prompts
      (label + caption; 30% label-only prompts for data-free txt2img; 10% empty for classifier-free
      guidance), epsilon prediction on SD's scaled-linear schedule, EMA of the UNet weights, checkpointed.
-  5. export: StableDiffusionPipeline.save_pretrained (safetensors) with a DDIM scheduler.
+  5. decoder: the VAE decoder fine-tuned with the encoder frozen (as Stable Diffusion's ft-MSE VAE):
+     the latent space does not move, so the UNet stays valid, and reconstructions get sharper. With
+     ``--decoder-from FOLDER`` this phase alone runs on an already saved pipeline:
+         python scripts/train_tiny_sd.py --decoder-from sip/models/fmnist-tiny-sd --out sip/models/fmnist-tiny-sd
+  6. export: StableDiffusionPipeline.save_pretrained (safetensors) with a DDIM scheduler.
 
 Leakage guard: only training images 0..49999 are used; few-shot experiments draw from 50000..59999.
 """
@@ -44,6 +48,10 @@ def parse_args():
     p.add_argument("--train-stop", type=int, default=50000, help="use training images [0, this)")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--decoder-steps", type=int, default=3000, help="decoder fine-tuning steps (0: none)")
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--decoder-from", default=None,
+                   help="a saved pipeline folder: fine-tune its VAE decoder only, save the pipeline to --out")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--caption-size", type=int, default=96, help="captioner input size (224 native)")
     p.add_argument("--num-merges", type=int, default=6000, help="BPE merges kept in the tokenizer")
@@ -186,6 +194,64 @@ def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
     return vae.eval()
 
 
+def phase_decoder(vae, x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool, lr: float, seed: int):
+    """Fine-tune the decoder (and post_quant_conv) on reconstructions of posterior samples; encoder frozen."""
+    if steps <= 0:
+        return vae
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = min(100, steps // 10 + 1)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    start = load_ckpt(work / "decoder", {"vae": vae}, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1) if start else \
+        torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(seed * 31337 + 2000 + start)
+    vae.encoder.eval()
+    vae.decoder.train()
+    bar = tqdm(range(start, steps), desc="decoder", initial=start, total=steps)
+    for step in bar:
+        xb = x[torch.randint(0, len(x), (batch,), generator=g)]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            z = vae.encode(xb).latent_dist.sample(generator=g).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            rec = vae.decode(z).sample.float()
+        loss = (rec - xb).abs().mean() + F.mse_loss(rec, xb) + 0.5 * grad_loss(rec, xb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            save_ckpt(work / "decoder", {"vae": vae}, opt, step + 1)
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    return vae.eval()
+
+
+def finetune_saved_decoder(args, bf16: bool) -> None:
+    """``--decoder-from``: phase 5 alone on a saved pipeline; everything but the VAE decoder is copied."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.decoder_from)
+    x, _, _ = load_images(args.train_stop)
+    work = Path(args.work)
+    before = json.loads((Path(args.decoder_from) / "training_args.json").read_text()) \
+        if (Path(args.decoder_from) / "training_args.json").is_file() else {}
+    pipe.vae = phase_decoder(pipe.vae.float(), x, work, args.decoder_steps, args.batch, bf16, args.decoder_lr,
+                             args.seed)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    merged = {**before, "decoder_steps": args.decoder_steps, "decoder_lr": args.decoder_lr,
+              "decoder_from": args.decoder_from, "decoder_precision": "bf16" if bf16 else "fp32"}
+    (Path(args.out) / "training_args.json").write_text(json.dumps(merged, indent=2))
+    print(f"saved pipeline with the fine-tuned decoder to {args.out}")
+
+
 @torch.no_grad()
 def phase_latents(vae, x: torch.Tensor, work: Path):
     path = work / "latents.safetensors"
@@ -271,6 +337,9 @@ def main():
     name = lambda on: "bf16 autocast" if on else "fp32"  # noqa: E731
     print(f"precision: VAE {name(bf16)}, UNet {name(bf16_unet)}; work folder {work}")
 
+    if args.decoder_from:
+        finetune_saved_decoder(args, bf16)
+        return
     x, labels, src = load_images(args.train_stop)
     captions = phase_captions(src, work, args.caption_size)
 
@@ -299,6 +368,7 @@ def main():
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    vae = phase_decoder(vae, x, work, args.decoder_steps, args.batch, bf16, args.decoder_lr, args.seed)
     vae.register_to_config(scaling_factor=scaling)
     scheduler = DDIMScheduler.from_config(build_scheduler().config, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, cpu_has_amx, load_diffusion_pipeline, resolve_device, resolve_precision,
-                        resolve_scheduler)
+from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, cpu_has_amx, load_diffusion_pipeline, load_tiny_vae,
+                        resolve_device, resolve_precision, resolve_scheduler)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ class GenerateConfig:
             level in a few pixels (measured: ≤ 4 of 30,720 values) when the batch size changes.
         channels_last: NHWC memory format for the UNet and VAE (faster convolutions on some
             hardware; see scripts/bench_generate.py).
+        tiny_vae: hub id or folder of an ``AutoencoderTiny`` that decodes the latents instead of the
+            checkpoint's VAE (TAESD: ``madebyollin/taesd`` for SD 1.x/2.x, ``madebyollin/taesdxl`` for
+            SDXL). The decoder is most of the non-UNet time (scripts/bench_generate.py); TAESD is
+            ~100x cheaper than SD's VAE decoder at slightly softer detail. img2img still encodes the
+            sources with the full VAE. null: the checkpoint's VAE.
+        compile: ``torch.compile`` the UNet on first use (one-off compile time, then faster steps on a
+            GPU; diffusers reports ~1.2-1.5x for SD-class UNets on recent NVIDIA GPUs). On a CPU it
+            needs a C++ compiler, and compiling took 140 s even for a tiny test UNet here: for long
+            GPU runs, not for short CPU jobs.
     """
 
     model: str = DEFAULT_SD_MODEL
@@ -72,6 +81,8 @@ class GenerateConfig:
     device: str = "auto"
     batch_invariant: bool = False
     channels_last: bool = False
+    tiny_vae: str | None = None
+    compile: bool = False
 
     def __post_init__(self):
         if not 0.0 < self.strength <= 1.0:
@@ -121,9 +132,15 @@ class DiffusionGenerator:
         model_id (str, optional): recorded in metadata. Defaults to ``config.model``.
     """
 
-    def __init__(self, pipe: Any, config: GenerateConfig, model_id: str | None = None):
-        from diffusers import AutoPipelineForText2Image
+    def __init__(self, pipe: Any, config: GenerateConfig, model_id: str | None = None, tiny_vae: Any = None):
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
+        # the full VAE encodes img2img sources; a tiny VAE, when given, only decodes (the caller's pipeline
+        # is left as it was: the swap happens in a pipeline of its own that shares the other components)
+        self.encoder_vae = pipe.vae
+        if tiny_vae is not None:
+            check_decoder_fits(pipe.vae, tiny_vae)
+            pipe = AutoPipelineForImage2Image.from_pipe(pipe, vae=tiny_vae)
         self.pipe = pipe
         self.txt2img = AutoPipelineForText2Image.from_pipe(pipe)
         for p in (self.pipe, self.txt2img):
@@ -143,12 +160,16 @@ class DiffusionGenerator:
         if config.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+        if config.compile and getattr(pipe.unet, "_compiled_call_impl", None) is None:
+            # compiled in place (nn.Module.compile): the pipeline keeps its UNet object and config
+            pipe.unet.compile()
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
         """Load ``config.model`` (hub id or folder) and build the generator."""
         pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
-        return cls(pipe, config)
+        tiny = load_tiny_vae(config.tiny_vae, config.dtype, config.device) if config.tiny_vae else None
+        return cls(pipe, config, tiny_vae=tiny)
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -208,7 +229,7 @@ class DiffusionGenerator:
                       generators: Sequence[torch.Generator]) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
-        vae = self.pipe.vae
+        vae = self.encoder_vae
         order: dict[int, int] = {}
         for im in images:
             order.setdefault(id(im), len(order))
@@ -260,6 +281,22 @@ class DiffusionGenerator:
                                guidance_scale=cfg.guidance_scale, generator=self._generators(seeds),
                                output_type="pil", **kwargs)
         return list(out.images)
+
+
+@torch.no_grad()
+def check_decoder_fits(vae: Any, decoder_vae: Any) -> None:
+    """A replacement decoder must take the VAE's latents and give images of the VAE's size."""
+    channels = int(vae.config.latent_channels)
+    if int(decoder_vae.config.latent_channels) != channels:
+        raise ValueError(f"tiny_vae takes {decoder_vae.config.latent_channels}-channel latents but the model's VAE "
+                         f"makes {channels}-channel ones; use the tiny VAE trained for this model family "
+                         f"(madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
+    param = next(decoder_vae.parameters())
+    z = torch.zeros(1, channels, 2, 2, device=param.device, dtype=param.dtype)
+    scales = [int(m.decode(z.to(next(m.parameters()).dtype)).sample.shape[-1]) // 2 for m in (vae, decoder_vae)]
+    if scales[0] != scales[1]:
+        raise ValueError(f"tiny_vae upsamples latents {scales[1]}x but the model's VAE {scales[0]}x; use the tiny "
+                         f"VAE trained for this model family")
 
 
 def describe_device(device: torch.device | str) -> str:

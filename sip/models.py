@@ -230,6 +230,14 @@ def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img",
     return pipe.to(resolve_device(device))
 
 
+def load_tiny_vae(name: str, dtype: str = "float32", device: str = "auto") -> Any:
+    """An ``AutoencoderTiny`` (TAESD family) from a hub id or folder, e.g. ``madebyollin/taesd``."""
+    from diffusers import AutoencoderTiny
+
+    source = check_model_source(name, "tiny VAE")
+    return AutoencoderTiny.from_pretrained(source, **{_dtype_kwarg(): resolve_dtype(dtype)}).to(resolve_device(device))
+
+
 def _dtype_kwarg() -> str:
     """Newer diffusers take ``dtype`` and deprecate ``torch_dtype``; older ones know only ``torch_dtype``."""
     from diffusers.utils import deprecation_utils

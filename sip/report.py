@@ -44,6 +44,8 @@ from sip.writer import read_metadata, sanitize_label
 REPORT_DIR = "report"
 # Keys that are axes, not series.
 _AXIS_KEYS = {"epoch", "step", "global_step", "iteration", "iter"}
+# bookkeeping that sip's trainer writes into metrics.jsonl: machine speed and counters, not training curves
+_BOOKKEEPING_KEYS = {"epoch_time_s", "train_images_per_s", "nonfinite_steps"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def metric_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, flo
                 flat[k] = v
         for k, v in flat.items():
             y = _numeric(v)
-            if y is not None and k not in _AXIS_KEYS:
+            if y is not None and k not in _AXIS_KEYS and k not in _BOOKKEEPING_KEYS:
                 series.setdefault(k, []).append((x, y))
     return series
 

@@ -334,3 +334,77 @@ def test_fast_path_matches_the_plain_diffusers_call(image_folder, tiny_sd_img2im
     for a, b in zip(ours, theirs):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
     assert np.asarray(ours[0]).tobytes() != np.asarray(ours[1]).tobytes()  # variants differ
+
+
+def tiny_autoencoder(blocks: int, latent_channels: int = 4, seed: int = 0):
+    """A random ``AutoencoderTiny`` (TAESD layout) with ``blocks - 1`` 2x up/down-samplings."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,
+                           num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks,
+                           latent_channels=latent_channels).eval()
+
+
+def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd_img2img, tmp_path):
+    import numpy as np
+
+    from sip.dataset import ImageFolderSource
+    from sip.generate import DiffusionGenerator
+
+    sources = [s.image for s in ImageFolderSource(image_folder)][:2]
+    config = GenerateConfig(steps=4, strength=0.5, device="cpu", precision="fp32", tiny_vae="unused-here")
+    full = DiffusionGenerator(tiny_sd_img2img, GenerateConfig(steps=4, strength=0.5, device="cpu", precision="fp32"))
+    taesd = tiny_autoencoder(blocks=2)  # 2x, as the fixture's VAE
+    fast = DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=taesd)
+    assert tiny_sd_img2img.vae is not taesd and fast.pipe.vae is taesd  # the caller's pipeline is untouched
+    assert fast.encoder_vae is tiny_sd_img2img.vae and fast.txt2img.vae is taesd
+    a = full.img2img(sources, ["a cat", "a dog"], [1, 2])
+    b = fast.img2img(sources, ["a cat", "a dog"], [1, 2])
+    assert [im.size for im in b] == [im.size for im in a] == [(32, 32)] * 2
+    assert np.asarray(a[0]).tobytes() != np.asarray(b[0]).tobytes()  # another decoder, other pixels
+    assert fast.img2img(sources, ["a cat", "a dog"], [1, 2])[1].tobytes() == b[1].tobytes()  # still seeded
+    assert [im.size for im in fast.text2img(["a cat"], [3])] == [(32, 32)]
+    with pytest.raises(ValueError, match="tiny_vae upsamples latents 8x but the model's VAE 2x"):
+        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=tiny_autoencoder(blocks=4))
+    with pytest.raises(ValueError, match="takes 16-channel latents but the model's VAE makes 4-channel"):
+        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=tiny_autoencoder(blocks=2, latent_channels=16))
+
+
+def test_tiny_vae_loads_from_a_folder_and_a_missing_one_is_named(tiny_sd_dir, tmp_path):
+    from sip.generate import DiffusionGenerator
+
+    tiny_autoencoder(blocks=2).save_pretrained(tmp_path / "taesd")
+    gen = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), tiny_vae=str(tmp_path / "taesd"),
+                                                        device="cpu", steps=2))
+    assert type(gen.pipe.vae).__name__ == "AutoencoderTiny"
+    with pytest.raises(FileNotFoundError, match="tiny VAE folder .*nope does not exist"):
+        DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), tiny_vae=str(tmp_path / "nope")))
+
+
+def test_compile_key_compiles_the_unet_in_place(tiny_sd_dir):
+    """Wiring only (torch.compile is lazy: nothing compiles until the first call); see the slow test below."""
+    from sip.generate import DiffusionGenerator
+
+    gen = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), compile=True, device="cpu"))
+    assert gen.pipe.unet._compiled_call_impl is not None and type(gen.pipe.unet).__name__ == "UNet2DConditionModel"
+    plain = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), device="cpu"))
+    assert plain.pipe.unet._compiled_call_impl is None
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_eager_images(image_folder, tiny_sd_dir):
+    """torch.compile on the CPU (minutes here: inductor builds C++ kernels); run with -m slow."""
+    import numpy as np
+
+    from sip.dataset import ImageFolderSource
+    from sip.generate import DiffusionGenerator
+
+    sources = [s.image for s in ImageFolderSource(image_folder)][:2]
+    settings = {"model": str(tiny_sd_dir), "device": "cpu", "steps": 4, "precision": "fp32"}
+    eager = DiffusionGenerator.from_config(GenerateConfig(**settings)).img2img(sources, ["a", "b"], [1, 2])
+    compiled = DiffusionGenerator.from_config(GenerateConfig(**settings, compile=True)).img2img(sources, ["a", "b"],
+                                                                                                  [1, 2])
+    for a, b in zip(eager, compiled):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

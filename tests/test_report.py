@@ -33,7 +33,8 @@ def metrics_lines(gain: float) -> list[str]:
     lines = []
     for epoch in range(1, 7):
         row = {"epoch": epoch, "step": 10 * epoch, "lr": 0.001, "train_loss": 2.0 / epoch, "train_top1": 40 + 5 * epoch,
-               "note": "text is skipped", "flag": True, "extra": {"val_acc": 0.5 + epoch / 20}}
+               "note": "text is skipped", "flag": True, "extra": {"val_acc": 0.5 + epoch / 20},
+               "epoch_time_s": 3.0 + epoch, "nonfinite_steps": 0}
         if epoch % 2 == 0:
             row.update(eval_top1=50 + 4 * epoch + gain, eval_top5=95.0, eval_loss=1.0 / epoch)
         lines.append(json.dumps(row))
@@ -97,7 +98,7 @@ def test_report_shows_grids_curves_and_the_accuracy_table(run_dir):
     series = re.search(r"Series: ([^<]*)\.</p>", page).group(1).split(", ")
     assert series[0] == "eval_top1" and set(series[:3]) == {"eval_top1", "extra.val_acc", "train_top1"}  # accuracy first
     assert {"train_loss", "eval_loss", "eval_top5", "lr", "extra.val_acc"} <= set(series)
-    assert not {"note", "flag", "epoch", "step"} & set(series)
+    assert not {"note", "flag", "epoch", "step", "epoch_time_s", "nonfinite_steps"} & set(series)
     assert "<b>real_only</b>" in page and "<b>real_plus_sip</b>" in page
     # the accuracy table, best top-1 marked
     assert "<td>student, real only</td><td>74.12</td><td>97.20</td><td></td>" in page

@@ -166,6 +166,11 @@ def grad_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
+def recon_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE + a gradient-difference term (sharp edges): the VAE's and the decoder fine-tune's loss."""
+    return (rec - x).abs().mean() + F.mse_loss(rec, x) + 0.5 * grad_loss(rec, x)
+
+
 def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -182,7 +187,7 @@ def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
             post = vae.encode(xb).latent_dist
             rec = vae.decode(post.sample(generator=g)).sample.float()
         kl = post.kl().mean() / (32 * 32 * 3)
-        loss = (rec - xb).abs().mean() + F.mse_loss(rec, xb) + 0.5 * grad_loss(rec, xb) + 1e-4 * kl
+        loss = recon_loss(rec, xb) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -219,7 +224,7 @@ def phase_decoder(vae, x: torch.Tensor, work: Path, steps: int, batch: int, bf16
             z = vae.encode(xb).latent_dist.sample(generator=g).float()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             rec = vae.decode(z).sample.float()
-        loss = (rec - xb).abs().mean() + F.mse_loss(rec, xb) + 0.5 * grad_loss(rec, xb)
+        loss = recon_loss(rec, xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -166,6 +166,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 16 32 (quick 16)")
     parser.add_argument("--tokens", type=int, default=20, help="new tokens per caption (max = min)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="captioner precision for every way (auto: bf16 on AMX CPUs and CUDA, as sip picks); "
+                             "when it resolves to bf16, one fp32 one-per-call run is added as the naive reference")
     args = parser.parse_args()
     q = args.quick
     n_images = args.images or (16 if q else 32)
@@ -183,7 +186,7 @@ def main() -> None:
     model, processor = build_blip_base(work)
     build_s = time.time() - t0
     captioner = TransformersCaptioner(model, processor, "blip-base-random", max_new_tokens=args.tokens,
-                                      generate_kwargs={"min_new_tokens": args.tokens})
+                                      generate_kwargs={"min_new_tokens": args.tokens}, precision=args.precision)
     images = photos(max(n_images, n_singles))
     params = {k: sum(p.numel() for p in m.parameters()) / 1e6
               for k, m in (("vision", model.vision_model), ("text", model.text_decoder))}
@@ -193,7 +196,7 @@ def main() -> None:
           f"{model.config.vision_config.image_size}px {params['vision']:.0f} M params, text decoder "
           f"{params['text']:.0f} M params, vocabulary {model.config.text_config.vocab_size}; "
           f"{args.tokens} new tokens per caption (forced); "
-          f"{torch.get_num_threads()} threads, load average at start {load0[0]:.2f}")
+          f"{torch.get_num_threads()} threads, precision {captioner.precision}, load average at start {load0[0]:.2f}")
 
     # FLOPs per image of the vision encoder (the part batching cannot shrink)
     pixel = processor(images=images[:1], return_tensors="pt")["pixel_values"]
@@ -204,6 +207,11 @@ def main() -> None:
     captioner(images[:1])  # warm-up (allocator, thread pool)
     single = timed(captioner, images[:n_singles], 1, "one per call")
     batched = [timed(captioner, images[:n_images], b, f"batch {b}") for b in batch_sizes]
+    naive = None
+    if captioner.precision != "fp32":  # what a user writes from the docs: fp32, one image per call
+        fp32 = TransformersCaptioner(model, processor, "blip-base-random", max_new_tokens=args.tokens,
+                                     generate_kwargs={"min_new_tokens": args.tokens}, precision="fp32")
+        naive = timed(fp32, images[:n_singles], 1, "one per call, fp32")
 
     print(f"\n{'way':<14} {'images':>6} {'s':>8} {'img/s':>7} {'x one':>6} {'cpu':>5} {'vision s/img':>12} "
           f"{'decoder s/img':>13} {'vision GF/s':>11}")
@@ -223,6 +231,10 @@ def main() -> None:
           f"calls per caption one at a time)")
     print(f"\nbatched (batch {best['batch']}) vs one per call: {speedup:.2f}x (target >= 3x: "
           f"{'met' if speedup >= 3 else 'NOT met'}); captions identical to one-at-a-time: {same}")
+    if naive is not None:
+        print(f"against the naive way (fp32, one per call: {naive['rate']:.3f} img/s): batched {captioner.precision} "
+              f"{best['rate'] / naive['rate']:.2f}x, one per call {captioner.precision} "
+              f"{single['rate'] / naive['rate']:.2f}x")
     alone = vision_flops / (single["vision"] / single["images"]) / 1e9
     together = vision_flops / floor / 1e9
     how = ("so it is compute-bound already at batch 1" if together < 1.3 * alone else
@@ -242,7 +254,9 @@ def main() -> None:
                       "vision_share_one": round(vision_share, 3),
                       "vision_gflop_per_image": round(vision_flops / 1e9, 1),
                       "bound_decoder_free": round((single["seconds"] / single["images"]) / floor, 3),
-                      "captions_identical": same, "new_tokens": args.tokens, "quick": q}))
+                      "captions_identical": same, "new_tokens": args.tokens, "precision": captioner.precision,
+                      "speedup_vs_fp32_one_per_call": round(best["rate"] / naive["rate"], 3) if naive else None,
+                      "quick": q}))
 
 
 if __name__ == "__main__":

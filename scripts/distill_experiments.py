@@ -39,13 +39,16 @@ SIP = [str(Path(sys.executable).with_name("sip"))] if Path(sys.executable).with_
 GROUPS = ["teachers", "scratch", "kd_online", "kd_stored", "kd_involution", "ensemble", "civt", "sip", "datafree"]
 
 
+NICE = 10  # set by --nice: runs yield to interactive work by default
+
+
 def run(verb: str, recipe: str, out: Path, sets: list[str], threads: int, log: list[str]) -> dict | None:
     """Run one CLI command (niced), return its final metrics (or the store info for `logits`)."""
     cli = [verb, f"pipelines/{recipe}", "-o", str(out)]
     for s in sets:
         cli += ["--set", s]
     log.append("sip " + shlex.join(cli))
-    cmd = ["nice", "-n", "10", *SIP, *cli, "--set", f"run.threads={threads}", "--set", "run.progress=false"]
+    cmd = ["nice", "-n", str(NICE), *SIP, *cli, "--set", f"run.threads={threads}", "--set", "run.progress=false"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -76,7 +79,10 @@ def main() -> None:
     p.add_argument("--conv-teacher", default="runs/fmnist_teacher", help="run folder of fmnist_teacher.yaml")
     p.add_argument("--involution-teacher", default="runs/fmnist_teacher_involution",
                    help="run folder of fmnist_teacher_involution.yaml")
+    p.add_argument("--nice", type=int, default=10, help="niceness of each run (0: as any other job)")
     args = p.parse_args()
+    global NICE
+    NICE = args.nice
     out = args.out
     log: list[str] = []
     rows: dict[str, list[float]] = {}

@@ -48,7 +48,7 @@ def parse_args():
     p.add_argument("--train-stop", type=int, default=50000, help="use training images [0, this)")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--decoder-steps", type=int, default=3000, help="decoder fine-tuning steps (0: none)")
+    p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning steps (0: none)")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--decoder-from", default=None,
                    help="a saved pipeline folder: fine-tune its VAE decoder only, save the pipeline to --out")

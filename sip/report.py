@@ -552,6 +552,8 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     for dataset_dir in datasets_found:
         rel = dataset_dir.relative_to(run_dir).as_posix() if dataset_dir != run_dir else "."
         slug = sanitize_label(rel if rel != "." else "dataset")
+        # the run folder may be the dataset itself (`sip report runs/fmnist-aug`): name it by its folder
+        rel = rel if rel != "." else dataset_dir.resolve().name
         rows, count = grid_rows(dataset_dir, max_sources, max_variants)
         body.append(f"<h3>{_esc(rel)}</h3><p class='meta'>{_esc(_dataset_summary(dataset_dir, count))}</p>")
         if not rows:

@@ -164,3 +164,10 @@ def test_sources_that_cannot_be_found_are_blank_with_a_note(run_dir, tmp_path):
     page = assert_consistent(write_report(tmp_path / "run"))
     assert page.count("source not found") == 6 and "6 source images of photos not found" in page
     assert len(re.findall(r"alt='variant'", page)) == 12  # the variants are still shown
+
+
+def test_a_dataset_folder_reported_by_itself_is_named_by_its_folder(run_dir):
+    report = write_report(run_dir / "photos")
+    page = report.read_text(encoding="utf-8")
+    assert "<h3>photos</h3>" in page and "<h3>.</h3>" not in page
+    assert (report.parent / "grid-dataset.png").is_file()

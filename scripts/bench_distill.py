@@ -58,9 +58,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sip-bench-distill-"))
     size = args.img_size
-    from sip.models import AMX_MIN_IMG_SIZE, resolve_precision
+    from sip.models import large_input, resolve_precision
 
-    precision = resolve_precision(args.precision, torch.device("cpu"), size >= AMX_MIN_IMG_SIZE)
+    precision = resolve_precision(args.precision, torch.device("cpu"), large_input(size))
 
     # a sip checkpoint of the teacher (random weights, real architecture and preprocessing)
     teacher = create_model(args.teacher, {"num_classes": 10})

@@ -244,26 +244,19 @@ def run_tiny_vae(pipe, jobs: list[Job], settings: dict, size: int, negative_prom
 
     torch.manual_seed(0)
     taesd = AutoencoderTiny().eval()
-    generator = make_generator(pipe, settings, size, best.batch_size, best.channels_last, best.precision, taesd)
-    c0, t0 = time.process_time(), time.perf_counter()
-    for start in range(0, len(jobs), best.batch_size):
-        batch = jobs[start : start + best.batch_size]
-        generator.img2img([j.image for j in batch], [j.prompt for j in batch], [j.seed for j in batch],
-                          negative_prompt)
-    seconds = time.perf_counter() - t0
-    pipe.unet.to(memory_format=torch.contiguous_format)
-    pipe.vae.to(memory_format=torch.contiguous_format)
-    rate = len(jobs) / seconds
+    r = run_sip(pipe, jobs, settings, size, negative_prompt, "sd15 tiny_vae", best.batch_size, best.channels_last,
+                best.precision, warmup=False, tiny_vae=taesd)
+    rate = r.rate
     params = sum(p.numel() for p in taesd.decoder.parameters()) / 1e6
     print(f"\nwith generate.tiny_vae (TAESD architecture, decoder {params:.1f} M params, random weights) at sip's best "
           f"setting: {rate:.3f} images/s = {rate / naive.rate:.2f}x naive, {rate / best.rate:.2f}x sip's best with the "
           f"checkpoint's VAE (other images by construction: another decoder)")
     return {"images_per_s": rate, "speedup_vs_naive": rate / naive.rate, "vs_full_vae": rate / best.rate,
-            "cpu": (time.process_time() - c0) / seconds}
+            "cpu": r.cpu_seconds / r.seconds}
 
 
 def run_sip(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: str, label: str,
-            batch_size: int, channels_last: bool, precision: str, warmup: bool) -> RunResult:
+            batch_size: int, channels_last: bool, precision: str, warmup: bool, tiny_vae=None) -> RunResult:
     """sip's img2img stage: ``DiffusionGenerator.img2img`` on consecutive batches of jobs."""
     if warmup:  # oneDNN builds its kernels for each new shape once; keep that out of the timing
         warm = make_generator(pipe, {**settings, "steps": 2, "strength": 0.5}, size, batch_size,
@@ -272,7 +265,7 @@ def run_sip(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: s
         warm.img2img([j.image for j in batch], [j.prompt for j in batch], [j.seed for j in batch],
                      negative_prompt)
     # a fresh generator: its prompt cache starts empty
-    generator = make_generator(pipe, settings, size, batch_size, channels_last, precision)
+    generator = make_generator(pipe, settings, size, batch_size, channels_last, precision, tiny_vae)
     timer = StageTimer(networks(pipe))
     images = []
     c0, t0 = time.process_time(), time.perf_counter()

@@ -171,6 +171,25 @@ def recon_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (rec - x).abs().mean() + F.mse_loss(rec, x) + 0.5 * grad_loss(rec, x)
 
 
+def warmup_cosine(opt, steps: int, warmup: int, start: int):
+    """Linear warm-up then cosine decay to 0 over ``steps``, resumed at step ``start``."""
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    if start:
+        for group in opt.param_groups:  # LambdaLR with last_epoch >= 0 wants the initial lr recorded
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1)
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, clip_params=None) -> None:
+    """Backward, optional gradient clipping at norm 1, optimizer and scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -188,10 +207,7 @@ def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
             rec = vae.decode(post.sample(generator=g)).sample.float()
         kl = post.kl().mean() / (32 * 32 * 3)
         loss = recon_loss(rec, xb) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.3f}")
         if (step + 1) % 200 == 0 or step + 1 == steps:
@@ -209,11 +225,8 @@ def phase_decoder(vae, x: torch.Tensor, work: Path, steps: int, batch: int, bf16
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = min(100, steps // 10 + 1)
-    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     start = load_ckpt(work / "decoder", {"vae": vae}, opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1) if start else \
-        torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps, min(100, steps // 10 + 1), start)
     g = torch.Generator().manual_seed(seed * 31337 + 2000 + start)
     vae.encoder.eval()
     vae.decoder.train()
@@ -225,11 +238,7 @@ def phase_decoder(vae, x: torch.Tensor, work: Path, steps: int, batch: int, bf16
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             rec = vae.decode(z).sample.float()
         loss = recon_loss(rec, xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
@@ -282,12 +291,9 @@ def phase_unet(mean, std, prompts_fn, tokenizer, work: Path, steps: int, batch: 
     sched = build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    warmup = 200
-    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     start = load_ckpt(work / "unet", {"unet": unet, "text_encoder": text_encoder, "ema": ema}, opt)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1) if start else lr_sched
+    lr_sched = warmup_cosine(opt, steps, 200, start)
     rng = random.Random(seed * 7919 + start)
     g = torch.Generator().manual_seed(seed * 104729 + start)
     alphas = sched.alphas_cumprod
@@ -307,11 +313,7 @@ def phase_unet(mean, std, prompts_fn, tokenizer, work: Path, steps: int, batch: 
             emb = text_encoder(ids)[0]
             pred = unet(noisy, t, emb).sample.float()
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
+        optimizer_step(loss, opt, lr_sched, params)
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in unet.state_dict().items():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.models import autocast
+from sip.models import autocast, large_input, resolve_precision
 from sip.registry import Registry
 
 
@@ -117,8 +117,6 @@ class TransformersCaptioner:
 
     def __init__(self, model, processor, name: str, prefix: str | None = None, max_new_tokens: int = 20,
                  generate_kwargs: dict | None = None, precision: str = "fp32"):
-        from sip.models import resolve_precision
-
         self.model, self.processor = model.eval(), processor
         self.prefix, self.max_new_tokens = prefix, max_new_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
@@ -173,14 +171,12 @@ class ImageNetTopKCaptioner:
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], top_k: int = 2, min_prob: float = 0.05,
                  image_size: int = 224, mean: float = 0.498, std: float = 0.502, name: str = "efficientnet-lite0",
                  precision: str = "fp32"):
-        from sip.models import AMX_MIN_IMG_SIZE, resolve_precision
-
         if len(class_names) != 1000:
             raise ValueError(f"expected 1000 ImageNet class names, got {len(class_names)}")
         self.model, self.class_names = model.eval(), list(class_names)
         self.top_k, self.min_prob, self.image_size, self.mean, self.std = top_k, min_prob, image_size, mean, std
-        # auto: bf16 on an AMX CPU only from AMX_MIN_IMG_SIZE up (small inputs run faster in fp32)
-        self.precision = resolve_precision(precision, next(model.parameters()).device, image_size >= AMX_MIN_IMG_SIZE)
+        # auto: bf16 on an AMX CPU only for large inputs (small ones run faster in fp32)
+        self.precision = resolve_precision(precision, next(model.parameters()).device, large_input(image_size))
         self.identity = f"imagenet-topk:{name}:k={top_k}:min_prob={min_prob}:size={image_size}"
         if self.precision != "fp32":
             self.identity += f":{self.precision}"

@@ -8,7 +8,6 @@ diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.load_di
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, cpu_has_amx, load_diffusion_pipeline, load_tiny_vae,
+from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, autocast, cpu_has_amx, load_diffusion_pipeline, load_tiny_vae,
                         resolve_device, resolve_precision, resolve_scheduler)
 
 
@@ -153,7 +152,9 @@ class DiffusionGenerator:
         # bf16 autocast (fp32 weights kept) on CUDA, and on AMX CPUs for UNets big enough to gain from it
         # (see sip.models.AMX_MIN_UNET_PARAMS); fp16 weights on a GPU come from `dtype`
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
-        self.bf16 = resolve_precision(config.precision, self.device, unet_params >= AMX_MIN_UNET_PARAMS) == "bf16"
+        self.precision = "bf16" if resolve_precision(config.precision, self.device,
+                                                      unet_params >= AMX_MIN_UNET_PARAMS) == "bf16" else "fp32"
+        self.bf16 = self.precision == "bf16"
         # SD 1.x/2.x img2img: sip encodes each source and each prompt once (SDXL & others: plain call)
         self._fast = type(pipe).__name__ == "StableDiffusionImg2ImgPipeline"
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -176,9 +177,7 @@ class DiffusionGenerator:
         return int(self.pipe.tokenizer.model_max_length)
 
     def _autocast(self):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.precision, self.device)
 
     def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         device = self.device if self.device.type == "cuda" else torch.device("cpu")

@@ -8,6 +8,7 @@ the weights on a machine with network.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -47,7 +48,8 @@ def cpu_has_amx() -> bool:
 
     Asks torch's own AMX probe: ``torch.backends.cpu.get_cpu_capability()`` reports only the vector
     ISA ("AVX512") on AMX machines, so it cannot tell. Measured on this project's 2-core AMX Xeon
-    (``scripts/bench_generate.py`` prints it): 2048² GEMM 107 GFLOP/s fp32 vs 711 GFLOP/s bf16.
+    (``scripts/bench_generate.py`` prints it): 2048² GEMM 213–314 GFLOP/s fp32 vs 380–1,872 GFLOP/s bf16
+    (the VM's bf16 throughput varies between runs).
     """
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if probe is not None:
@@ -67,6 +69,11 @@ def cpu_has_amx() -> bool:
 # work is large: a UNet of at least AMX_MIN_UNET_PARAMS parameters, a classifier input of at least AMX_MIN_IMG_SIZE.
 AMX_MIN_UNET_PARAMS = 100_000_000
 AMX_MIN_IMG_SIZE = 112
+
+
+def large_input(img_size: int | None) -> bool:
+    """Whether a classifier input is big enough for AMX bf16 to pay (null = the model's own, 224 for most)."""
+    return img_size is None or img_size >= AMX_MIN_IMG_SIZE
 
 
 def resolve_precision(precision: str, device: torch.device, large: bool = True) -> str:
@@ -95,8 +102,6 @@ def resolve_precision(precision: str, device: torch.device, large: bool = True) 
 
 def autocast(precision: str, device: torch.device):
     """The autocast context for a resolved precision ("fp32" → no autocast)."""
-    import contextlib
-
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -45,7 +45,7 @@ import sip.involution  # noqa: F401  (registers sip_rednet_* with timm; sip_civt
 from sip.config import ConfigError, save_config, to_dict
 from sip.dataset import SourceConfig, open_source
 from sip.mixing import MixConfig, MixedImages, RealImages, SyntheticImages, _stable_seed
-from sip.models import AMX_MIN_IMG_SIZE, cpu_has_amx, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.models import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -501,7 +501,7 @@ def make_accelerator(run: RunSection, img_size: int | None = None):
     from accelerate.state import AcceleratorState, PartialState
 
     device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device, img_size is None or img_size >= AMX_MIN_IMG_SIZE)
+    precision = resolve_precision(run.precision, device, large_input(img_size))
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     state = AcceleratorState._shared_state
     if state and PartialState().num_processes == 1 and (
@@ -745,6 +745,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
             with accelerator.autocast():
                 loss, logits, labels = step_fn(model, batch)
             accelerator.backward(loss)
+            loss_value = loss.item()  # once per step: each .item() waits for the device
             # the norm is needed anyway for clipping; a non-finite one means a bad step: skip it, as fp16's
             # GradScaler does. Seen here: torch 2.14's bf16 (AMX) conv weight-gradient is sometimes NaN for a
             # stride-2 3x3 conv over a 1x1 map (tiny inputs in deep ResNets); one such step ruins the weights.
@@ -756,14 +757,14 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             n = batch["image"].shape[0]
-            loss_sum += loss.item() * n if math.isfinite(loss.item()) else 0.0
+            loss_sum += loss_value * n if math.isfinite(loss_value) else 0.0
             seen += n
             if labels is not None:
                 correct += (merge_heads(logits).argmax(1) == labels).sum().item()
                 labelled += n
             counters["global_step"] += 1
             counters["step_in_epoch"] += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if (run.checkpoint_every_steps and counters["global_step"] % run.checkpoint_every_steps == 0
                     and counters["step_in_epoch"] < steps_per_epoch):
                 counters["train_time_s"] += time.perf_counter() - t_mark

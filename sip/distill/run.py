@@ -51,7 +51,7 @@ from sip.train import (
     resolve_precision,
     seed_everything,
 )
-from sip.models import AMX_MIN_IMG_SIZE
+from sip.models import large_input
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
     check_teacher_classes(teachers, classes)
     # 3. views and the store
     device = resolve_device(recipe.run.device)
-    size = recipe.data.img_size
-    precision = resolve_precision(recipe.run.precision, device, size is None or size >= AMX_MIN_IMG_SIZE)
+    precision = resolve_precision(recipe.run.precision, device, large_input(recipe.data.img_size))
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     views = ViewConfig(recipe.store.views, recipe.store.identity_view, tuple(recipe.data.scale),
                        tuple(recipe.data.ratio), recipe.data.hflip, recipe.store.seed)

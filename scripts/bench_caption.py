@@ -71,9 +71,13 @@ def write_wordpiece_vocab(path: Path, size: int = 30522) -> Path:
 
 def build_blip_base(work: Path, seed: int = 0):
     """(model, processor): BLIP-base-sized captioner with random weights, tokenizer written offline."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
-
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
     from transformers.models.bert.tokenization_bert import load_vocab
 
     vocab_file = write_wordpiece_vocab(work / "vocab.txt")
@@ -138,7 +142,7 @@ class StageTimer:
 
 
 def timed(captioner, images: list, batch_size: int, label: str) -> dict:
-    from sip.caption import caption_images
+    from sip.augment.caption import caption_images
 
     model = captioner.model
     timer = StageTimer({"vision": model.vision_model, "text_decoder": model.text_decoder})
@@ -179,7 +183,7 @@ def main() -> None:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sip.caption import TransformersCaptioner
+    from sip.augment.caption import TransformersCaptioner
 
     work = Path(tempfile.mkdtemp(prefix="sip-bench-caption-"))
     t0 = time.time()

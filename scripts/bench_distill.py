@@ -5,7 +5,7 @@
 2. precomputed KD: the same epoch from a TeacherLogitsStore written once by ``sip logits`` (views replayed);
 3. the floor: the student's epoch alone (cross-entropy, no teacher, the same data pipeline).
 
-Student: ViT-Tiny (``vit_tiny_patch16_224``). All three run through ``sip.distill.run_distillation`` exactly
+Student: ViT-Tiny (``vit_tiny_patch16_224``). All three run through ``sip.distill.run.run_distillation`` exactly
 as ``sip distill`` does; the teacher has random weights (its cost does not depend on their values). Each
 mode trains three epochs; the faster of epochs 2 and 3 is reported (epoch 1 warms up allocators and caches;
 the minimum resists interference from other processes). The store's one-off build time is reported
@@ -50,15 +50,15 @@ def main() -> None:
     import torch
 
     from sip.config import load_config
-    from sip.dataset import FASHION_MNIST_CLASSES
-    from sip.distill import DistillRecipe, LogitsRecipe, run_distillation, run_logits
-    from sip.train import create_model, model_metadata, save_model_file
+    from sip.data.sources import FASHION_MNIST_CLASSES
+    from sip.distill.run import DistillRecipe, LogitsRecipe, run_distillation, run_logits
+    from sip.train.run import create_model, model_metadata, save_model_file
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sip-bench-distill-"))
     size = args.img_size
-    from sip.models import large_input, resolve_precision
+    from sip.runtime import large_input, resolve_precision
 
     precision = resolve_precision(args.precision, torch.device("cpu"), large_input(size))
 

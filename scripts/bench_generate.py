@@ -10,7 +10,7 @@ object, the same sources, prompts, per-image seeds, steps, strength and guidance
 
 Two models:
 
-- ``tiny``: the shipped model (``--model``; default ``sip.models.DEFAULT_SD_MODEL``, falling back to
+- ``tiny``: the shipped model (``--model``; default ``sip.models.diffusion.DEFAULT_SD_MODEL``, falling back to
   ``.cache/fmnist-tiny-sd`` while the shipped folder is still empty) on Fashion-MNIST 32 px sources;
 - ``sd15``: a Stable Diffusion 1.5-architecture UNet (860 M parameters) + VAE + CLIP ViT-L text encoder
   (123 M, full 49,408-token vocabulary from the offline tokenizer) built from config with random
@@ -224,7 +224,7 @@ def run_naive(pipe, jobs: list[Job], settings: dict, negative_prompt: str, label
 
 def make_generator(pipe, settings: dict, size: int, batch_size: int, channels_last: bool, precision: str,
                    tiny_vae=None):
-    from sip.generate import DiffusionGenerator, GenerateConfig
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig
 
     pipe.unet.to(memory_format=torch.contiguous_format)  # undo an earlier channels_last run
     pipe.vae.to(memory_format=torch.contiguous_format)
@@ -297,7 +297,7 @@ def max_abs_diff(a: list, b: list) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------------
 
 def resolve_tiny_model(name: str | None) -> str:
-    from sip.models import DEFAULT_SD_MODEL
+    from sip.models.diffusion import DEFAULT_SD_MODEL
 
     if name:
         return name
@@ -315,7 +315,7 @@ def build_sd15(work: Path, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sip.models import offline_clip_tokenizer
+    from sip.models.diffusion import offline_clip_tokenizer
 
     tokenizer = offline_clip_tokenizer(work / "clip-tokenizer")  # full 49,408-token CLIP vocabulary
     torch.manual_seed(seed)
@@ -352,8 +352,8 @@ def load_photo(spec: str) -> Image.Image:
 
 
 def photo_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
-    from sip.generate import fit_image, image_seed
-    from sip.prompts import PromptBuilder, PromptConfig
+    from sip.augment.generate import fit_image, image_seed
+    from sip.augment.prompts import PromptBuilder, PromptConfig
 
     builder = PromptBuilder.for_tokenizer(PromptConfig(), pipe.tokenizer)
     jobs = []
@@ -365,9 +365,9 @@ def photo_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
 
 
 def fmnist_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
-    from sip.dataset import FashionMNISTSource
-    from sip.generate import fit_image, image_seed
-    from sip.prompts import PromptBuilder, PromptConfig
+    from sip.augment.generate import fit_image, image_seed
+    from sip.augment.prompts import PromptBuilder, PromptConfig
+    from sip.data.sources import FashionMNISTSource
 
     builder = PromptBuilder.for_tokenizer(PromptConfig(), pipe.tokenizer)
     source = FashionMNISTSource("train", start=50000, size=size)
@@ -570,7 +570,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sip-bench-generate-"))
     load0 = os.getloadavg()
     capability = torch.backends.cpu.get_cpu_capability()
-    from sip.models import cpu_has_amx
+    from sip.runtime import cpu_has_amx
 
     # 1. this CPU's matmul peak, fp32 and bf16 (measured again at the end; the higher one counts)
     n = 1024 if q else 2048
@@ -601,7 +601,7 @@ def main() -> None:
     summary: dict = {}
     # 2. the shipped model on Fashion-MNIST
     if not args.skip_tiny:
-        from sip.models import load_diffusion_pipeline
+        from sip.models.diffusion import load_diffusion_pipeline
 
         model = resolve_tiny_model(args.model)
         pipe = load_diffusion_pipeline(model, "img2img", device="cpu")

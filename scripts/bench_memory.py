@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of a generation run of N images against one of 10·N images, with the shipped model.
 
-Each run is ``sip.augment.run_augment`` on the recipe ``pipelines/fmnist_augment.yaml`` (Fashion-MNIST
+Each run is ``sip.augment.run.run_augment`` on the recipe ``pipelines/fmnist_augment.yaml`` (Fashion-MNIST
 sources from the pool 50,000+, EfficientNet-Lite0 captions, img2img with the shipped model, images and
 metadata streamed to disk) in a fresh subprocess, so each peak is its own: the child reads
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` once after building its models and once at the end.
@@ -34,7 +34,7 @@ RECIPE = REPO / "pipelines" / "fmnist_augment.yaml"
 
 
 def resolve_model(name: str | None) -> str:
-    from sip.models import DEFAULT_SD_MODEL
+    from sip.models.diffusion import DEFAULT_SD_MODEL
 
     if name:
         return name
@@ -52,10 +52,10 @@ def child(args) -> None:
     """One run_augment of ``args.images`` images; prints one JSON line."""
     import torch
 
-    from sip.augment import AugmentRecipe, run_augment
-    from sip.caption import build_captioner
+    from sip.augment.caption import build_captioner
+    from sip.augment.generate import DiffusionGenerator
+    from sip.augment.run import AugmentRecipe, run_augment
     from sip.config import load_config
-    from sip.generate import DiffusionGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

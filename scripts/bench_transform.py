@@ -20,7 +20,7 @@ Two cases:
 Times are CPU time of this process, best of 7 passes (the machine may be busy with other work).
 
 With ``--bank DIR`` the fmnist case uses that ``sip augment`` output (a Fashion-MNIST run); otherwise a
-stand-in bank is written with :class:`sip.writer.DatasetWriter` in the real layout, holding the sources
+stand-in bank is written with :class:`sip.data.bank.DatasetWriter` in the real layout, holding the sources
 themselves as their "variants" (the content of a variant does not change what a lookup costs).
 
     .venv/bin/python scripts/bench_transform.py [--bank runs/demo/augmented] [--sources 1000]
@@ -39,10 +39,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from sip.caption import image_hash
-from sip.dataset import FashionMNISTSource
+from sip.augment.caption import image_hash
+from sip.data.bank import DatasetWriter, read_metadata
+from sip.data.sources import FashionMNISTSource
 from sip.transforms import SIPAugment, source_key
-from sip.writer import DatasetWriter, read_metadata
 
 
 def per_call_us(fn, items, repeats: int = 7) -> float:

@@ -5,9 +5,9 @@
     python scripts/eval_tiny_sd.py --model /tmp/sd --out-json /tmp/eval.json --threads 1
     python scripts/eval_tiny_sd.py --sections txt2img,img2img --set txt2img_per_class=20
 
-Every generated image goes through sip's own code path: ``sip.prompts.PromptBuilder`` (Fashion-MNIST
-readable names, the tokenizer's budget) → ``sip.generate.DiffusionGenerator`` (img2img / txt2img, batched,
-one seed per image from ``sip.generate.image_seed`` exactly as ``sip augment`` / ``sip synth`` derive it).
+Every generated image goes through sip's own code path: ``sip.augment.prompts.PromptBuilder`` (Fashion-MNIST
+readable names, the tokenizer's budget) → ``sip.augment.generate.DiffusionGenerator`` (img2img / txt2img, batched,
+one seed per image from ``sip.augment.generate.image_seed`` exactly as ``sip augment`` / ``sip synth`` derive it).
 
 Sections:
   judge     a small CNN trained on real Fashion-MNIST train images 0-49,999 (the generator's own split)
@@ -56,10 +56,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from sip.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, load_fashion_mnist_arrays, select_shots
-from sip.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
-from sip.models import DEFAULT_SD_MODEL, load_diffusion_pipeline, looks_like_path
-from sip.prompts import PromptBuilder, PromptConfig
+from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
+from sip.augment.prompts import PromptBuilder, PromptConfig
+from sip.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_READABLE,
+    load_fashion_mnist_arrays,
+    select_shots,
+)
+from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, looks_like_path
 
 CLASSES = list(FASHION_MNIST_CLASSES)
 GENERATOR_SPLIT = (0, 50000)   # train images the shipped generator learnt from; the judge learns from them too
@@ -417,7 +422,7 @@ class Captions:
         self.seconds = 0.0
 
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
-        from sip.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images
+        from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images
 
         t0 = time.time()
         if self._captioner is None:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sip.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
-from sip.dataset import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
-from sip.models import DEFAULT_SD_MODEL, offline_clip_tokenizer, resolve_precision
-from sip.prompts import PromptBuilder, PromptConfig
+from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
+from sip.augment.prompts import PromptBuilder, PromptConfig
+from sip.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
+from sip.models.diffusion import DEFAULT_SD_MODEL, offline_clip_tokenizer
+from sip.runtime import resolve_precision
 
 
 def parse_args():

@@ -47,7 +47,7 @@ def _input_overrides(input: Optional[Path]) -> list[str]:
 def _captioner_overrides(captioner: Optional[str]) -> list[str]:
     if captioner is None:
         return []
-    from sip.caption import CAPTIONERS
+    from sip.augment.caption import CAPTIONERS
 
     if captioner in CAPTIONERS:
         return _flags(**{"caption.kind": captioner})
@@ -86,7 +86,7 @@ def augment(
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
-    from sip.augment import AugmentRecipe, run_augment
+    from sip.augment.run import AugmentRecipe, run_augment
 
     overrides = _input_overrides(input) + _captioner_overrides(captioner) + _flags(**{
         "output": str(output) if output else None, "generate.model": model, "generate.per_image": per_image,
@@ -113,7 +113,7 @@ def synth(
     set_: list[str] = SetOpt,
 ) -> None:
     """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
-    from sip.augment import SynthRecipe, run_synth
+    from sip.augment.run import SynthRecipe, run_synth
 
     overrides = _flags(**{"output": str(output) if output else None, "generate.model": model,
                           "generate.per_class": per_class, "generate.guidance_scale": guidance,
@@ -135,8 +135,8 @@ def caption(
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption every image of a source (cached) and write output/captions.jsonl."""
-    from sip.augment import AugmentRecipe
-    from sip.caption import run_captions
+    from sip.augment.caption import run_captions
+    from sip.augment.run import AugmentRecipe
 
     cfg = _load(AugmentRecipe, recipe, _input_overrides(input) + _captioner_overrides(captioner) + list(set_))
     n, path, cache = _run(run_captions, cfg.source, cfg.caption, output, cfg.progress)
@@ -149,7 +149,7 @@ def train(recipe: Optional[Path] = RecipeArg,
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
           set_: list[str] = SetOpt) -> None:
     """Train a timm classifier on real, synthetic or mixed data."""
-    from sip.train import TrainRecipe, run_training
+    from sip.train.run import TrainRecipe, run_training
 
     cfg = _load(TrainRecipe, recipe, list(set_))
     run_dir = output or Path("runs") / "train"
@@ -162,7 +162,7 @@ def distill(recipe: Optional[Path] = RecipeArg,
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
             set_: list[str] = SetOpt) -> None:
     """Distil teachers into a student (Hinton KD, DeiT token, teacher ensembles, data-free)."""
-    from sip.distill import DistillRecipe, run_distillation
+    from sip.distill.run import DistillRecipe, run_distillation
 
     cfg = _load(DistillRecipe, recipe, list(set_))
     metrics = _run(run_distillation, cfg, output or Path("runs") / "distill")
@@ -174,7 +174,7 @@ def logits(recipe: Optional[Path] = RecipeArg,
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Logits store folder."),
            set_: list[str] = SetOpt) -> None:
     """Run teachers once over a dataset and store their logits (with augmentation replay)."""
-    from sip.distill import LogitsRecipe, run_logits
+    from sip.distill.run import LogitsRecipe, run_logits
 
     cfg = _load(LogitsRecipe, recipe, list(set_))
     info = _run(run_logits, cfg, output or Path("runs") / "logits")
@@ -185,7 +185,7 @@ def logits(recipe: Optional[Path] = RecipeArg,
 def merge(output: Path = typer.Argument(..., help="Output folder of a sharded run."),
           shards: int = typer.Option(..., "--shards", "-n", help="Number of shards (n of --shard i/n).")) -> None:
     """Merge the per-shard metadata of a sharded run once every shard is done."""
-    from sip.writer import merge_shards
+    from sip.data.bank import merge_shards
 
     if not merge_shards(output, shards):
         _fail(f"not every shard of {output} is done yet (each writes train/.shard-i-of-{shards}.done)", 1)
@@ -197,7 +197,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by sip
            max_sources: int = typer.Option(10, "--max-sources", help="Source images per dataset grid."),
            max_variants: int = typer.Option(4, "--max-variants", help="Variants shown per source.")) -> None:
     """Write an HTML report (variant grid, training curves, accuracy table) for a run folder."""
-    from sip.report import write_report
+    from sip.report.page import write_report
 
     path = _run(write_report, run_dir, max_sources=max_sources, max_variants=max_variants)
     typer.echo(f"report → {path}")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sip.config import load_config, save_config
-
-from sip.dataset import FASHION_MNIST_READABLE
+from sip.data.sources import FASHION_MNIST_READABLE
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,12 @@ QUICK = ["per_image=2", "steps=8", "teacher_images=3000", "student_epochs=2", "s
 
 
 def _augment(recipe: DemoRecipe, out: Path, progress: bool):
-    from sip.augment import AugmentRecipe, run_augment
-    from sip.caption import CaptionConfig
-    from sip.dataset import SourceConfig
-    from sip.generate import GenerateConfig
-    from sip.models import DEFAULT_SD_MODEL
-    from sip.prompts import PromptConfig
+    from sip.augment.caption import CaptionConfig
+    from sip.augment.generate import GenerateConfig
+    from sip.augment.prompts import PromptConfig
+    from sip.augment.run import AugmentRecipe, run_augment
+    from sip.data.sources import SourceConfig
+    from sip.models.diffusion import DEFAULT_SD_MODEL
 
     aug = AugmentRecipe(
         source=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000, size=32),
@@ -81,8 +80,8 @@ def _augment(recipe: DemoRecipe, out: Path, progress: bool):
 
 
 def _train_teacher(recipe: DemoRecipe, run_dir: Path) -> dict[str, Any]:
-    from sip.dataset import SourceConfig
-    from sip.train import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, run_training
+    from sip.data.sources import SourceConfig
+    from sip.train.run import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, run_training
 
     cfg = TrainRecipe(
         data=DataSection(real=SourceConfig(kind="fashion-mnist", start=0, stop=recipe.teacher_images, size=32),
@@ -94,10 +93,11 @@ def _train_teacher(recipe: DemoRecipe, run_dir: Path) -> dict[str, Any]:
 
 
 def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: Path | None, run_dir: Path) -> dict[str, Any]:
-    from sip.dataset import SourceConfig
-    from sip.distill import DistillRecipe, LossSection, TeacherSection, run_distillation
-    from sip.mixing import MixConfig
-    from sip.train import DataSection, ModelSection, OptimSection, RunSection
+    from sip.data.mixing import MixConfig
+    from sip.data.sources import SourceConfig
+    from sip.distill.run import DistillRecipe, LossSection, run_distillation
+    from sip.distill.teachers import TeacherSection
+    from sip.train.run import DataSection, ModelSection, OptimSection, RunSection
 
     data = DataSection(real=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000,
                                          size=32),
@@ -155,7 +155,7 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: l
     stage("4/4 report")
     report = None
     try:
-        from sip.report import write_report
+        from sip.report.page import write_report
 
         report = write_report(out)
     except ImportError:

@@ -23,7 +23,7 @@ column              feature               from
 
 The run's ``run.json`` is kept as the dataset's description. Saved with ``save_to_disk`` the folder is
 self-contained (image bytes inside the Arrow files) and ``datasets.load_from_disk`` reads it back;
-``sip.dataset.HFDatasetSource`` reads it as a source too.
+``sip.data.sources.HFDatasetSource`` reads it as a source too.
 
 Pushing to the Hub is one call for users with network and a token (``huggingface-cli login``)::
 
@@ -38,7 +38,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sip.writer import read_metadata
+from sip.data.bank import read_metadata
 
 # (column, datasets Value dtype, metadata key) for every column but image and label.
 TEXT_COLUMNS = (

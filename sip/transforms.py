@@ -21,7 +21,7 @@ bicubic resize to ``resize_to`` × ``resize_to`` when the image is another size.
 no resize), so torchvision's grey 28×28 ``FashionMNIST`` images match a bank written from
 ``source.kind: fashion-mnist, size: 32``. For image folders, torchvision's default loader
 (``Image.open(f).convert("RGB")``) matches for RGB, grey, palette and CMYK files; it drops alpha
-instead of compositing it, so pass ``loader=sip.dataset.load_image`` to ``ImageFolder`` when the
+instead of compositing it, so pass ``loader=sip.data.sources.load_image`` to ``ImageFolder`` when the
 folder holds transparent, 16-bit or EXIF-rotated images. Anything else: pass ``key=`` (a callable
 image → hash string) that reproduces how your images were read.
 
@@ -44,11 +44,11 @@ seed each epoch), so workers never repeat each other's draws, and
 ``DataLoader(generator=torch.Generator().manual_seed(s))`` (or ``torch.manual_seed(s)`` with
 ``num_workers=0``) reproduces every choice.
 
-**Online mode.** Pass a :class:`~sip.generate.DiffusionGenerator` (plus optionally a captioner and a
-:class:`~sip.prompts.PromptBuilder`) and a ``cache_dir``: on a miss the image is captioned, its SIP
+**Online mode.** Pass a :class:`~sip.augment.generate.DiffusionGenerator` (plus optionally a captioner and a
+:class:`~sip.augment.prompts.PromptBuilder`) and a ``cache_dir``: on a miss the image is captioned, its SIP
 prompts are built from its label, ``generator.config.per_image`` variants are generated (seeded by
 the image's hash, so the same image always gives the same variants) and written with
-:class:`~sip.writer.DatasetWriter` in the usual layout — the cache is itself a sip dataset, readable by
+:class:`~sip.data.bank.DatasetWriter` in the usual layout — the cache is itself a sip dataset, readable by
 ``SIPAugment``, ``sip report`` and ``sip.export``, and usable as synthetic data by ``sip train``. The
 label comes from the target when the transform is called as a joint transform, ``t(image, target)``
 (as ``v2.Compose`` passes two inputs on, e.g. from a dataset wrapper), else from ``label_fn(image)``;
@@ -71,9 +71,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sip.caption import image_hash
-from sip.dataset import load_image, to_rgb
-from sip.writer import METADATA, read_metadata
+from sip.augment.caption import image_hash
+from sip.data.bank import METADATA, read_metadata
+from sip.data.sources import load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _ORIENTATION = 0x0112  # EXIF orientation tag
 
 
 def source_key(image: Image.Image, resize_to: int | None = None) -> str:
-    """The hash sip records as ``source_hash`` for ``image``: :func:`sip.caption.image_hash` of
+    """The hash sip records as ``source_hash`` for ``image``: :func:`sip.augment.caption.image_hash` of
     ``to_rgb(image)``, after a bicubic resize to ``resize_to`` × ``resize_to`` when given and the image
     has another size (what ``FashionMNISTSource(size=32)`` does to the 28×28 originals)."""
     if image.mode in ("L", "RGB") and image.getexif().get(_ORIENTATION, 1) == 1:
@@ -126,7 +126,7 @@ def _fashion_mnist_aliases(root: Path, rows: list[dict[str, Any]], resize_to: in
     are not on this machine), and the first ``checks`` are verified to give the recorded hash under
     this transform's normalisation (``resize_to``): any mismatch, and no alias is used at all.
     """
-    from sip.dataset import load_fashion_mnist_arrays
+    from sip.data.sources import load_fashion_mnist_arrays
 
     if _bank_source_kind(root) != "fashion-mnist":
         return {}
@@ -421,7 +421,7 @@ class SIPAugment:
     def _make_writer(self):
         import sip
         from sip.config import to_dict
-        from sip.writer import DatasetWriter
+        from sip.data.bank import DatasetWriter
 
         gen = self.generator
         builder = self._builder()
@@ -437,7 +437,7 @@ class SIPAugment:
         if self.prompt_builder is not None:
             return self.prompt_builder
         if self._default_builder is None:
-            from sip.prompts import PromptBuilder, PromptConfig
+            from sip.augment.prompts import PromptBuilder, PromptConfig
 
             config = PromptConfig(max_tokens=min(77, self.generator.max_prompt_tokens))
             self._default_builder = PromptBuilder.for_tokenizer(config, self.generator.pipe.tokenizer)
@@ -455,8 +455,8 @@ class SIPAugment:
 
     def _generate(self, image: Image.Image, key: str, target: Any) -> list[str]:
         """Caption → SIP prompts → img2img → write to the cache; returns the new variant files."""
-        from sip.generate import image_seed
-        from sip.writer import variant_id
+        from sip.augment.generate import image_seed
+        from sip.data.bank import variant_id
 
         label = self._label(image, target)
         if label is None:

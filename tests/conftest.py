@@ -26,7 +26,6 @@ name                        scope    returns
 from __future__ import annotations
 
 import atexit
-import io
 import os
 import shutil
 import tempfile
@@ -48,10 +47,10 @@ os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
 
 # urllib3 probes IPv6 support with a local socket at import time; importing it here, before
 # pytest-socket blocks sockets for each test, keeps that probe from showing up as a network attempt.
-import urllib3  # noqa: E402, F401
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import urllib3  # noqa: E402, F401
 from PIL import Image  # noqa: E402
 
 # The models here are tiny: thread start-up and synchronisation cost more than the arithmetic, and on a
@@ -79,7 +78,7 @@ def build_tiny_sd(save_dir: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sip.models import offline_clip_tokenizer
+    from sip.models.diffusion import offline_clip_tokenizer
 
     tokenizer = offline_clip_tokenizer(save_dir.parent / f"{save_dir.name}-tokenizer-src", num_merges=1000)
     torch.manual_seed(seed)
@@ -117,7 +116,7 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     """Folder of a tiny random Stable Diffusion in diffusers' ``save_pretrained`` layout (safetensors).
 
     Loads with ``AutoPipelineForImage2Image/Text2Image.from_pretrained`` and
-    ``sip.models.load_diffusion_pipeline``; images are 32x32 (latents 16x16x4). Read-only: copy it
+    ``sip.models.diffusion.load_diffusion_pipeline``; images are 32x32 (latents 16x16x4). Read-only: copy it
     (``shutil.copytree``) before changing files in it.
     """
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
@@ -126,9 +125,9 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_img2img(tiny_sd_dir):
     """``StableDiffusionImg2ImgPipeline`` on CPU, fp32, progress bar off, loaded through
-    ``sip.models.load_diffusion_pipeline``. Shared by the session: do not change its scheduler or
+    ``sip.models.diffusion.load_diffusion_pipeline``. Shared by the session: do not change its scheduler or
     modules in place (load your own from ``tiny_sd_dir`` for that)."""
-    from sip.models import load_diffusion_pipeline
+    from sip.models.diffusion import load_diffusion_pipeline
 
     return load_diffusion_pipeline(str(tiny_sd_dir), mode="img2img", device="cpu")
 
@@ -136,7 +135,7 @@ def tiny_sd_img2img(tiny_sd_dir):
 @pytest.fixture(scope="session")
 def tiny_sd_txt2img(tiny_sd_dir):
     """``StableDiffusionPipeline`` (txt2img), otherwise as :func:`tiny_sd_img2img`."""
-    from sip.models import load_diffusion_pipeline
+    from sip.models.diffusion import load_diffusion_pipeline
 
     return load_diffusion_pipeline(str(tiny_sd_dir), mode="txt2img", device="cpu")
 
@@ -165,8 +164,13 @@ class TinyBlip(NamedTuple):
 def build_tiny_blip(save_dir: Path, seed: int = 0) -> Path:
     """Build a random, seeded BLIP captioner (vision + text hidden 32, 2 layers, 32x32 input) and a
     ``BlipProcessor`` with an offline WordPiece tokenizer; ``save_pretrained`` both to ``save_dir``."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
     from transformers.models.bert.tokenization_bert import load_vocab
 
     save_dir.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sip.augment import AugmentRecipe, SynthRecipe, run_augment, run_synth
-from sip.caption import CaptionConfig, ImageNetTopKCaptioner
+from sip.augment.filter import ClassifierFilter
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.run import AugmentRecipe, SynthRecipe, run_augment, run_synth
 from sip.config import ConfigError, load_config
-from sip.dataset import SourceConfig
-from sip.filter import ClassifierFilter, FilterConfig
-from sip.generate import DiffusionGenerator, GenerateConfig
-from sip.writer import label_folders, read_metadata, sanitize_label
+from sip.data.bank import label_folders, read_metadata, sanitize_label
+from sip.data.sources import SourceConfig
 
 
 class FixedCaptioner:
@@ -143,8 +142,8 @@ def test_shards_together_equal_one_run(image_folder, tmp_path, generator_factory
 
 
 def test_filter_drops_variants_and_keeps_scores(image_folder, tmp_path, generator_factory, make_tiny_classifier):
-    import torchvision.transforms.v2 as T
     import torch
+    import torchvision.transforms.v2 as T
 
     classes = list(image_folder.classes)
     model = make_tiny_classifier("test_resnet", num_classes=len(classes))
@@ -211,10 +210,10 @@ WORKER = """
 import sys, time
 import torch
 torch.set_num_threads(1)  # as the test process (conftest): same kernels, same bytes
-from sip.augment import AugmentRecipe, run_augment
-from sip.dataset import SourceConfig
-from sip.generate import DiffusionGenerator, GenerateConfig
-from sip.models import load_diffusion_pipeline
+from sip.augment.run import AugmentRecipe, run_augment
+from sip.data.sources import SourceConfig
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.models.diffusion import load_diffusion_pipeline
 
 class FixedCaptioner:
     identity = "fixed:v1"
@@ -318,8 +317,8 @@ def test_fast_path_matches_the_plain_diffusers_call(image_folder, tiny_sd_img2im
     import numpy as np
     import torch
 
-    from sip.dataset import ImageFolderSource
-    from sip.generate import fit_image
+    from sip.augment.generate import fit_image
+    from sip.data.sources import ImageFolderSource
 
     gen = generator_factory(batch_size=4, guidance_scale=3.0, precision="fp32")  # the plain call runs fp32
     assert gen._fast
@@ -350,8 +349,8 @@ def tiny_autoencoder(blocks: int, latent_channels: int = 4, seed: int = 0):
 def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd_img2img, tmp_path):
     import numpy as np
 
-    from sip.dataset import ImageFolderSource
-    from sip.generate import DiffusionGenerator
+    from sip.augment.generate import DiffusionGenerator
+    from sip.data.sources import ImageFolderSource
 
     sources = [s.image for s in ImageFolderSource(image_folder)][:2]
     config = GenerateConfig(steps=4, strength=0.5, device="cpu", precision="fp32", tiny_vae="unused-here")
@@ -373,7 +372,7 @@ def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd
 
 
 def test_tiny_vae_loads_from_a_folder_and_a_missing_one_is_named(tiny_sd_dir, tmp_path):
-    from sip.generate import DiffusionGenerator
+    from sip.augment.generate import DiffusionGenerator
 
     tiny_autoencoder(blocks=2).save_pretrained(tmp_path / "taesd")
     gen = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), tiny_vae=str(tmp_path / "taesd"),
@@ -385,7 +384,7 @@ def test_tiny_vae_loads_from_a_folder_and_a_missing_one_is_named(tiny_sd_dir, tm
 
 def test_compile_key_compiles_the_unet_in_place(tiny_sd_dir):
     """Wiring only (torch.compile is lazy: nothing compiles until the first call); see the slow test below."""
-    from sip.generate import DiffusionGenerator
+    from sip.augment.generate import DiffusionGenerator
 
     gen = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), compile=True, device="cpu"))
     assert gen.pipe.unet._compiled_call_impl is not None and type(gen.pipe.unet).__name__ == "UNet2DConditionModel"
@@ -398,8 +397,8 @@ def test_compiled_unet_gives_the_eager_images(image_folder, tiny_sd_dir):
     """torch.compile on the CPU (minutes here: inductor builds C++ kernels); run with -m slow."""
     import numpy as np
 
-    from sip.dataset import ImageFolderSource
-    from sip.generate import DiffusionGenerator
+    from sip.augment.generate import DiffusionGenerator
+    from sip.data.sources import ImageFolderSource
 
     sources = [s.image for s in ImageFolderSource(image_folder)][:2]
     settings = {"model": str(tiny_sd_dir), "device": "cpu", "steps": 4, "precision": "fp32"}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sip.caption import (
+from sip.augment.caption import (
     CAPTIONERS,
     CaptionCache,
     CaptionConfig,

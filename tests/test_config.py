@@ -10,8 +10,15 @@ from typing import Literal
 import pytest
 import yaml
 
-from sip.config import (ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config,
-                        to_dict)
+from sip.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    save_config,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""sip.dataset: image folder, HF dataset from disk and Fashion-MNIST sources; to_rgb; open_source."""
+"""sip.data.sources: image folder, HF dataset from disk and Fashion-MNIST sources; to_rgb; open_source."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sip.dataset
+import sip.data.sources
 from sip.config import ConfigError, load_config
-from sip.dataset import (
+from sip.data.sources import (
     DEBIAN_FASHION_MNIST,
     FASHION_MNIST_CLASSES,
     FashionMNISTSource,
@@ -126,7 +126,7 @@ def test_image_folder_reads_every_good_file(image_folder, caplog):
     source = ImageFolderSource(image_folder.root)
     assert source.classes == list(image_folder.classes)
     assert len(source) == len(image_folder.good) + len(image_folder.corrupt)
-    with caplog.at_level(logging.WARNING, logger="sip.dataset"):
+    with caplog.at_level(logging.WARNING, logger="sip.data.sources"):
         samples = list(source)
     assert all(isinstance(s, Sample) for s in samples)
     assert sorted(s.source_id for s in samples) == sorted(image_folder.good)
@@ -257,7 +257,7 @@ def test_hf_dataset_int_labels_and_corrupt_row(tmp_path, caplog):
     ds.save_to_disk(str(tmp_path / "ds"))
     source = HFDatasetSource(tmp_path / "ds", image_column="picture", label_column="y")
     assert source.classes == ["0", "1", "2"]
-    with caplog.at_level(logging.WARNING, logger="sip.dataset"):
+    with caplog.at_level(logging.WARNING, logger="sip.data.sources"):
         samples = list(source)
     got = [(s.source_id, s.label, s.label_name) for s in samples]
     assert got == [("train/0", 0, "0"), ("train/2", 2, "2")]
@@ -284,8 +284,8 @@ def no_fashion_mnist(tmp_path, monkeypatch):
     empty = tmp_path / "fmnist-empty"
     empty.mkdir()
     monkeypatch.setenv("SIP_FASHION_MNIST_DIR", str(empty))
-    monkeypatch.setattr(sip.dataset, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
-    monkeypatch.setattr(sip.dataset.Path, "home", lambda: tmp_path / "home")
+    monkeypatch.setattr(sip.data.sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(sip.data.sources.Path, "home", lambda: tmp_path / "home")
     return empty
 
 

@@ -11,21 +11,19 @@ import pytest
 import timm
 import torch
 
-import sip.distill  # noqa: F401  (registers sip_civt_* and sip_rednet_*)
 from sip.config import load_config
-from sip.distill import (
-    DistillRecipe,
-    LogitsRecipe,
+from sip.distill.logits import (
     StoreMismatchError,
     TeacherLogitsStore,
-    build_kd_loss,
-    run_distillation,
-    run_logits,
+    sample_view,
+    tensor_transform,
+    view_input,
 )
-from sip.distill.logits import sample_view, tensor_transform, view_input
-from sip.distill.losses import KD_LOSSES, register_kd_loss
+from sip.distill.losses import KD_LOSSES, build_kd_loss, register_kd_loss
+from sip.distill.run import DistillRecipe, LogitsRecipe, run_distillation, run_logits
 from sip.distill.teachers import TeacherSection, build_teacher
-from sip.train import TrainRecipe, run_training
+from sip.models.classifiers import create_model
+from sip.train.run import TrainRecipe, run_training
 
 # ----------------------------------------------------------------------------------------------------
 # losses against hand computation (plain Python math, no torch)
@@ -169,8 +167,8 @@ def test_timm_distilled_deit_returns_two_heads_in_distilled_training():
 
 
 def test_civt_has_one_token_and_head_per_teacher():
-    model = timm.create_model("sip_civt_tiny", num_classes=5, img_size=16, patch_size=4, depth=1, embed_dim=32,
-                              num_heads=2, num_distill_tokens=3)
+    model = create_model("sip_civt_tiny", dict(num_classes=5, img_size=16, patch_size=4, depth=1, embed_dim=32,
+                                               num_heads=2, num_distill_tokens=3))
     x = torch.randn(2, 3, 16, 16)
     model.set_distilled_training(True)
     outs = model.train()(x)
@@ -191,7 +189,7 @@ def test_civt_has_one_token_and_head_per_teacher():
 # ----------------------------------------------------------------------------------------------------
 
 # fp32: at 16 px the ResNets' last stride-2 conv sees a 1x1 map, where torch 2.14's bf16 (AMX) weight gradient
-# is intermittently NaN (see sip.train.fit); these tests are about distillation, not about that upstream bug.
+# is intermittently NaN (see sip.train.run.fit); these tests are about distillation, not about that upstream bug.
 DATA = ["data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16", "data.batch_size=10",
         "data.repeat=2", "run.progress=false", "run.threads=1", "run.device=cpu", "run.precision=fp32"]
 STUDENT = ["student.name=test_vit", "student.patch_size=4", "student.kwargs={depth: 2}", "optim.epochs=2"]
@@ -240,7 +238,7 @@ def test_store_layout_and_replay_gives_the_same_logits(store, teachers):
     assert s.views[:, 0].tolist() == [[0, 0, 32, 32, 0]] * 30  # view 0: the whole (32 px) image
     assert len({tuple(v) for v in s.views[:, 1:].reshape(-1, 5).tolist()}) > 20  # the other views differ
     # replay: the stored view of a sample, run through each teacher again, gives the stored logits
-    from sip.train import build_train_images, class_names
+    from sip.train.run import build_train_images, class_names
 
     data = logits_recipe([teachers["test_resnet"]]).data
     real = build_train_images(data, class_names(data), seed=0).real
@@ -388,7 +386,7 @@ def write_txt2img_like(root: Path, per_class: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from sip.dataset import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
+    from sip.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 
     images, labels = load_fashion_mnist_arrays("train")
     train, lines = root / "train", []

@@ -23,7 +23,7 @@ def eval_script():
 
 @pytest.fixture(scope="module")
 def fashion_mnist():
-    from sip.dataset import load_fashion_mnist_arrays
+    from sip.data.sources import load_fashion_mnist_arrays
 
     try:
         load_fashion_mnist_arrays("test", download=False)

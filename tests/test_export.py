@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sip.augment import AugmentRecipe, run_augment
-from sip.dataset import HFDatasetSource, SourceConfig
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.run import AugmentRecipe, run_augment
+from sip.data.bank import read_metadata
+from sip.data.sources import HFDatasetSource, SourceConfig
 from sip.export import export_dataset
-from sip.generate import DiffusionGenerator, GenerateConfig
-from sip.writer import read_metadata
 
 
 class FixedCaptioner:
@@ -71,7 +71,7 @@ def test_export_reads_back_as_a_sip_source(bank, tmp_path):
 
 
 def test_in_memory_export_and_class_order_from_run_json(tmp_path):
-    from sip.writer import DatasetWriter
+    from sip.data.bank import DatasetWriter
 
     out = tmp_path / "synth"
     writer = DatasetWriter(out, {"config": {}}, ["Trouser", "T-shirt/top"])  # declared order, not sorted

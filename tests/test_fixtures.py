@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import PHOTOS, TINY_TIMM_MODELS, build_tiny_sd
+from PIL import Image
 
 
 def test_environment_is_offline():

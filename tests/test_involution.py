@@ -7,8 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import sip.involution  # noqa: F401  (registers the models)
-from sip.involution import Involution2d
+from sip.models.classifiers import create_model
+from sip.models.involution import Involution2d
 
 
 def _naive_involution(inv: Involution2d, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def test_involution_argument_checks():
 
 @pytest.mark.parametrize("size", [28, 32])
 def test_rednet_tiny_is_a_timm_model(size):
-    model = timm.create_model("sip_rednet_tiny", num_classes=10)
+    model = create_model("sip_rednet_tiny", {"num_classes": 10})
     assert "sip_rednet_tiny" in timm.list_models("sip_*")
     x = torch.randn(2, 3, size, size)
     out = model(x)
@@ -81,6 +81,6 @@ def test_rednet_tiny_is_a_timm_model(size):
 
 
 def test_rednet26_builds_with_the_paper_layout():
-    model = timm.create_model("sip_rednet26", num_classes=3)
+    model = create_model("sip_rednet26", {"num_classes": 3})
     assert [len(stage) for stage in model.stages] == [1, 2, 4, 1]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)

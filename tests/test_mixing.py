@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sip.dataset import ImageFolderSource
-from sip.mixing import MixConfig, MixedImages, RealImages, SyntheticImages
+from sip.data.mixing import MixConfig, MixedImages, RealImages, SyntheticImages
+from sip.data.sources import ImageFolderSource
 
 CLASSES = ["T-shirt/top", "Trouser", "Bag"]
 

@@ -11,18 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sip.models import (
+from sip.models.classifiers import imagenet_class_names, load_efficientnet_lite0
+from sip.models.diffusion import (
     check_model_source,
-    imagenet_class_names,
     load_diffusion_pipeline,
-    load_efficientnet_lite0,
     offline_clip_tokenizer,
-    resolve_device,
-    resolve_dtype,
     resolve_scheduler,
     write_clip_tokenizer,
 )
-
+from sip.runtime import resolve_device, resolve_dtype
 
 # --------------------------------------------------------------------------------------------------
 # Offline CLIP tokenizer
@@ -191,9 +188,10 @@ def test_efficientnet_lite0_recognises_a_cat():
 @pytest.mark.parametrize("amx", [True, False])
 def test_precision_auto_follows_torchs_amx_probe_in_every_stage(amx, monkeypatch, tiny_sd_img2img, tiny_classifier):
     """On AMX CPUs torch reports the capability "AVX512" (no "AMX"): every stage must ask the AMX probe."""
-    from sip.caption import ImageNetTopKCaptioner
-    from sip.generate import DiffusionGenerator, GenerateConfig
-    from sip.models import cpu_has_amx, imagenet_class_names, resolve_precision
+    from sip.augment.caption import ImageNetTopKCaptioner
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig
+    from sip.models.classifiers import imagenet_class_names
+    from sip.runtime import cpu_has_amx, resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

@@ -1,7 +1,7 @@
 import pytest
 
+from sip.augment.prompts import PromptBuilder, PromptConfig, mentions
 from sip.config import ConfigError, from_dict
-from sip.prompts import PromptBuilder, PromptConfig, mentions
 
 
 def test_label_inserted_when_caption_does_not_mention_it():
@@ -48,7 +48,7 @@ def test_cut_removing_the_mention_falls_back_to_inserting_the_label():
 
 
 def test_real_tokenizer_budget(tmp_path):
-    from sip.models import offline_clip_tokenizer
+    from sip.models.diffusion import offline_clip_tokenizer
 
     tok = offline_clip_tokenizer(tmp_path / "tok", num_merges=500, model_max_length=16)
     build = PromptBuilder.for_tokenizer(PromptConfig(max_tokens=16), tok)

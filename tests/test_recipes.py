@@ -12,18 +12,18 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 def recipe_class(path: Path):
     stem = path.stem
     if stem.endswith("_augment"):
-        from sip.augment import AugmentRecipe
+        from sip.augment.run import AugmentRecipe
         return AugmentRecipe
     if stem.endswith("_synth"):
-        from sip.augment import SynthRecipe
+        from sip.augment.run import SynthRecipe
         return SynthRecipe
     if "logits" in stem:
-        from sip.distill import LogitsRecipe
+        from sip.distill.run import LogitsRecipe
         return LogitsRecipe
     if any(k in stem for k in ("kd", "distill", "datafree", "ensemble")):
-        from sip.distill import DistillRecipe
+        from sip.distill.run import DistillRecipe
         return DistillRecipe
-    from sip.train import TrainRecipe
+    from sip.train.run import TrainRecipe
     return TrainRecipe
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sip.augment import AugmentRecipe, run_augment
-from sip.caption import image_hash
-from sip.dataset import DEBIAN_FASHION_MNIST, SourceConfig
-from sip.generate import DiffusionGenerator, GenerateConfig
-from sip.report import write_report
-from sip.writer import read_metadata
+from sip.augment.caption import image_hash
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.run import AugmentRecipe, run_augment
+from sip.data.bank import read_metadata
+from sip.data.sources import DEBIAN_FASHION_MNIST, SourceConfig
+from sip.report.page import write_report
 
 
 class FixedCaptioner:

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from sip.dataset import FashionMNISTSource
-from sip.models import DEFAULT_SD_MODEL
+from sip.data.sources import FashionMNISTSource
+from sip.models.diffusion import DEFAULT_SD_MODEL
 
 
 def test_the_shipped_model_is_small_and_in_diffusers_layout():

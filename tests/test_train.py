@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import sip.train as train_mod
+import sip.train.run as train_mod
 from sip.config import ConfigError, load_config
-from sip.dataset import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist_arrays
-from sip.train import TrainRecipe, load_checkpoint_file, resolve_precision, run_training
+from sip.data.sources import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist_arrays
+from sip.train.run import TrainRecipe, load_checkpoint_file, run_training
 
 # A few seconds per run on one core: 3 shots × 10 classes at 16 px, a 2-block ViT, 50 test images.
 TINY = [
@@ -244,7 +244,7 @@ def test_recipe_validation():
 
 
 def test_precision_auto_on_an_amx_cpu_takes_bf16_only_for_large_inputs(monkeypatch):
-    from sip.train import RunSection, make_accelerator
+    from sip.train.run import RunSection, make_accelerator
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     run = RunSection(device="cpu")

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import make_image_folder
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from conftest import make_image_folder
-from sip.augment import AugmentRecipe, run_augment
-from sip.caption import image_hash
-from sip.dataset import DEBIAN_FASHION_MNIST, IMAGE_EXTENSIONS, SourceConfig, load_image
-from sip.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.caption import image_hash
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.run import AugmentRecipe, run_augment
+from sip.data.bank import read_metadata
+from sip.data.sources import DEBIAN_FASHION_MNIST, IMAGE_EXTENSIONS, SourceConfig, load_image
 from sip.transforms import SIPAugment, source_key
-from sip.writer import read_metadata
 
 
 class FixedCaptioner:
@@ -168,7 +168,7 @@ def test_grey_28px_fashion_mnist_finds_its_variants_in_a_32px_bank(fmnist_case):
 
 
 def test_source_key_fast_path_gives_the_reference_hash(tmp_path):
-    from sip.dataset import load_fashion_mnist_arrays, to_rgb
+    from sip.data.sources import load_fashion_mnist_arrays, to_rgb
 
     try:
         greys = load_fashion_mnist_arrays("train", download=False)[0][::600]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.mixing import _stable_seed
+from sip.data.mixing import _stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class TeacherLogitsStore:
         manifest = self.root / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.root} is not a teacher-logits store ({MANIFEST} missing); "
-                                    "build one with `sip logits` (sip.distill.run_logits)")
+                                    "build one with `sip logits` (sip.distill.run.run_logits)")
         self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         if self.manifest.get("format") != STORE_FORMAT:
             raise ValueError(f"{manifest} is not a {STORE_FORMAT} manifest")

@@ -30,7 +30,8 @@ from sip.distill.logits import (
 )
 from sip.distill.losses import build_kd_loss, kd_loss_arguments
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
-from sip.train import (
+from sip.runtime import large_input, resolve_precision
+from sip.train.run import (
     DataSection,
     EpochView,
     ModelSection,
@@ -48,10 +49,8 @@ from sip.train import (
     model_metadata,
     prepare_run_dir,
     resolve_input_config,
-    resolve_precision,
     seed_everything,
 )
-from sip.models import large_input
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
         dict: store path, samples, views, teachers, build time, how often the teachers agree with the
         dataset's labels on the whole image (``identity_view_top1``).
     """
-    from sip.models import resolve_device
+    from sip.runtime import resolve_device
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +202,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     student without the distillation tokens the loss needs — raises before the first step.
 
     Returns:
-        dict: final metrics (as :func:`sip.train.run_training`) plus ``teachers``, ``loss``, ``logits``.
+        dict: final metrics (as :func:`sip.train.run.run_training`) plus ``teachers``, ``loss``, ``logits``.
     """
     # 1. check names and the run folder
     check_model_name(recipe.student.name)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sip.train import (
+from sip.train.run import (
     DataSection,
     create_model,
     load_checkpoint_file,

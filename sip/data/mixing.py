@@ -4,7 +4,7 @@ Three map-style datasets share one small protocol: ``classes`` (label names, in 
 ``labels`` (an int array, readable without decoding any image), ``sample_id(i)`` (a stable string id),
 and ``__getitem__(i) -> (PIL RGB image, class index)``.
 
-- :class:`RealImages` gives random access to any ``sip.dataset`` source (Fashion-MNIST arrays, an image
+- :class:`RealImages` gives random access to any ``sip.data.sources`` source (Fashion-MNIST arrays, an image
   folder, a saved Hugging Face dataset).
 - :class:`SyntheticImages` reads a dataset written by ``sip augment`` / ``sip generate``
   (``DIR/train/metadata.jsonl``); labels are matched to class indices by the *label name* recorded in
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.dataset import (
+from sip.data.sources import (
     FashionMNISTSource,
     HFDatasetSource,
     ImageFolderSource,
@@ -44,14 +44,14 @@ SYNTHETIC_ID_PREFIX = "syn:"
 
 
 class RealImages(torch.utils.data.Dataset):
-    """Random access to a ``sip.dataset`` source.
+    """Random access to a ``sip.data.sources`` source.
 
     Args:
-        source (ImageSource): a :class:`~sip.dataset.FashionMNISTSource`, :class:`~sip.dataset.ImageFolderSource`
-            or :class:`~sip.dataset.HFDatasetSource` (e.g. from :func:`sip.dataset.open_source`).
+        source (ImageSource): a :class:`~sip.data.sources.FashionMNISTSource`, :class:`~sip.data.sources.ImageFolderSource`
+            or :class:`~sip.data.sources.HFDatasetSource` (e.g. from :func:`sip.data.sources.open_source`).
 
     An image that cannot be decoded raises ``ValueError`` naming the file: a training set is expected to
-    be readable (``sip.dataset`` sources list unreadable files in ``skipped`` when iterated).
+    be readable (``sip.data.sources`` sources list unreadable files in ``skipped`` when iterated).
     """
 
     def __init__(self, source: ImageSource):
@@ -68,7 +68,7 @@ class RealImages(torch.utils.data.Dataset):
             rows = getattr(source, "rows", range(len(source.dataset)))  # row numbers survive a few-shot select
             self._ids = [f"{source.split}/{r}" for r in rows]
         else:
-            raise TypeError(f"RealImages takes a sip.dataset source, got {type(source).__name__}")
+            raise TypeError(f"RealImages takes a sip.data.sources source, got {type(source).__name__}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,7 +119,7 @@ class SyntheticImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, classes: Sequence[str]):
-        from sip.writer import read_metadata
+        from sip.data.bank import read_metadata
 
         root = Path(root)
         if root.name == "train" and (root / "metadata.jsonl").is_file():

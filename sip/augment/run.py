@@ -17,13 +17,20 @@ from typing import Any
 from tqdm import tqdm
 
 import sip
-from sip.caption import CaptionCache, CaptionConfig, Captioner, build_captioner, caption_images, image_hash
+from sip.augment.caption import (
+    CaptionCache,
+    CaptionConfig,
+    Captioner,
+    build_captioner,
+    caption_images,
+    image_hash,
+)
+from sip.augment.filter import FilterConfig, ImageFilter, build_filter, keep_all
+from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
+from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.config import to_dict
-from sip.dataset import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
-from sip.filter import FilterConfig, ImageFilter, build_filter, keep_all
-from sip.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
-from sip.prompts import PromptBuilder, PromptConfig
-from sip.writer import DatasetWriter, in_shard, parse_shard, synthetic_id, variant_id
+from sip.data.bank import DatasetWriter, in_shard, parse_shard, synthetic_id, variant_id
+from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
 
 
 @dataclass(frozen=True)

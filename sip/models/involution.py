@@ -13,7 +13,7 @@ kernel generation function, and a stride s > 1 average-pools X before generating
 Paper: Duo Li, Jie Hu, Changhu Wang, Xiangtai Li, Qi She, Lei Zhu, Tong Zhang, Qifeng Chen,
 "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021.
 
-``import sip.involution`` registers ``sip_rednet_tiny`` (for 28–64 px inputs such as Fashion-MNIST or
+``import sip.models.involution`` registers ``sip_rednet_tiny`` (for 28–64 px inputs such as Fashion-MNIST or
 CIFAR) and ``sip_rednet26`` (the paper's RedNet-26 layout, for 224 px) with timm, so
 ``timm.create_model("sip_rednet_tiny", num_classes=10)`` works like any timm model.
 """

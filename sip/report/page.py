@@ -38,8 +38,8 @@ from typing import Any
 
 from PIL import Image
 
-from sip.caption import image_hash
-from sip.writer import read_metadata, sanitize_label
+from sip.augment.caption import image_hash
+from sip.data.bank import read_metadata, sanitize_label
 
 REPORT_DIR = "report"
 # Keys that are axes, not series.
@@ -144,12 +144,12 @@ class SourceReader:
 
     def __call__(self, source_id: str) -> Image.Image | None:
         """The source image (RGB) or None when it cannot be found here."""
-        from sip.dataset import load_image, to_rgb
+        from sip.data.sources import load_image, to_rgb
 
         m = re.fullmatch(r"fmnist/(train|test)/(\d+)", source_id)
         try:
             if m:
-                from sip.dataset import load_fashion_mnist_arrays
+                from sip.data.sources import load_fashion_mnist_arrays
 
                 split = m.group(1)
                 if split not in self._arrays:
@@ -223,7 +223,7 @@ def _choose_sources(rows: list[dict[str, Any]], classes: list[str], max_rows: in
 
 def grid_rows(dataset_dir: Path, max_rows: int = 10, max_variants: int = 4) -> tuple[list[GridRow], int]:
     """The rows of a dataset's grid and how many images the dataset holds."""
-    from sip.dataset import load_image
+    from sip.data.sources import load_image
     from sip.export import dataset_classes
 
     rows = [r for r in read_metadata(dataset_dir) if r.get("file_name") and r.get("label") is not None]

@@ -1,0 +1,1 @@
+"""HTML reports of sip runs (``sip report``)."""

@@ -1,0 +1,1 @@
+"""Supervised training of timm classifiers on real + synthetic data (``sip train``)."""

@@ -352,8 +352,9 @@ def load_photo(spec: str) -> Image.Image:
 
 
 def photo_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
-    from sip.augment.generate import fit_image, image_seed
+    from sip.augment.generate import fit_image
     from sip.augment.prompts import PromptBuilder, PromptConfig
+    from sip.ids import image_seed
 
     builder = PromptBuilder.for_tokenizer(PromptConfig(), pipe.tokenizer)
     jobs = []
@@ -365,9 +366,10 @@ def photo_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
 
 
 def fmnist_jobs(n_sources: int, per_image: int, size: int, pipe) -> list[Job]:
-    from sip.augment.generate import fit_image, image_seed
+    from sip.augment.generate import fit_image
     from sip.augment.prompts import PromptBuilder, PromptConfig
     from sip.data.sources import FashionMNISTSource
+    from sip.ids import image_seed
 
     builder = PromptBuilder.for_tokenizer(PromptConfig(), pipe.tokenizer)
     source = FashionMNISTSource("train", start=50000, size=size)

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from sip.augment.caption import image_hash
 from sip.data.bank import DatasetWriter, read_metadata
 from sip.data.sources import FashionMNISTSource
+from sip.ids import image_hash
 from sip.transforms import SIPAugment, source_key
 
 

@@ -7,7 +7,7 @@
 
 Every generated image goes through sip's own code path: ``sip.augment.prompts.PromptBuilder`` (Fashion-MNIST
 readable names, the tokenizer's budget) → ``sip.augment.generate.DiffusionGenerator`` (img2img / txt2img, batched,
-one seed per image from ``sip.augment.generate.image_seed`` exactly as ``sip augment`` / ``sip synth`` derive it).
+one seed per image from ``sip.ids.image_seed`` exactly as ``sip augment`` / ``sip synth`` derive it).
 
 Sections:
   judge     a small CNN trained on real Fashion-MNIST train images 0-49,999 (the generator's own split)
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
+from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device
 from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -64,6 +64,7 @@ from sip.data.sources import (
     load_fashion_mnist_arrays,
     select_shots,
 )
+from sip.ids import image_seed
 from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, looks_like_path
 
 CLASSES = list(FASHION_MNIST_CLASSES)

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images, image_hash
+from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images
 from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
+from sip.ids import image_hash
 from sip.models.diffusion import DEFAULT_SD_MODEL, offline_clip_tokenizer
 from sip.runtime import resolve_precision
 

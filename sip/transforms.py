@@ -71,9 +71,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sip.augment.caption import image_hash
 from sip.data.bank import METADATA, read_metadata
 from sip.data.sources import load_image, to_rgb
+from sip.ids import image_hash
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _ORIENTATION = 0x0112  # EXIF orientation tag
 
 
 def source_key(image: Image.Image, resize_to: int | None = None) -> str:
-    """The hash sip records as ``source_hash`` for ``image``: :func:`sip.augment.caption.image_hash` of
+    """The hash sip records as ``source_hash`` for ``image``: :func:`sip.ids.image_hash` of
     ``to_rgb(image)``, after a bicubic resize to ``resize_to`` × ``resize_to`` when given and the image
     has another size (what ``FashionMNISTSource(size=32)`` does to the 28×28 originals)."""
     if image.mode in ("L", "RGB") and image.getexif().get(_ORIENTATION, 1) == 1:
@@ -455,8 +455,7 @@ class SIPAugment:
 
     def _generate(self, image: Image.Image, key: str, target: Any) -> list[str]:
         """Caption → SIP prompts → img2img → write to the cache; returns the new variant files."""
-        from sip.augment.generate import image_seed
-        from sip.data.bank import variant_id
+        from sip.ids import image_seed, variant_id
 
         label = self._label(image, target)
         if label is None:

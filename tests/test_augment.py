@@ -16,8 +16,9 @@ from sip.augment.filter import ClassifierFilter
 from sip.augment.generate import DiffusionGenerator, GenerateConfig
 from sip.augment.run import AugmentRecipe, SynthRecipe, run_augment, run_synth
 from sip.config import ConfigError, load_config
-from sip.data.bank import label_folders, read_metadata, sanitize_label
+from sip.data.bank import label_folders, read_metadata
 from sip.data.sources import SourceConfig
+from sip.ids import sanitize_label
 
 
 class FixedCaptioner:

@@ -12,8 +12,8 @@ from sip.augment.caption import (
     TransformersCaptioner,
     build_captioner,
     caption_images,
-    image_hash,
 )
+from sip.ids import image_hash
 
 
 class Counting:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sip.augment.caption import image_hash
 from sip.augment.generate import DiffusionGenerator, GenerateConfig
 from sip.augment.run import AugmentRecipe, run_augment
 from sip.data.bank import read_metadata
 from sip.data.sources import DEBIAN_FASHION_MNIST, SourceConfig
+from sip.ids import image_hash
 from sip.report.page import write_report
 
 

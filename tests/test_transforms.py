@@ -19,11 +19,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from sip.augment.caption import image_hash
 from sip.augment.generate import DiffusionGenerator, GenerateConfig
 from sip.augment.run import AugmentRecipe, run_augment
 from sip.data.bank import read_metadata
 from sip.data.sources import DEBIAN_FASHION_MNIST, IMAGE_EXTENSIONS, SourceConfig, load_image
+from sip.ids import image_hash
 from sip.transforms import SIPAugment, source_key
 
 

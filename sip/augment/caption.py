@@ -15,7 +15,6 @@ and settings captions nothing again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -27,17 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sip.ids import image_hash
 from sip.registry import Registry
 from sip.runtime import autocast, large_input, resolve_precision
-
-
-def image_hash(image: Image.Image) -> str:
-    """Content hash of an image's decoded pixels (mode + size + bytes): the same picture read from
-    PNG, from a dataset or from memory gets the same hash."""
-    h = hashlib.sha256()
-    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()[:32]
 
 
 class Captioner(Protocol):

@@ -8,7 +8,6 @@ diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.diffusi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -97,12 +96,6 @@ class GenerateConfig:
             resolve_scheduler(self.scheduler)
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-
-
-def image_seed(run_seed: int, key: str, variant: int) -> int:
-    """The seed of one image: a hash of (run seed, source id or class key, variant index)."""
-    digest = hashlib.sha256(f"{run_seed}\x00{key}\x00{variant}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def fit_image(image: Image.Image, size: int | None, mode: str, multiple: int = 8) -> Image.Image:

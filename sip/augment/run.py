@@ -17,20 +17,14 @@ from typing import Any
 from tqdm import tqdm
 
 import sip
-from sip.augment.caption import (
-    CaptionCache,
-    CaptionConfig,
-    Captioner,
-    build_captioner,
-    caption_images,
-    image_hash,
-)
+from sip.augment.caption import CaptionCache, CaptionConfig, Captioner, build_captioner, caption_images
 from sip.augment.filter import FilterConfig, ImageFilter, build_filter, keep_all
-from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device, image_seed
+from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device
 from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.config import to_dict
-from sip.data.bank import DatasetWriter, in_shard, parse_shard, synthetic_id, variant_id
+from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
+from sip.ids import fashion_mnist_id, image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
 
 
 @dataclass(frozen=True)
@@ -233,7 +227,7 @@ def _source_ids(source: ImageSource) -> Iterator[str]:
         root = source.root
         return (p.relative_to(root).as_posix() for p, _ in source.files)
     if hasattr(source, "indices"):
-        return (f"fmnist/{source.split}/{int(i)}" for i in source.indices)
+        return (fashion_mnist_id(source.split, i) for i in source.indices)
     if hasattr(source, "dataset"):
         return (f"{source.split}/{r}" for r in source.rows)
     return (s.source_id for s in source)

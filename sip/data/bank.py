@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,22 +27,10 @@ from typing import Any
 
 from PIL import Image
 
+from sip.ids import sanitize_label
+
 METADATA = "metadata.jsonl"
 REJECTED = "rejected.jsonl"
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-
-
-def sanitize_label(name: str, max_len: int = 64) -> str:
-    """A file-system-safe folder name for a label: letters, digits, ``-`` ``_`` ``.`` only; never
-    empty, never ``.``/``..``, never a path. ``"T-shirt/top"`` → ``"T-shirt_top"``."""
-    text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._ ")
-    text = re.sub(r"_+", "_", text)[:max_len].rstrip("._")
-    if not text or text.lower() in _WINDOWS_RESERVED:
-        text = "label_" + hashlib.sha1(str(name).encode()).hexdigest()[:8]
-    return text
-
-
 def label_folders(labels: Sequence[str]) -> dict[str, str]:
     """Map each label to a distinct sanitised folder name (a short hash is added on a collision)."""
     folders: dict[str, str] = {}
@@ -56,36 +42,6 @@ def label_folders(labels: Sequence[str]) -> dict[str, str]:
         taken[folder.lower()] = label
         folders[label] = folder
     return folders
-
-
-def variant_id(source_id: str, variant: int) -> str:
-    """A file-name-safe, stable id for variant ``variant`` of the image ``source_id``."""
-    slug = sanitize_label(source_id.rsplit(".", 1)[0], max_len=40)
-    digest = hashlib.sha1(source_id.encode()).hexdigest()[:8]
-    return f"{slug}-{digest}-v{variant}"
-
-
-def synthetic_id(label: str, index: int) -> str:
-    """Stable id of the ``index``-th txt2img image of ``label``."""
-    return f"synth-{sanitize_label(label, max_len=40)}-{hashlib.sha1(label.encode()).hexdigest()[:6]}-{index:06d}"
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` (1-based, as printed to users) → (i, n); None for no sharding."""
-    if text in (None, "", "1/1"):
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise ValueError(f"--shard takes i/n with 1 <= i <= n (e.g. 2/4), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
-    """Deterministic shard membership of a work item, by a hash of its key (order-independent)."""
-    if shard is None:
-        return True
-    i, n = shard
-    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) % n == i - 1
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

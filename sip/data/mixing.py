@@ -17,7 +17,6 @@ and ``__getitem__(i) -> (PIL RGB image, class index)``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from sip.data.sources import (
     load_image,
     to_rgb,
 )
+from sip.ids import fashion_mnist_id, stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class RealImages(torch.utils.data.Dataset):
         self.classes = list(source.classes)
         if isinstance(source, FashionMNISTSource):
             self.labels = source.labels[source.indices].astype(np.int64)
-            self._ids = [f"fmnist/{source.split}/{int(i)}" for i in source.indices]
+            self._ids = [fashion_mnist_id(source.split, i) for i in source.indices]
         elif isinstance(source, ImageFolderSource):
             self.labels = np.array([label for _, label in source.files], dtype=np.int64)
             self._ids = [p.relative_to(source.root).as_posix() for p, _ in source.files]
@@ -204,11 +204,6 @@ class MixConfig:
             raise ValueError(f"mix epoch_size must be positive or null, got {self.epoch_size}")
 
 
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, the same in every process (Python's ``hash`` is salted)."""
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def _draw(rng: np.random.Generator, members: np.ndarray, n: int) -> np.ndarray:
     """``n`` of ``members``: whole shuffled copies, then a shuffled part (no repeats before all are used)."""
     if n <= 0 or len(members) == 0:
@@ -283,7 +278,7 @@ class MixedImages(torch.utils.data.Dataset):
         if epoch == self.epoch:
             return
         self.epoch = epoch
-        rng = np.random.default_rng(_stable_seed("mix", self.seed, epoch))
+        rng = np.random.default_rng(stable_seed("mix", self.seed, epoch))
         cfg, real, syn = self.config, self.real, self.synthetic
         n_real = len(real) if real is not None else 0
         n_syn = len(syn) if syn is not None else 0

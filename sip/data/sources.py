@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sip.ids import fashion_mnist_id
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -345,7 +347,7 @@ class FashionMNISTSource(ImageSource):
         if self.size and self.size != 28:
             image = image.resize((self.size, self.size), Image.BICUBIC)
         label = int(self.labels[idx])
-        return Sample(image, label, self.classes[label], f"fmnist/{self.split}/{idx}")
+        return Sample(image, label, self.classes[label], fashion_mnist_id(self.split, idx))
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.data.mixing import _stable_seed
+from sip.ids import stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class _ViewBatchSource(torch.utils.data.Dataset):
             if v == 0 and self.views.identity_view:
                 params.append(identity_view(*image.size))
             else:
-                rng = random.Random(_stable_seed("view", self.views.seed, sid, v))
+                rng = random.Random(stable_seed("view", self.views.seed, sid, v))
                 params.append(sample_view(rng, image.width, image.height, self.views.scale, self.views.ratio,
                                           self.views.hflip))
         item = {"label": label, "views": torch.tensor(params, dtype=torch.int32)}

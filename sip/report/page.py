@@ -38,8 +38,8 @@ from typing import Any
 
 from PIL import Image
 
-from sip.augment.caption import image_hash
-from sip.data.bank import read_metadata, sanitize_label
+from sip.data.bank import read_metadata
+from sip.ids import image_hash, sanitize_label
 
 REPORT_DIR = "report"
 # Keys that are axes, not series.

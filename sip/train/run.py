@@ -41,8 +41,9 @@ import yaml
 from torch import nn
 
 from sip.config import ConfigError, save_config, to_dict
-from sip.data.mixing import MixConfig, MixedImages, RealImages, SyntheticImages, _stable_seed
+from sip.data.mixing import MixConfig, MixedImages, RealImages, SyntheticImages
 from sip.data.sources import SourceConfig, open_source
+from sip.ids import stable_seed
 from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
 from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
@@ -420,7 +421,7 @@ class EpochView(torch.utils.data.Dataset):
         """Plan ``epoch``; ``start`` skips the first items (a resume inside the epoch)."""
         if hasattr(self.images, "set_epoch"):
             self.images.set_epoch(epoch)
-        rng = np.random.default_rng(_stable_seed("order", self.seed, epoch))
+        rng = np.random.default_rng(stable_seed("order", self.seed, epoch))
         n = len(self.images)
         order = np.concatenate([rng.permutation(n) for _ in range(self.repeat)])
         self.order = order[self.rank :: self.world]
@@ -435,7 +436,7 @@ class EpochView(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         k += self.start
-        s = _stable_seed("item", self.seed, self.epoch, self.rank, k)
+        s = stable_seed("item", self.seed, self.epoch, self.rank, k)
         seed_everything(s)
         return self.make_item(self.images, int(self.order[k]), random.Random(s))
 
@@ -707,7 +708,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         seen_mark = 0.0
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", leave=False, disable=not progress)
         for batch in bar:
-            torch.manual_seed(_stable_seed("step", run.seed, int(counters["global_step"])))
+            torch.manual_seed(stable_seed("step", run.seed, int(counters["global_step"])))
             with accelerator.autocast():
                 loss, logits, labels = step_fn(model, batch)
             accelerator.backward(loss)

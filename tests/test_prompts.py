@@ -72,3 +72,15 @@ def test_mentions_is_word_based():
 def test_bad_templates_are_config_errors(bad):
     with pytest.raises(ConfigError):
         from_dict(PromptConfig, bad, source="recipe.yaml")
+
+
+def test_prompt_parts_for_the_sip_ablation():
+    label_only = PromptBuilder(PromptConfig(parts="label"))
+    caption_only = PromptBuilder(PromptConfig(parts="caption"))
+    both = PromptBuilder(PromptConfig())
+    assert label_only("Coat", "a trench coat, a poncho") == "a photo of a Coat"
+    assert caption_only("Coat", "a poncho, a cardigan") == "a photo of a poncho, a cardigan"
+    assert both("Coat", "a poncho, a cardigan") == "a photo of a Coat, a poncho, a cardigan"
+    assert caption_only("Coat", "") == "a photo of a Coat"  # no caption: the label is all there is
+    with pytest.raises(ValueError, match="prompt.parts"):
+        PromptConfig(parts="caption+label")

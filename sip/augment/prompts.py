@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+PROMPT_PARTS = ("label+caption", "label", "caption")
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """How prompts are built.
@@ -29,6 +32,10 @@ class PromptConfig:
         negative_prompt: used for classifier-free guidance by every variant (shared, encoded once).
         max_tokens: token budget of the text encoder (77 for CLIP). The caption is cut word by word
             to fit; the label never is.
+        parts: what a prompt is made of: "label+caption" (SIP: the label joined with the caption),
+            "label" (``template_no_caption`` for every image: the label alone, as DA-Fusion-style
+            class prompts) or "caption" (``template_with_label`` with the caption alone, no label
+            inserted). The last two exist for the SIP ablation; an empty caption falls back to the label.
     """
 
     template: str = "a photo of a {label}, {caption}"
@@ -38,8 +45,11 @@ class PromptConfig:
     synonyms: dict[str, list[str]] = field(default_factory=dict)
     negative_prompt: str = ""
     max_tokens: int = 77
+    parts: str = "label+caption"
 
     def __post_init__(self):
+        if self.parts not in PROMPT_PARTS:
+            raise ValueError(f"prompt.parts must be one of {', '.join(PROMPT_PARTS)}, got {self.parts!r}")
         for name in ("template", "template_no_caption"):
             if "{label}" not in getattr(self, name):
                 raise ValueError(f"prompt.{name} must contain {{label}}, got {getattr(self, name)!r}")
@@ -96,10 +106,14 @@ class PromptBuilder:
         cfg = self.config
         name = readable_name(label, cfg, variant)
         caption = (caption or "").strip().rstrip(".")
-        if not caption:
+        if not caption or cfg.parts == "label":
             return cfg.template_no_caption.format(label=name)
         all_names = [cfg.label_names.get(label, label), label, *cfg.synonyms.get(label, [])]
+        if cfg.parts == "caption":
+            all_names = []  # never insert the label, whatever the caption says
         template = cfg.template_with_label if any(mentions(caption, n) for n in all_names) else cfg.template
+        if cfg.parts == "caption":
+            template = cfg.template_with_label
         words = caption.split()
         while True:
             prompt = template.format(label=name, caption=" ".join(words)).strip().rstrip(",").strip()

@@ -4,6 +4,7 @@ not call directly."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Optional
 import typer
 
 from sip.config import ConfigError, load_config, save_config
+from sip.data.bank import DiskFullError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sip: diffusion-driven data augmentation (SIP) and knowledge distillation.")
@@ -60,6 +62,12 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # sip's writer raises DiskFullError naming the folder; any other full-disk write says where it was
+        _fail(str(e) if isinstance(e, DiskFullError) else f"no space left on the device ({e.filename or e}); free "
+              "some space and rerun the same command: it resumes where it stopped", 1)
 
 
 @app.callback()
@@ -187,7 +195,7 @@ def merge(output: Path = typer.Argument(..., help="Output folder of a sharded ru
     """Merge the per-shard metadata of a sharded run once every shard is done."""
     from sip.data.bank import merge_shards
 
-    if not merge_shards(output, shards):
+    if not _run(merge_shards, output, shards):
         _fail(f"not every shard of {output} is done yet (each writes train/.shard-i-of-{shards}.done)", 1)
     typer.echo(f"merged {shards} shards into {output / 'train' / 'metadata.jsonl'}")
 

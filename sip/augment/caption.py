@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sip.data.bank import repair_jsonl
 from sip.ids import image_hash
 from sip.registry import Registry
 from sip.runtime import autocast, large_input, resolve_precision
@@ -230,6 +231,7 @@ class CaptionCache:
         self.entries: dict[tuple[str, str], str] = {}
         self.hits = self.misses = 0
         if self.path and self.path.is_file():
+            repair_jsonl(self.path)  # a torn last line is moved aside, never glued to the next row
             with self.path.open(encoding="utf-8") as f:
                 for line in f:
                     try:

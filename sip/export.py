@@ -38,7 +38,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sip.data.bank import read_metadata
+from sip.data.bank import dataset_root, read_metadata, read_run_info
 
 # (column, datasets Value dtype, metadata key) for every column but image and label.
 TEXT_COLUMNS = (
@@ -56,20 +56,12 @@ TEXT_COLUMNS = (
 )
 
 
-def _run_info(root: Path) -> dict[str, Any]:
-    try:
-        info = json.loads((root / "run.json").read_text(encoding="utf-8"))
-        return info if isinstance(info, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def dataset_classes(root: str | Path, rows: list[dict[str, Any]] | None = None) -> list[str]:
     """The label names of a written dataset in class-index order: the order the run declared them in
     (``run.json`` ``label_folders``, i.e. the source's classes), then any other label seen, sorted."""
     root = Path(root)
     rows = read_metadata(root) if rows is None else rows
-    declared = list(_run_info(root).get("label_folders", {}))
+    declared = list(read_run_info(root).get("label_folders", {}))
     seen = {str(r["label"]) for r in rows if "label" in r}
     return declared + sorted(seen - set(declared))
 
@@ -106,14 +98,9 @@ def export_dataset(out_dir: str | Path, dest: str | Path | None = None, overwrit
     import datasets
 
     # 1. check inputs
-    root = Path(out_dir)
-    if root.name == "train" and (root / "metadata.jsonl").is_file():
-        root = root.parent
-    rows, seen = [], set()
-    for row in read_metadata(root):  # merged file and unmerged shard files; a name listed twice counts once
-        if "file_name" in row and "label" in row and row["file_name"] not in seen:
-            seen.add(row["file_name"])
-            rows.append(row)
+    root = dataset_root(out_dir)
+    # merged file and unmerged shard files, one row per file_name
+    rows = [row for row in read_metadata(root) if "file_name" in row and "label" in row]
     if not rows:
         raise FileNotFoundError(f"{root} is not a sip dataset (or an empty one): {root / 'train' / 'metadata.jsonl'} "
                                 "lists no images (write one with `sip augment` or `sip synth`)")
@@ -123,10 +110,9 @@ def export_dataset(out_dir: str | Path, dest: str | Path | None = None, overwrit
                                 f"(e.g. {missing[:3]})")
     if dest is not None:
         dest = Path(dest)
-        if dest.exists() and any(dest.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True (--overwrite) or pick "
-                                      "another destination")
+        if dest.exists() and any(dest.iterdir()) and not overwrite:
+            raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True (--overwrite) or pick "
+                                  "another destination")
     # 2. columns
     classes = dataset_classes(root, rows)
     index = {name: i for i, name in enumerate(classes)}
@@ -140,7 +126,7 @@ def export_dataset(out_dir: str | Path, dest: str | Path | None = None, overwrit
             values = [None if v is None else str(v) for v in values]
         columns[name] = values
     feats = features(classes)
-    info = datasets.DatasetInfo(description=json.dumps(_run_info(root), ensure_ascii=False), features=feats)
+    info = datasets.DatasetInfo(description=json.dumps(read_run_info(root), ensure_ascii=False), features=feats)
     train = datasets.Dataset.from_dict(columns, features=feats, info=info, split="train")
     result = datasets.DatasetDict({"train": train})
     # 3. save (through a temp folder: a failed save never leaves half a dataset at dest)

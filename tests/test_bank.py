@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sip.data.bank import (DatasetWriter, DiskFullError, config_differences, merge_shards, read_jsonl, read_metadata,
-                           read_run_info, repair_jsonl)
+from sip.data.bank import (
+    DatasetWriter,
+    DiskFullError,
+    config_differences,
+    merge_shards,
+    read_jsonl,
+    read_metadata,
+    read_run_info,
+    repair_jsonl,
+)
 
 LABELS = ["Coat", "Bag"]
 CONFIG = {"source": {"kind": "folder", "path": "IN"}, "generate": {"steps": 4, "seed": 0, "batch_size": 8},
@@ -135,7 +143,7 @@ def test_a_merge_killed_anywhere_then_rerun_gives_one_row_per_image(tmp_path, po
     _sharded(out)
     code = ("import sys; from sip.data.bank import DatasetWriter; "
             f"w = DatasetWriter({str(out)!r}, {{'config': {CONFIG!r}}}, {LABELS!r}, (2, 2)); w.finish()")
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SIP_TEST_KILL_IN_MERGE": point})
+    proc = subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ, "SIP_TEST_KILL_IN_MERGE": point})
     assert proc.returncode == -9  # killed inside the merge
     w = writer(out, shard=(2, 2))  # the rerun of shard 2: nothing left to do, merges again
     write(w, range(1, 8, 2))
@@ -202,7 +210,7 @@ def test_a_full_disk_names_the_folder_leaves_nothing_half_written_and_resumes(tm
     out = tmp_path / "out"
     write(writer(out), range(2))
     w = writer(out)
-    import sip.data.bank as bank
+    from sip.data import bank
 
     monkeypatch.setattr(bank, "_writes", 0)
     monkeypatch.setenv("SIP_TEST_ENOSPC_AFTER", str(at))

@@ -210,9 +210,9 @@ def test_a_full_disk_names_the_folder_leaves_nothing_half_written_and_resumes(tm
     out = tmp_path / "out"
     write(writer(out), range(2))
     w = writer(out)
-    from sip.data import bank
+    from sip.data import durable
 
-    monkeypatch.setattr(bank, "_writes", 0)
+    monkeypatch.setattr(durable, "_writes", 0)
     monkeypatch.setenv("SIP_TEST_ENOSPC_AFTER", str(at))
     with pytest.raises(DiskFullError) as info:
         write(w, [2])

@@ -1,0 +1,80 @@
+"""sip.models.kdeformer: the KDE normaliser and the sampled attention (Zandieh et al., ICML 2023)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sip.models.kdeformer import KDEformerConfig, estimate_normaliser, kde_attention_parts, kdeformer_attention
+
+
+def _peaked(n: int, d: int = 16, seed: int = 0):
+    """Queries near keys (peaked attention, as in trained transformers) and random values."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, n, d, generator=g) * 1.5
+    q = k[:, :, torch.randperm(n, generator=g)] + 0.3 * torch.randn(1, 2, n, d, generator=g)
+    return q, k, torch.randn(1, 2, n, d, generator=g)
+
+
+def test_normaliser_is_unbiased_against_exact_softmax_sums():
+    g = torch.Generator().manual_seed(1)
+    q, k = 0.5 * torch.randn(1, 1, 200, 8, generator=g), 0.5 * torch.randn(1, 1, 200, 8, generator=g)
+    exact = torch.exp(q @ k.transpose(-2, -1) / 8 ** 0.5).sum(-1)
+    ests = torch.stack([estimate_normaliser(q, k, KDEformerConfig(num_samples=16, block_size=16, seed=s, min_tokens=0))
+                        for s in range(400)])
+    single = ((ests - exact).abs() / exact).mean()
+    bias = ((ests.mean(0) - exact).abs() / exact).mean()
+    assert bias < single / 5  # averaging 400 seeds shrinks the error: no systematic bias
+
+
+def test_error_shrinks_as_the_budget_grows():
+    q, k, v = _peaked(2048)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    errs = []
+    for s in (32, 256, 1536):
+        cfg = KDEformerConfig(num_samples=s, block_size=64, min_tokens=0)
+        errs.append(((kdeformer_attention(q, k, v, cfg) - exact).norm() / exact.norm()).item())
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_exact_when_the_budget_covers_every_column_or_the_sequence_is_short():
+    q, k, v = _peaked(256)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    covered = KDEformerConfig(num_samples=200, block_size=64, min_tokens=0)
+    assert torch.allclose(kdeformer_attention(q, k, v, covered), exact, atol=1e-6)
+    short = KDEformerConfig(num_samples=8, block_size=8, min_tokens=1024)
+    assert torch.allclose(kdeformer_attention(q, k, v, short), exact, atol=1e-6)
+
+
+def test_one_block_holding_every_key_is_exact_inside_the_estimator():
+    q, k, v = _peaked(128)
+    num, den, _ = kde_attention_parts(q, k, v, KDEformerConfig(num_samples=4, block_size=128, min_tokens=0))
+    assert torch.allclose(num / den, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_deterministic_under_a_seed_and_another_seed_differs():
+    q, k, v = _peaked(1024)
+    cfg = KDEformerConfig(num_samples=64, block_size=64, min_tokens=0)
+    a, b = kdeformer_attention(q, k, v, cfg), kdeformer_attention(q, k, v, cfg)
+    c = kdeformer_attention(q, k, v, KDEformerConfig(num_samples=64, block_size=64, min_tokens=0, seed=1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_masked_keys_get_no_weight_and_shapes_follow_the_inputs():
+    q, k, v = _peaked(512)
+    k2, v2 = k.clone(), v.clone()
+    v2[..., 400:, :] = 1e6  # huge values on masked keys would dominate if they leaked
+    mask = torch.ones(1, 512, dtype=torch.bool)
+    mask[:, 400:] = False
+    cfg = KDEformerConfig(num_samples=64, block_size=32, min_tokens=0)
+    out = kdeformer_attention(q, k2, v2, cfg, key_padding_mask=mask)
+    assert out.shape == q.shape and out.abs().max() < 100
+    kv = torch.randn(1, 2, 700, 16)
+    assert kdeformer_attention(q, kv, kv, cfg).shape == (1, 2, 512, 16)  # cross-attention lengths
+
+
+@pytest.mark.parametrize("field", ["num_samples", "block_size", "n_hashes"])
+def test_bad_budgets_are_clear_errors(field):
+    with pytest.raises(ValueError, match=field):
+        KDEformerConfig(**{field: 0})

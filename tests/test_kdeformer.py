@@ -78,3 +78,44 @@ def test_masked_keys_get_no_weight_and_shapes_follow_the_inputs():
 def test_bad_budgets_are_clear_errors(field):
     with pytest.raises(ValueError, match=field):
         KDEformerConfig(**{field: 0})
+
+
+# ----------------------------------------------------------------------------------------------------
+# in models: timm ViT attention layer, diffusers UNet processor
+# ----------------------------------------------------------------------------------------------------
+
+def test_vit_with_kdeformer_attention_equals_exact_below_the_threshold_and_differs_above():
+    from sip.models.classifiers import create_model
+    from sip.models.kdeformer_layers import use_kdeformer_in_vit
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=5, img_size=32, patch_size=2, embed_dim=32, depth=2, num_heads=2)  # 256 + 1 tokens
+    vit = create_model("vit_tiny_patch16_224", kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    exact = vit(x)
+    assert use_kdeformer_in_vit(vit, KDEformerConfig(min_tokens=1024)) == 2
+    assert torch.allclose(vit(x), exact, atol=1e-5)  # 257 tokens < min_tokens: exact
+    use_kdeformer_in_vit(vit, KDEformerConfig(num_samples=32, block_size=32, min_tokens=0))
+    approx = vit(x)
+    assert approx.shape == exact.shape and torch.isfinite(approx).all() and not torch.allclose(approx, exact)
+
+
+def test_unet_processor_only_touches_self_attention_and_is_exact_when_the_budget_covers(tiny_sd_txt2img):
+    import copy
+
+    from sip.models.kdeformer_layers import KDEformerAttnProcessor, use_kdeformer_in_unet
+
+    unet = copy.deepcopy(tiny_sd_txt2img.unet).eval()
+    sample = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = unet(sample, 10, encoder_hidden_states=text).sample
+        n = use_kdeformer_in_unet(unet, KDEformerConfig(num_samples=4096, block_size=64, min_tokens=0))
+        kinds = [type(p).__name__ for p in unet.attn_processors.values()]
+        assert n == kinds.count("KDEformerAttnProcessor") > 0
+        assert all(isinstance(p, KDEformerAttnProcessor) == k.endswith("attn1.processor")
+                   for k, p in unet.attn_processors.items())
+        assert torch.allclose(unet(sample, 10, encoder_hidden_states=text).sample, exact, atol=1e-4)
+        use_kdeformer_in_unet(unet, KDEformerConfig(num_samples=16, block_size=16, min_tokens=0))
+        approx = unet(sample, 10, encoder_hidden_states=text).sample
+    assert torch.isfinite(approx).all() and not torch.allclose(approx, exact)

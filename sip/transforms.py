@@ -419,7 +419,7 @@ class SIPAugment:
     # online mode
     # ------------------------------------------------------------------------------------------------
     def _make_writer(self):
-        import sip
+        from sip.augment.loop import run_info
         from sip.config import to_dict
         from sip.data.bank import DatasetWriter
 
@@ -428,10 +428,7 @@ class SIPAugment:
         config = {"kind": "online", "source": {"kind": "transform"}, "resize_to": self.resize_to,
                   "generate": to_dict(gen.config), "prompt": to_dict(builder.config),
                   "captioner": getattr(self.captioner, "identity", None)}
-        run_info = {"sip_version": sip.__version__, "config": config, "model": gen.model_id,
-                    "scheduler": type(gen.pipe.scheduler).__name__, "generation_size": gen.size,
-                    "mode": "img2img (SIPAugment online)"}
-        return DatasetWriter(self.cache_dir, run_info, self.classes)
+        return DatasetWriter(self.cache_dir, run_info(config, gen, mode="img2img (SIPAugment online)"), self.classes)
 
     def _builder(self):
         if self.prompt_builder is not None:
@@ -455,6 +452,8 @@ class SIPAugment:
 
     def _generate(self, image: Image.Image, key: str, target: Any) -> list[str]:
         """Caption → SIP prompts → img2img → write to the cache; returns the new variant files."""
+        from sip.augment.loop import Job, generate_and_write, variant_record
+        from sip.augment.run import RunSummary
         from sip.ids import image_seed, variant_id
 
         label = self._label(image, target)
@@ -471,12 +470,17 @@ class SIPAugment:
             prompts = [builder(label, caption, v) for v in range(cfg.per_image)]
             seeds = [image_seed(cfg.seed, source_id, v) for v in range(cfg.per_image)]
             negative = builder.config.negative_prompt
-            images = gen.img2img([rgb] * cfg.per_image, prompts, seeds, negative)
-            for v, (variant, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-                record = {"source": source_id, "source_hash": key, "variant": v, "caption": caption,
-                          "prompt": prompt, "negative_prompt": negative, "strength": cfg.strength, "seed": seed,
-                          **gen.settings(), "scores": {}}
-                self.writer.write(variant_id(source_id, v), variant, label, record)
+            jobs = [Job(variant_id(source_id, v), label, prompt, seed,
+                        variant_record(source=source_id, source_hash=key, variant=v, caption=caption, prompt=prompt,
+                                       negative_prompt=negative, strength=cfg.strength, seed=seed,
+                                       settings=gen.settings()))
+                    for v, (prompt, seed) in enumerate(zip(prompts, seeds))]
+            summary = RunSummary(str(self.cache_dir))
+            generate_and_write([jobs], lambda batch: gen.img2img([rgb] * len(batch), [j.prompt for j in batch],
+                                                                 [j.seed for j in batch], negative),
+                               self.writer, None, summary)
+            if summary.failed:
+                raise RuntimeError("; ".join(summary.reasons))
         except Exception as e:  # out of memory, a captioner's error …: count, say why, keep training
             self._count("errors")
             logger.warning("SIPAugment: generating variants failed (%s: %s); the original image is used",

@@ -148,20 +148,17 @@ class DiffusionGenerator:
         self.precision = "bf16" if resolve_precision(config.precision, self.device,
                                                       unet_params >= AMX_MIN_UNET_PARAMS) == "bf16" else "fp32"
         self.bf16 = self.precision == "bf16"
-        # SD 1.x/2.x img2img: sip encodes each source and each prompt once (SDXL & others: plain call)
-        self._fast = type(pipe).__name__ == "StableDiffusionImg2ImgPipeline"
+        # sip encodes each source and each prompt once where the pipeline can take latents and prompt
+        # embeddings (SD 1.x/2.x img2img); others (SDXL: pooled embeddings …) get the plain call
+        self._fast = supports_fast_path(pipe)
         self._prompt_cache: dict[str, torch.Tensor] = {}
-        if config.channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-        if config.compile and getattr(pipe.unet, "_compiled_call_impl", None) is None:
-            # compiled in place (nn.Module.compile): the pipeline keeps its UNet object and config
-            pipe.unet.compile()
+        # the pipeline's modules are used as given: channels_last / compile are prepare_pipeline's job
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
         """Load ``config.model`` (hub id or folder) and build the generator."""
-        pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
+        pipe = prepare_pipeline(load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device,
+                                                        config.scheduler), config)
         tiny = load_tiny_vae(config.tiny_vae, config.dtype, config.device) if config.tiny_vae else None
         return cls(pipe, config, tiny_vae=tiny)
 
@@ -176,16 +173,44 @@ class DiffusionGenerator:
         device = self.device if self.device.type == "cuda" else torch.device("cpu")
         return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
-    def settings(self) -> dict[str, Any]:
-        """The per-image settings recorded in metadata."""
+    def sampling(self, strength: float | None = None, guidance_scale: float | None = None,
+                 steps: int | None = None) -> tuple[float, float, int]:
+        """The sampling settings of one call: the arguments given, the config's for the rest (checked)."""
         c = self.config
-        return {"guidance_scale": c.guidance_scale, "steps": c.steps, "model": self.model_id,
+        strength = c.strength if strength is None else strength
+        guidance_scale = c.guidance_scale if guidance_scale is None else guidance_scale
+        steps = c.steps if steps is None else steps
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if int(steps) != steps or steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        return float(strength), float(guidance_scale), int(steps)
+
+    def settings(self, guidance_scale: float | None = None, steps: int | None = None) -> dict[str, Any]:
+        """The per-image settings recorded in metadata (the config's unless a call overrode them)."""
+        _, guidance_scale, steps = self.sampling(None, guidance_scale, steps)
+        return {"guidance_scale": guidance_scale, "steps": steps, "model": self.model_id,
                 "scheduler": type(self.pipe.scheduler).__name__}
 
     @torch.inference_mode()
     def img2img(self, images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int],
-                negative_prompt: str = "") -> list[Image.Image]:
-        """Redraw each image under its prompt, one seed per image (call with ≤ batch_size images)."""
+                negative_prompt: str = "", *, strength: float | None = None, guidance_scale: float | None = None,
+                steps: int | None = None) -> list[Image.Image]:
+        """Redraw each image under its prompt, one seed per image (call with ≤ batch_size images).
+
+        Args:
+            images (Sequence[Image.Image]): the sources (the same object repeated: encoded once).
+            prompts (Sequence[str]): one prompt per image.
+            seeds (Sequence[int]): one seed per image.
+            negative_prompt (str): shared negative prompt. Defaults to "".
+            strength (float, optional): img2img strength. Defaults to ``config.strength``.
+            guidance_scale (float, optional): classifier-free guidance. Defaults to ``config.guidance_scale``.
+            steps (int, optional): denoising steps. Defaults to ``config.steps``.
+        """
+        strength, guidance_scale, steps = self.sampling(strength, guidance_scale, steps)
+        kw = {"strength": strength, "guidance_scale": guidance_scale, "steps": steps}
         # 1. check inputs
         if not (len(images) == len(prompts) == len(seeds)):
             raise ValueError(f"images, prompts and seeds must align, got {len(images)}, {len(prompts)}, {len(seeds)}")
@@ -193,17 +218,17 @@ class DiffusionGenerator:
             return []
         if self.config.batch_invariant and len(images) > 1:
             return [im for i in range(len(images))
-                    for im in self.img2img(images[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], negative_prompt)]
+                    for im in self.img2img(images[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], negative_prompt,
+                                           **kw)]
         # 2. fit sources to the generation size
         fitted = [fit_image(im, self.size, self.config.resize) for im in images]
         generators = self._generators(seeds)
-        cfg = self.config
-        guided = cfg.guidance_scale > 1
+        guided = guidance_scale > 1
         negatives = [negative_prompt] * len(prompts) if guided else None
         with self._autocast():
             if not self._fast:
-                out = self.pipe(prompt=list(prompts), image=fitted, strength=cfg.strength,
-                                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                out = self.pipe(prompt=list(prompts), image=fitted, strength=strength,
+                                num_inference_steps=steps, guidance_scale=guidance_scale,
                                 negative_prompt=negatives, generator=generators, output_type="pil")
                 return list(out.images)
             # 3. encode each distinct source once for all its variants; each variant samples its own
@@ -213,7 +238,7 @@ class DiffusionGenerator:
             prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)
             # 5. denoise (the pipeline adds the seeded noise and runs the scheduler)
             out = self.pipe(image=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                            strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                            strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale,
                             generator=generators, output_type="pil")
         return list(out.images)
 
@@ -252,27 +277,80 @@ class DiffusionGenerator:
         return prompt_embeds, negative
 
     @torch.inference_mode()
-    def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "") -> list[Image.Image]:
-        """Generate one image per prompt at the generation size, one seed per image."""
+    def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "", *,
+                 guidance_scale: float | None = None, steps: int | None = None) -> list[Image.Image]:
+        """Generate one image per prompt at the generation size, one seed per image.
+
+        Args:
+            prompts (Sequence[str]): one prompt per image.
+            seeds (Sequence[int]): one seed per image.
+            negative_prompt (str): shared negative prompt. Defaults to "".
+            guidance_scale (float, optional): classifier-free guidance. Defaults to ``config.guidance_scale``.
+            steps (int, optional): denoising steps. Defaults to ``config.steps``.
+        """
+        _, guidance_scale, steps = self.sampling(None, guidance_scale, steps)
         if len(prompts) != len(seeds):
             raise ValueError(f"prompts and seeds must align, got {len(prompts)} and {len(seeds)}")
         if not prompts:
             return []
         if self.config.batch_invariant and len(prompts) > 1:
             return [im for i in range(len(prompts))
-                    for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt)]
-        cfg = self.config
-        guided = cfg.guidance_scale > 1
+                    for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt,
+                                            guidance_scale=guidance_scale, steps=steps)]
+        guided = guidance_scale > 1
         with self._autocast():
             if self._fast:  # each distinct prompt encoded once
                 prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)
                 kwargs = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
             else:
                 kwargs = {"prompt": list(prompts), "negative_prompt": [negative_prompt] * len(prompts) if guided else None}
-            out = self.txt2img(height=self.size, width=self.size, num_inference_steps=cfg.steps,
-                               guidance_scale=cfg.guidance_scale, generator=self._generators(seeds),
+            out = self.txt2img(height=self.size, width=self.size, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, generator=self._generators(seeds),
                                output_type="pil", **kwargs)
         return list(out.images)
+
+
+def prepare_pipeline(pipe: Any, config: GenerateConfig) -> Any:
+    """Apply ``config``'s speed settings to ``pipe`` in place and return it (used by ``from_config``).
+
+    This is the one step that changes a pipeline's modules: ``channels_last`` puts the UNet and VAE in
+    NHWC memory format, ``compile`` compiles the UNet in place (``nn.Module.compile``: the pipeline keeps its
+    UNet object and config). :class:`DiffusionGenerator` itself uses a pipeline as given, so a caller who
+    passes their own pipeline calls this when they want those settings.
+
+    Args:
+        pipe: a diffusers Stable Diffusion family pipeline.
+        config (GenerateConfig): reads ``channels_last`` and ``compile``.
+
+    Returns:
+        the same pipeline.
+    """
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if config.compile and getattr(pipe.unet, "_compiled_call_impl", None) is None:
+        pipe.unet.compile()
+    return pipe
+
+
+def supports_fast_path(pipe: Any) -> bool:
+    """Whether sip may hand ``pipe`` pre-encoded latents and prompt embeddings (its fast path).
+
+    Needs an img2img pipeline whose call takes ``prompt_embeds`` / ``negative_prompt_embeds`` and no pooled
+    embeddings (SDXL), an ``encode_prompt`` that returns (embeds, negative), an image processor, and a
+    4-channel VAE (diffusers takes a 4-channel ``image`` as latents).
+    """
+    import inspect
+
+    try:
+        call = inspect.signature(pipe.__call__).parameters
+        encode = inspect.signature(pipe.encode_prompt).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return ("prompt_embeds" in call and "negative_prompt_embeds" in call and "strength" in call
+            and "pooled_prompt_embeds" not in call and "prompt_2" not in encode
+            and hasattr(pipe, "image_processor") and getattr(pipe, "vae", None) is not None
+            and int(getattr(pipe.vae.config, "latent_channels", 0)) == 4)
 
 
 @torch.no_grad()

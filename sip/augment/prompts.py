@@ -13,7 +13,6 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-
 PROMPT_PARTS = ("label+caption", "label", "caption")
 
 

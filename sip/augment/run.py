@@ -7,6 +7,8 @@ so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,15 +18,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-import sip
 from sip.augment.caption import CaptionCache, CaptionConfig, Captioner, build_captioner, caption_images
-from sip.augment.filter import FilterConfig, ImageFilter, build_filter, keep_all
-from sip.augment.generate import DiffusionGenerator, GenerateConfig, describe_device
+from sip.augment.filter import FilterConfig, ImageFilter, build_filter
+from sip.augment.generate import DiffusionGenerator, GenerateConfig
+from sip.augment.loop import Job, batch_grid, generate_and_write, run_info, variant_record
 from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.config import to_dict
 from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
 from sip.ids import fashion_mnist_id, image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class RunSummary:
     caption_hits: int = 0
     caption_misses: int = 0
     complete: bool = True
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
@@ -109,9 +114,55 @@ class RunSummary:
 
 
 def _run_info(recipe: Any, generator: DiffusionGenerator, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"sip_version": sip.__version__, "config": to_dict(recipe), "model": generator.model_id,
-            "scheduler": type(generator.pipe.scheduler).__name__, "device": describe_device(generator.device),
-            "bf16_autocast": generator.bf16, "generation_size": generator.size, **extra}
+    return run_info(to_dict(recipe), generator, **extra)
+
+
+def check_output(path: str | Path) -> Path:
+    """Refuse an output that cannot be written, before any model loads.
+
+    Raises:
+        NotADirectoryError: ``path`` (or a parent) is a file.
+        PermissionError: the folder (or the nearest existing parent) is not writable.
+    """
+    out = Path(path).expanduser()
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise NotADirectoryError(f"output {out} cannot be a folder: {probe} is a file. Pass another --output "
+                                 f"folder, or move the file away.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {probe} is not writable; pass a writable --output folder "
+                              f"(or `chmod u+w {probe}`).")
+    return out
+
+
+def domain_mismatch(generator: DiffusionGenerator, samples: list[Sample]) -> str | None:
+    """Say how sources look unlike what the model was trained on (size, colour, the model card's domain).
+
+    Returns:
+        str | None: a warning naming what differs and how to pass a Stable Diffusion checkpoint, or None.
+    """
+    if not samples:
+        return None
+    native = int(generator.native)
+    side = max(max(s.image.size) for s in samples)
+    card = Path(str(generator.model_id)) / "README.md"
+    fmnist = card.is_file() and "fashion-mnist" in card.read_text(errors="replace").lower()
+    domain = "fashion-mnist" if fmnist else None
+    colour = any(s.image.mode not in ("1", "L", "LA", "I", "I;16", "P")
+                 and len({s.image.convert("RGB").resize((8, 8)).getchannel(c).tobytes() for c in "RGB"}) > 1
+                 for s in samples)
+    why = []
+    if side >= 4 * native:
+        why.append(f"sources are up to {side} px but the model draws {native}-px images")
+    if domain and colour:
+        why.append(f"sources are colour images but the model was trained on {domain} (grey)")
+    if not why:
+        return None
+    return (f"the sources look unlike what {generator.model_id} was trained on: " + "; ".join(why) + ". Its images "
+            "will not resemble the sources; for photos pass a Stable Diffusion checkpoint, e.g. "
+            "`--model stable-diffusion-v1-5/stable-diffusion-v1-5` (generate.model in a recipe).")
 
 
 def _chunks(source: ImageSource, size: int, keep) -> Iterator[list[Sample]]:
@@ -124,19 +175,6 @@ def _chunks(source: ImageSource, size: int, keep) -> Iterator[list[Sample]]:
                 chunk = []
     if chunk:
         yield chunk
-
-
-def _filter_and_write(writer: DatasetWriter, filt: ImageFilter | None, summary: RunSummary, ids: list[str],
-                      images: list, labels: list[str], prompts: list[str], records: list[dict[str, Any]]) -> None:
-    verdicts = filt(images, labels, prompts) if filt is not None else keep_all(len(images))
-    for image_id, image, label, record, (keep, scores) in zip(ids, images, labels, records, verdicts):
-        record = {**record, "scores": scores}
-        if keep:
-            writer.write(image_id, image, label, record)
-            summary.written += 1
-        else:
-            writer.reject(image_id, label, record)
-            summary.filtered += 1
 
 
 def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = None,
@@ -158,6 +196,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     source = open_source(recipe.source)
     if len(source) == 0:
         raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
+    check_output(recipe.output)
     # 2. models (built once, passed to the stages)
     generator = generator or DiffusionGenerator.from_config(recipe.generate)
     captioner = captioner or build_captioner(recipe.caption)
@@ -179,38 +218,42 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     def todo(sample: Sample) -> bool:
         return in_shard(sample.source_id, shard)
 
-    # 4. stream: caption → prompt → img2img → filter → write, a chunk of sources at a time
-    for chunk in _chunks(source, recipe.chunk, todo):
-        jobs = [(s, v) for s in chunk for v in range(per_image) if not writer.is_done(variant_id(s.source_id, v))]
-        done_here = len(chunk) * per_image - len(jobs)
+    # 4. stream: caption → prompt → img2img → filter → write, a chunk of sources at a time, on a fixed
+    #    batch grid (item order of an uninterrupted run), so a resumed run writes the same bytes
+    def generate(batch: list[Job]) -> list:
+        return generator.img2img([j.payload for j in batch], [j.prompt for j in batch], [j.seed for j in batch],
+                                 recipe.prompt.negative_prompt)
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+
+    def job(s: Sample, v: int, caption: str, source_hash: str) -> Job:
+        prompt = builder(s.label_name, caption, v)
+        seed = image_seed(cfg.seed, s.source_id, v)
+        record = variant_record(source=s.source_id, source_hash=source_hash, variant=v, caption=caption,
+                                prompt=prompt, negative_prompt=recipe.prompt.negative_prompt, strength=cfg.strength,
+                                seed=seed, settings=generator.settings())
+        return Job(variant_id(s.source_id, v), s.label_name, prompt, seed, record, payload=s.image)
+
+    for n_chunk, chunk in enumerate(_chunks(source, recipe.chunk, todo)):
+        if n_chunk == 0 and (warning := domain_mismatch(generator, chunk[:16])):
+            logger.warning(warning)  # once per run, on the first chunk
+            summary.warnings.append(warning)
+        grid = batch_grid([(s, v) for s in chunk for v in range(per_image)], cfg.batch_size)
+        open_batches = [b for b in grid if not all(writer.is_done(variant_id(s.source_id, v)) for s, v in b)]
+        done_here = sum(len(b) for b in grid) - sum(len(b) for b in open_batches)
         summary.skipped += done_here
         bar.update(done_here)
-        if not jobs:
+        if not open_batches:
             continue
-        pending = list(dict.fromkeys(id(s) for s, _ in jobs))
-        samples = {id(s): s for s, _ in jobs}
+        samples = {id(s): s for b in open_batches for s, _ in b}
+        pending = list(samples)
         hashes = {k: image_hash(samples[k].image) for k in pending}
         captions = dict(zip(pending, caption_images([samples[k].image for k in pending], captioner, cache,
                                                     recipe.caption.batch_size, [hashes[k] for k in pending])))
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start : start + cfg.batch_size]
-            prompts = [builder(s.label_name, captions[id(s)], v) for s, v in batch]
-            seeds = [image_seed(cfg.seed, s.source_id, v) for s, v in batch]
-            try:
-                images = generator.img2img([s.image for s, _ in batch], prompts, seeds, recipe.prompt.negative_prompt)
-            except (RuntimeError, ValueError) as e:  # e.g. out of memory: count, say why, go on
-                summary.failed += len(batch)
-                summary.reasons[f"{type(e).__name__}: {str(e)[:120]}"] += len(batch)
-                bar.update(len(batch))
-                continue
-            records = [{"source": s.source_id, "source_hash": hashes[id(s)], "variant": v,
-                        "caption": captions[id(s)], "prompt": p, "negative_prompt": recipe.prompt.negative_prompt,
-                        "strength": cfg.strength, "seed": seed, **generator.settings()}
-                       for (s, v), p, seed in zip(batch, prompts, seeds)]
-            _filter_and_write(writer, image_filter, summary, [variant_id(s.source_id, v) for s, v in batch], images,
-                              [s.label_name for s, _ in batch], prompts, records)
-            bar.update(len(batch))
-            bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+        generate_and_write(([job(s, v, captions[id(s)], hashes[id(s)]) for s, v in b] for b in open_batches),
+                           generate, writer, image_filter, summary, progress)
     bar.close()
     for skipped in source.skipped:
         summary.failed += 1
@@ -250,6 +293,7 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     classes = synth_classes(recipe)
     if not classes:
         raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
+    check_output(recipe.output)
     generator = generator or DiffusionGenerator.from_config(recipe.generate)
     image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
     builder = PromptBuilder.for_tokenizer(
@@ -262,27 +306,25 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     jobs = [(label, k) for label in classes for k in range(cfg.per_class) if in_shard(f"{label}\x00{k}", shard)]
     summary = RunSummary(str(out))
     bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not recipe.progress, dynamic_ncols=True)
-    todo = [(label, k) for label, k in jobs if not writer.is_done(synthetic_id(label, k))]
-    summary.skipped = len(jobs) - len(todo)
-    bar.update(summary.skipped)
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
-        prompts = [builder(label, None, k) for label, k in batch]
-        seeds = [image_seed(cfg.seed, f"txt2img:{label}", k) for label, k in batch]
-        try:
-            images = generator.text2img(prompts, seeds, recipe.prompt.negative_prompt)
-        except (RuntimeError, ValueError) as e:
-            summary.failed += len(batch)
-            summary.reasons[f"{type(e).__name__}: {str(e)[:120]}"] += len(batch)
-            bar.update(len(batch))
-            continue
-        records = [{"source": None, "source_hash": None, "variant": k, "caption": None, "prompt": p,
-                    "negative_prompt": recipe.prompt.negative_prompt, "strength": None, "seed": seed,
-                    **generator.settings()} for (label, k), p, seed in zip(batch, prompts, seeds)]
-        _filter_and_write(writer, image_filter, summary, [synthetic_id(label, k) for label, k in batch], images,
-                          [label for label, _ in batch], prompts, records)
-        bar.update(len(batch))
+
+    def job(label: str, k: int) -> Job:
+        prompt = builder(label, None, k)
+        seed = image_seed(cfg.seed, f"txt2img:{label}", k)
+        record = variant_record(source=None, source_hash=None, variant=k, caption=None, prompt=prompt,
+                                negative_prompt=recipe.prompt.negative_prompt, strength=None, seed=seed,
+                                settings=generator.settings())
+        return Job(synthetic_id(label, k), label, prompt, seed, record)
+
+    def generate(batch: list[Job]) -> list:
+        return generator.text2img([j.prompt for j in batch], [j.seed for j in batch], recipe.prompt.negative_prompt)
+
+    def progress(n: int) -> None:
+        bar.update(n)
         bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+
+    # a fixed batch grid over every job of this shard (see sip.augment.loop)
+    generate_and_write(([job(label, k) for label, k in b] for b in batch_grid(jobs, cfg.batch_size)), generate,
+                       writer, image_filter, summary, progress)
     bar.close()
     summary.complete = writer.finish()
     summary.seconds = time.time() - t0

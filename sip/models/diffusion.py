@@ -33,6 +33,7 @@ def check_model_source(name: str, what: str = "model") -> str:
     """
     path = Path(name).expanduser()
     if path.exists():
+        check_pipeline_folder(path, what)
         return str(path)
     if looks_like_path(name) or name.count("/") > 1:
         raise FileNotFoundError(
@@ -52,6 +53,37 @@ def check_model_source(name: str, what: str = "model") -> str:
                 f"folder. The shipped default is {DEFAULT_SD_MODEL}."
             ) from e
     return name
+
+
+def check_pipeline_folder(path: Path, what: str = "model") -> None:
+    """A diffusers pipeline folder (``model_index.json``) must hold every component it lists.
+
+    Raises:
+        FileNotFoundError: naming the folder, the missing component(s) and how to get a whole model.
+    """
+    index = path / "model_index.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {path} is a file, not a model folder; pass a folder written by "
+                                f"save_pretrained (e.g. {DEFAULT_SD_MODEL}) or a hub id")
+    if not index.is_file():
+        if (path / "config.json").is_file():
+            return  # a single model (e.g. a tiny VAE), not a pipeline
+        raise FileNotFoundError(
+            f"{what} folder {path} has no model_index.json (nor config.json): it is not a diffusers model. Pass a "
+            f"folder written by save_pretrained, e.g. `huggingface-cli download stable-diffusion-v1-5/"
+            f"stable-diffusion-v1-5 --local-dir {path}` on a machine with network, or the shipped {DEFAULT_SD_MODEL}.")
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{what} folder {path}: {index} is unreadable ({e}); re-download the model") from e
+    missing = [k for k, v in components.items()
+               if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None
+               and not (path / k).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} folder {path} is incomplete: missing {', '.join(f'{m}/' for m in missing)} (listed in "
+            f"model_index.json). Copy or download the whole model (e.g. `huggingface-cli download <id> --local-dir "
+            f"{path}` on a machine with network), or pass the shipped {DEFAULT_SD_MODEL}.")
 
 
 # --------------------------------------------------------------------------------------------------

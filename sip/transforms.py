@@ -58,12 +58,9 @@ with neither, a miss is only counted. A CUDA generator needs ``num_workers=0`` (
 
 from __future__ import annotations
 
-import bisect
-import json
 import logging
 import numbers
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,9 +68,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sip.data.bank import METADATA, read_metadata
+from sip.data.bank import METADATA, dataset_root
 from sip.data.sources import load_image, to_rgb
-from sip.ids import image_hash
+from sip.data.variant_index import VariantIndex, bank_resize, source_key
+
+__all__ = ["SIPAugment", "source_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,91 +82,6 @@ COUNTERS = ("hits", "misses", "generated", "errors")
 _COUNTER_ROWS = 64
 # Output modes the input's mode is restored to; any other mode gets the RGB variant.
 _MATCHABLE_MODES = ("RGB", "L", "RGBA")
-_ORIENTATION = 0x0112  # EXIF orientation tag
-
-
-def source_key(image: Image.Image, resize_to: int | None = None) -> str:
-    """The hash sip records as ``source_hash`` for ``image``: :func:`sip.ids.image_hash` of
-    ``to_rgb(image)``, after a bicubic resize to ``resize_to`` × ``resize_to`` when given and the image
-    has another size (what ``FashionMNISTSource(size=32)`` does to the 28×28 originals)."""
-    if image.mode in ("L", "RGB") and image.getexif().get(_ORIENTATION, 1) == 1:
-        # Fast path, same bytes: to_rgb would only copy (RGB) or convert (L) here, and a bicubic resize
-        # works band by band, so resizing the grey band before copying it to R, G, B gives the same
-        # pixels at a third of the cost (tests/test_transforms.py checks both paths agree).
-        if resize_to and image.size != (resize_to, resize_to):
-            image = image.resize((resize_to, resize_to), Image.BICUBIC)
-        return image_hash(image.convert("RGB") if image.mode == "L" else image)
-    rgb = to_rgb(image)
-    if resize_to and rgb.size != (resize_to, resize_to):
-        rgb = rgb.resize((resize_to, resize_to), Image.BICUBIC)
-    return image_hash(rgb)
-
-
-def _bank_resize(root: Path) -> int | None:
-    """The size a bank's sources were resized to before hashing, from its ``run.json``."""
-    try:
-        run = json.loads((root / "run.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    config = run.get("config", {}) if isinstance(run, dict) else {}
-    source = config.get("source", {}) if isinstance(config, dict) else {}
-    if isinstance(source, dict) and source.get("kind") == "fashion-mnist" and source.get("size") not in (None, 28):
-        return int(source["size"])
-    resize = config.get("resize_to") if isinstance(config, dict) else None  # an online cache records its own
-    return int(resize) if resize else None
-
-
-def _fashion_mnist_aliases(root: Path, rows: list[dict[str, Any]], resize_to: int | None,
-                           checks: int = 32) -> dict[str, str]:
-    """Fast keys for a Fashion-MNIST bank: hash of the grey 28×28 original → its ``source_hash``.
-
-    A torchvision ``FashionMNIST`` image is then found by hashing its 784 grey bytes, with no RGB copy
-    and no resize. The originals are re-read from the idx files sip read them from (nothing when they
-    are not on this machine), and the first ``checks`` are verified to give the recorded hash under
-    this transform's normalisation (``resize_to``): any mismatch, and no alias is used at all.
-    """
-    from sip.data.sources import load_fashion_mnist_arrays
-
-    if _bank_source_kind(root) != "fashion-mnist":
-        return {}
-    arrays: dict[str, Any] = {}
-    aliases: dict[str, str] = {}
-    checked = 0
-    seen: set[str] = set()
-    for row in rows:
-        m = re.fullmatch(r"fmnist/(train|test)/(\d+)", str(row.get("source")))
-        h = row.get("source_hash")
-        if not m or not h or m.group(0) in seen:  # each source once (it has several variants)
-            continue
-        seen.add(m.group(0))
-        split, idx = m.group(1), int(m.group(2))
-        try:
-            if split not in arrays:
-                arrays[split] = load_fashion_mnist_arrays(split, download=False)[0]
-            grey = Image.fromarray(arrays[split][idx], mode="L")
-        except (FileNotFoundError, ValueError, IndexError):
-            return {}
-        if checked < checks:
-            if source_key(grey, resize_to) != h:
-                return {}
-            checked += 1
-        aliases[image_hash(grey)] = h
-    return aliases
-
-
-def _bank_source_kind(root: Path) -> str | None:
-    try:
-        run = json.loads((root / "run.json").read_text(encoding="utf-8"))
-        return run["config"]["source"]["kind"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def _dataset_root(path: str | Path) -> Path:
-    root = Path(path)
-    if root.name == "train" and (root / METADATA).is_file():
-        root = root.parent
-    return root
 
 
 class SIPAugment:
@@ -211,7 +125,7 @@ class SIPAugment:
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {p}")
         banks = [] if bank is None else [bank] if isinstance(bank, (str, os.PathLike)) else list(bank)
-        self.banks = [_dataset_root(b) for b in banks]
+        self.banks = [dataset_root(b) for b in banks]
         for root in self.banks:
             if not (root / "train" / METADATA).is_file() and not list((root / "train").glob("metadata.shard-*.jsonl")):
                 raise FileNotFoundError(f"{root} is not a sip dataset: {root / 'train' / METADATA} does not exist "
@@ -234,7 +148,7 @@ class SIPAugment:
         self.label_fn = label_fn
         # 2. the hashing normalisation
         if resize_to == "auto":
-            found = {s for s in (_bank_resize(r) for r in self.banks + ([self.cache_dir] if self.cache_dir else []))}
+            found = {s for s in (bank_resize(r) for r in self.banks + ([self.cache_dir] if self.cache_dir else []))}
             if len(found) > 1:
                 raise ValueError(f"the banks were hashed at different sizes {sorted(found, key=str)}; pass resize_to=")
             resize_to = found.pop() if found else None
@@ -244,9 +158,7 @@ class SIPAugment:
         # 3. per-process state, rebuilt lazily after fork / unpickling
         self.counts = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
         self._counts_view = None
-        self._index: dict[str, list[str]] | None = None
-        self._aliases = False
-        self._cache_offset = 0
+        self.index = VariantIndex(self.banks, self.cache_dir, key, resize_to)
         self._default_builder = None
         # 4. online mode: the cache's writer is made here, once, so run.json exists before workers fork
         self.writer = self._make_writer() if generator is not None else None
@@ -292,73 +204,24 @@ class SIPAugment:
     # ------------------------------------------------------------------------------------------------
     def key_of(self, image: Image.Image) -> str:
         """The hash this transform looks ``image`` up by."""
-        return self.key(image) if self.key is not None else source_key(image, self.resize_to)
+        return self.index.key_of(image)
 
-    def _add(self, index: dict[str, list[str]], root: Path, row: dict[str, Any]) -> None:
-        h, name = row.get("source_hash"), row.get("file_name")
-        if not h or not name:
-            return
-        path = str(root / "train" / name)
-        files = index.setdefault(h, [])
-        i = bisect.bisect_left(files, path)  # sorted: the choice is the same whatever order rows arrived in
-        if i == len(files) or files[i] != path:
-            files.insert(i, path)
+    @property
+    def _index(self) -> dict[str, list[str]] | None:
+        return self.index.loaded
+
+    @property
+    def _aliases(self) -> bool:
+        return self.index.aliases
 
     def _load_index(self) -> dict[str, list[str]]:
-        if self._index is None:
-            index: dict[str, list[str]] = {}
-            aliases: dict[str, str] = {}
-            rows = 0
-            for root in self.banks:
-                bank_rows = read_metadata(root)
-                for row in bank_rows:
-                    self._add(index, root, row)
-                rows += len(bank_rows)
-                if self.key is None:
-                    aliases.update(_fashion_mnist_aliases(root, bank_rows, self.resize_to))
-            for raw, h in aliases.items():
-                index.setdefault(raw, index[h])  # the same list: variants added later show under both keys
-            self._index, self._aliases = index, bool(aliases)
-            self._cache_offset = 0
-            if self.cache_dir is not None:
-                rows += self._read_cache_tail()
-            if rows and not index:
-                logger.warning("SIPAugment: %s list %d images but none has a source_hash (written by an older sip?); "
-                               "every lookup will miss", [str(b) for b in self.banks], rows)
-        return self._index
+        return self.index.load()
 
     def _read_cache_tail(self) -> int:
-        """Add the cache's metadata lines written since the last read (by this or another process)."""
-        path = self.cache_dir / "train" / METADATA
-        try:
-            with path.open("rb") as f:
-                f.seek(self._cache_offset)
-                data = f.read()
-        except FileNotFoundError:
-            return 0
-        end = data.rfind(b"\n") + 1  # only whole lines: a line being written is read next time
-        n = 0
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self._add(self._index, self.cache_dir, row)
-            if self.writer is not None and row.get("file_name"):
-                self.writer.done.add(Path(row["file_name"]).stem)
-            n += 1
-        self._cache_offset += end
-        return n
+        return self.index.read_cache_tail(self.writer.done.add if self.writer is not None else None)
 
     def _find(self, image: Image.Image) -> tuple[str | None, list[str] | None]:
-        """(the image's key, its variant files); the key is None when a Fashion-MNIST alias found it."""
-        index = self._load_index()
-        if self._aliases and image.mode == "L":
-            files = index.get(image_hash(image))  # the grey 28×28 image as torchvision yields it
-            if files:
-                return None, files
-        key = self.key_of(image)
-        return key, index.get(key)
+        return self.index.find(image)
 
     def variants(self, image: Image.Image) -> list[str]:
         """Paths of the variants of ``image`` in the banks (sorted; empty on a miss). No counting, no RNG."""
@@ -495,7 +358,7 @@ class SIPAugment:
     # ------------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_index=None, _aliases=False, _cache_offset=0, _default_builder=None, _counts_view=None)
+        state.update(_default_builder=None, _counts_view=None)
         return state
 
     def __repr__(self) -> str:

@@ -224,7 +224,7 @@ def run_naive(pipe, jobs: list[Job], settings: dict, negative_prompt: str, label
 
 def make_generator(pipe, settings: dict, size: int, batch_size: int, channels_last: bool, precision: str,
                    tiny_vae=None):
-    from sip.augment.generate import DiffusionGenerator, GenerateConfig
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig, prepare_pipeline
 
     pipe.unet.to(memory_format=torch.contiguous_format)  # undo an earlier channels_last run
     pipe.vae.to(memory_format=torch.contiguous_format)
@@ -232,7 +232,7 @@ def make_generator(pipe, settings: dict, size: int, batch_size: int, channels_la
                             guidance_scale=settings["guidance_scale"], steps=settings["steps"],
                             batch_size=batch_size, resolution=size, precision=precision,
                             channels_last=channels_last, device="cpu")
-    return DiffusionGenerator(pipe, config, model_id="bench", tiny_vae=tiny_vae)
+    return DiffusionGenerator(prepare_pipeline(pipe, config), config, model_id="bench", tiny_vae=tiny_vae)
 
 
 def run_tiny_vae(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: str, best: RunResult,

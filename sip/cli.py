@@ -60,7 +60,7 @@ def _run(fn, *args, **kwargs):
     """Call the library; turn the errors users can fix into a clear message and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
         _fail(str(e))
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -20,6 +20,7 @@ name                        scope    returns
 ``tiny_classifier``         function a fresh seeded ``timm`` ``test_resnet`` with 10 classes, eval mode
 ``image_folder``            function ``ImageFolderFixture``: ``root/<label>/*`` in varied formats + bad files
 ``photo_folder``            session  ``Path``: real photos (skimage / sklearn) in ``root/<label>/``
+``fixed_captioner``         function a captioner that answers "a small picture" (identity ``fixed:v1``)
 ==========================  =======  ===============================================================
 """
 
@@ -372,3 +373,21 @@ def photo_folder(tmp_path_factory) -> Path:
     coffee (coffee.jpg), person (astronaut.png), rocket (rocket.jpg), china (china.jpg), flower
     (flower.png); longest side 128 px, aspect kept (e.g. 128x85). Shared by the session: read-only."""
     return make_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+# --------------------------------------------------------------------------------------------------
+# A fake captioner (real captioners are tested in test_caption.py)
+# --------------------------------------------------------------------------------------------------
+class FixedCaptioner:
+    """A captioner with a fixed answer, for tests of the stages after captioning."""
+
+    identity = "fixed:v1"
+
+    def __call__(self, images):
+        return ["a small picture" for _ in images]
+
+
+@pytest.fixture
+def fixed_captioner() -> FixedCaptioner:
+    """A captioner that answers "a small picture" for every image (identity ``fixed:v1``)."""
+    return FixedCaptioner()

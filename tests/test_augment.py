@@ -21,15 +21,6 @@ from sip.data.sources import SourceConfig
 from sip.ids import sanitize_label
 
 
-class FixedCaptioner:
-    """A captioner with a fixed answer; real captioners are tested in test_caption.py."""
-
-    identity = "fixed:v1"
-
-    def __call__(self, images):
-        return ["a small picture" for _ in images]
-
-
 def recipe(folder, out, **generate):
     gen = {"steps": 4, "per_image": 2, "batch_size": 4, "strength": 0.5, "device": "cpu", **generate}
     return AugmentRecipe(source=SourceConfig(kind="folder", path=str(folder)), generate=GenerateConfig(**gen),
@@ -53,9 +44,9 @@ def rows(out: Path) -> list[dict]:
                   key=lambda r: r["file_name"])
 
 
-def test_writes_the_documented_layout(image_folder, tmp_path, generator_factory):
+def test_writes_the_documented_layout(image_folder, tmp_path, generator_factory, fixed_captioner):
     out = tmp_path / "out"
-    summary = run_augment(recipe(image_folder, out), generator_factory(), FixedCaptioner())
+    summary = run_augment(recipe(image_folder, out), generator_factory(), fixed_captioner)
     n_good = len(image_folder.good)
     assert summary.written == 2 * n_good and summary.failed == 1  # the corrupt file, named
     assert "broken.png" in summary.line()
@@ -76,23 +67,23 @@ def test_writes_the_documented_layout(image_folder, tmp_path, generator_factory)
 
 
 def test_batch_invariant_mode_gives_the_same_bytes_whatever_the_batch_size(image_folder, tmp_path,
-                                                                           generator_factory):
+                                                                           generator_factory, fixed_captioner):
     a, b = tmp_path / "a", tmp_path / "b"
     run_augment(recipe(image_folder, a, batch_size=1, batch_invariant=True),
-                generator_factory(batch_size=1, batch_invariant=True), FixedCaptioner())
+                generator_factory(batch_size=1, batch_invariant=True), fixed_captioner)
     run_augment(recipe(image_folder, b, batch_size=5, batch_invariant=True),
-                generator_factory(batch_size=5, batch_invariant=True), FixedCaptioner())
+                generator_factory(batch_size=5, batch_invariant=True), fixed_captioner)
     assert files(a) == files(b)
     assert rows(a) == rows(b)
 
 
 def test_batched_mode_differs_by_at_most_float_rounding_across_batch_sizes(image_folder, tmp_path,
-                                                                            generator_factory):
+                                                                            generator_factory, fixed_captioner):
     import numpy as np
 
     a, b = tmp_path / "a", tmp_path / "b"
-    run_augment(recipe(image_folder, a, batch_size=1), generator_factory(batch_size=1), FixedCaptioner())
-    run_augment(recipe(image_folder, b, batch_size=5), generator_factory(batch_size=5), FixedCaptioner())
+    run_augment(recipe(image_folder, a, batch_size=1), generator_factory(batch_size=1), fixed_captioner)
+    run_augment(recipe(image_folder, b, batch_size=5), generator_factory(batch_size=5), fixed_captioner)
     fa, fb = files(a), files(b)
     assert fa.keys() == fb.keys() and rows(a) == rows(b)  # same seeds, prompts, ids
     diffs = [np.abs(np.asarray(Image.open(a / k), dtype=int) - np.asarray(Image.open(b / k), dtype=int)) for k in fa]
@@ -100,49 +91,49 @@ def test_batched_mode_differs_by_at_most_float_rounding_across_batch_sizes(image
     assert sum((d > 0).sum() for d in diffs) <= 0.001 * sum(d.size for d in diffs)
 
 
-def test_same_bytes_on_a_rerun_in_another_order(image_folder, tmp_path, generator_factory):
+def test_same_bytes_on_a_rerun_in_another_order(image_folder, tmp_path, generator_factory, fixed_captioner):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_augment(recipe(image_folder, a, batch_size=3), generator_factory(batch_size=3), FixedCaptioner())
-    run_augment(recipe(image_folder, b, batch_size=3), generator_factory(batch_size=3), FixedCaptioner())
+    run_augment(recipe(image_folder, a, batch_size=3), generator_factory(batch_size=3), fixed_captioner)
+    run_augment(recipe(image_folder, b, batch_size=3), generator_factory(batch_size=3), fixed_captioner)
     assert files(a) == files(b)
 
 
-def test_rerun_skips_finished_work(image_folder, tmp_path, generator_factory):
+def test_rerun_skips_finished_work(image_folder, tmp_path, generator_factory, fixed_captioner):
     out = tmp_path / "out"
-    run_augment(recipe(image_folder, out), generator_factory(), FixedCaptioner())
+    run_augment(recipe(image_folder, out), generator_factory(), fixed_captioner)
     before = files(out)
-    again = run_augment(recipe(image_folder, out), generator_factory(), FixedCaptioner())
+    again = run_augment(recipe(image_folder, out), generator_factory(), fixed_captioner)
     assert again.written == 0 and again.skipped == len(before)
     assert files(out) == before and len(read_metadata(out)) == len(before)
 
 
-def test_other_config_in_the_same_folder_is_refused_and_nothing_changes(image_folder, tmp_path, generator_factory):
+def test_other_config_in_the_same_folder_is_refused_and_nothing_changes(image_folder, tmp_path, generator_factory, fixed_captioner):
     out = tmp_path / "out"
-    run_augment(recipe(image_folder, out), generator_factory(), FixedCaptioner())
+    run_augment(recipe(image_folder, out), generator_factory(), fixed_captioner)
     before, meta = files(out), (out / "train" / "metadata.jsonl").read_bytes()
     with pytest.raises(ValueError, match="different config"):
-        run_augment(recipe(image_folder, out, strength=0.9), generator_factory(strength=0.9), FixedCaptioner())
+        run_augment(recipe(image_folder, out, strength=0.9), generator_factory(strength=0.9), fixed_captioner)
     assert files(out) == before and (out / "train" / "metadata.jsonl").read_bytes() == meta
 
 
-def test_shards_together_equal_one_run(image_folder, tmp_path, generator_factory):
+def test_shards_together_equal_one_run(image_folder, tmp_path, generator_factory, fixed_captioner):
     from dataclasses import replace
 
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     exact = {"batch_invariant": True}
-    run_augment(recipe(image_folder, whole, **exact), generator_factory(**exact), FixedCaptioner())
+    run_augment(recipe(image_folder, whole, **exact), generator_factory(**exact), fixed_captioner)
     s1 = run_augment(replace(recipe(image_folder, sharded, **exact), shard="1/2"), generator_factory(**exact),
-                     FixedCaptioner())
+                     fixed_captioner)
     assert not s1.complete and not (sharded / "train" / "metadata.jsonl").exists()
     s2 = run_augment(replace(recipe(image_folder, sharded, **exact), shard="2/2"), generator_factory(**exact),
-                     FixedCaptioner())
+                     fixed_captioner)
     assert s2.complete and s1.written > 0 and s2.written > 0
     assert files(whole) == files(sharded)
     assert rows(whole) == rows(sharded)
     assert not list((sharded / "train").glob("metadata.shard-*"))
 
 
-def test_filter_drops_variants_and_keeps_scores(image_folder, tmp_path, generator_factory, make_tiny_classifier):
+def test_filter_drops_variants_and_keeps_scores(image_folder, tmp_path, generator_factory, make_tiny_classifier, fixed_captioner):
     import torch
     import torchvision.transforms.v2 as T
 
@@ -151,25 +142,25 @@ def test_filter_drops_variants_and_keeps_scores(image_folder, tmp_path, generato
     transform = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])
     out_all, out_none = tmp_path / "all", tmp_path / "none"
     keep = ClassifierFilter(model, classes, transform, threshold=0.0)
-    s = run_augment(recipe(image_folder, out_all), generator_factory(), FixedCaptioner(), keep)
+    s = run_augment(recipe(image_folder, out_all), generator_factory(), fixed_captioner, keep)
     assert s.filtered == 0
     assert all(0.0 <= r["scores"]["classifier_prob"] <= 1.0 for r in read_metadata(out_all))
     drop = ClassifierFilter(model, classes, transform, threshold=1.0)
-    s = run_augment(recipe(image_folder, out_none), generator_factory(), FixedCaptioner(), drop)
+    s = run_augment(recipe(image_folder, out_none), generator_factory(), fixed_captioner, drop)
     assert s.written == 0 and s.filtered == 2 * len(image_folder.good)
     rejected = [json.loads(line) for line in (out_none / "rejected.jsonl").read_text().splitlines()]
     assert len(rejected) == s.filtered and all("classifier_prob" in r["scores"] for r in rejected)
     # rejected ids count as done: a rerun does not regenerate them
-    again = run_augment(recipe(image_folder, out_none), generator_factory(), FixedCaptioner(), drop)
+    again = run_augment(recipe(image_folder, out_none), generator_factory(), fixed_captioner, drop)
     assert again.filtered == 0 and again.skipped == s.filtered
 
 
-def test_output_loads_in_datasets_and_torchvision(image_folder, tmp_path, generator_factory):
+def test_output_loads_in_datasets_and_torchvision(image_folder, tmp_path, generator_factory, fixed_captioner):
     import datasets
     from torchvision.datasets import ImageFolder
 
     out = tmp_path / "out"
-    run_augment(recipe(image_folder, out), generator_factory(), FixedCaptioner())
+    run_augment(recipe(image_folder, out), generator_factory(), fixed_captioner)
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 2 * len(image_folder.good)
     assert {"image", "caption", "prompt", "seed", "source"} <= set(ds.column_names)
@@ -238,9 +229,9 @@ print(run_augment(recipe, gen, FixedCaptioner()).line(), flush=True)
 
 
 def test_resume_after_sigkill_has_no_duplicate_missing_or_torn_image(image_folder, tmp_path, tiny_sd_dir,
-                                                                       generator_factory):
+                                                                       generator_factory, fixed_captioner):
     ref = tmp_path / "ref"
-    run_augment(recipe(image_folder, ref, batch_size=1), generator_factory(batch_size=1), FixedCaptioner())
+    run_augment(recipe(image_folder, ref, batch_size=1), generator_factory(batch_size=1), fixed_captioner)
     out = tmp_path / "killed"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -270,10 +261,10 @@ def test_resume_after_sigkill_has_no_duplicate_missing_or_torn_image(image_folde
 # bad input stops before any work, with a message saying what to change
 # ---------------------------------------------------------------------------------------------------
 
-def test_empty_input_folder(tmp_path):
+def test_empty_input_folder(tmp_path, fixed_captioner):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images found in .*empty"):
-        run_augment(recipe(tmp_path / "empty", tmp_path / "out"), generator=None, captioner=FixedCaptioner())
+        run_augment(recipe(tmp_path / "empty", tmp_path / "out"), generator=None, captioner=fixed_captioner)
     assert not (tmp_path / "out").exists()
 
 
@@ -290,11 +281,11 @@ def test_bad_values_fail_at_load(override, message):
         load_config(AugmentRecipe, None, [override])
 
 
-def test_missing_model_folder_names_it_and_how_to_get_it(image_folder, tmp_path):
+def test_missing_model_folder_names_it_and_how_to_get_it(image_folder, tmp_path, fixed_captioner):
     cfg = AugmentRecipe(source=SourceConfig(kind="folder", path=str(image_folder)), output=str(tmp_path / "o"),
                         generate=GenerateConfig(model=str(tmp_path / "no-such-model"), device="cpu"), progress=False)
     with pytest.raises(FileNotFoundError, match="no-such-model.*(huggingface-cli download|hub id)"):
-        run_augment(cfg, captioner=FixedCaptioner())
+        run_augment(cfg, captioner=fixed_captioner)
     assert not (tmp_path / "o").exists()
 
 

@@ -16,14 +16,6 @@ from sip.data.bank import DatasetWriter, read_metadata
 from sip.data.sources import SourceConfig
 from sip.models.diffusion import load_diffusion_pipeline
 
-
-class FixedCaptioner:
-    identity = "fixed:v1"
-
-    def __call__(self, images):
-        return ["a small picture" for _ in images]
-
-
 GEN = {"steps": 4, "per_image": 3, "batch_size": 4, "strength": 0.5, "device": "cpu", "batch_invariant": False}
 
 
@@ -62,15 +54,15 @@ def abort_after(monkeypatch, n: int) -> None:
 
 @pytest.mark.parametrize("n", [3, 6])
 def test_resumed_augment_is_byte_identical_to_an_uninterrupted_run(image_folder, tmp_path, make_generator,
-                                                                   monkeypatch, n):
+                                                                   monkeypatch, n, fixed_captioner):
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    run_augment(recipe(image_folder, clean), make_generator(), FixedCaptioner())
+    run_augment(recipe(image_folder, clean), make_generator(), fixed_captioner)
     with monkeypatch.context() as m:
         abort_after(m, n)  # stops inside a batch of 4 (3 variants per source: batches straddle sources)
         with pytest.raises(Abort):
-            run_augment(recipe(image_folder, resumed), make_generator(), FixedCaptioner())
+            run_augment(recipe(image_folder, resumed), make_generator(), fixed_captioner)
     assert len(read_metadata(resumed)) == n
-    again = run_augment(recipe(image_folder, resumed), make_generator(), FixedCaptioner())
+    again = run_augment(recipe(image_folder, resumed), make_generator(), fixed_captioner)
     assert again.skipped == n and again.written == len(digests(clean)) - n
     assert digests(resumed) == digests(clean)
 
@@ -95,22 +87,22 @@ def test_batch_grid_is_the_item_order_cut_in_batches():
         batch_grid([1], 0)
 
 
-def test_a_programming_error_in_a_batch_propagates(image_folder, tmp_path, make_generator, monkeypatch):
+def test_a_programming_error_in_a_batch_propagates(image_folder, tmp_path, make_generator, monkeypatch, fixed_captioner):
     generator = make_generator()
     monkeypatch.setattr(generator, "img2img", lambda images, prompts, seeds, negative="":
                         DiffusionGenerator.img2img(generator, images, prompts[:-1], seeds, negative))
     with pytest.raises(ValueError, match="must align"):
-        run_augment(recipe(image_folder, tmp_path / "out"), generator, FixedCaptioner())
+        run_augment(recipe(image_folder, tmp_path / "out"), generator, fixed_captioner)
 
 
 def test_out_of_memory_is_counted_per_image_and_the_run_goes_on(image_folder, tmp_path, make_generator,
-                                                                 monkeypatch):
+                                                                 monkeypatch, fixed_captioner):
     generator = make_generator()
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
     monkeypatch.setattr(generator, "img2img", oom)
-    summary = run_augment(recipe(image_folder, tmp_path / "out"), generator, FixedCaptioner())
+    summary = run_augment(recipe(image_folder, tmp_path / "out"), generator, fixed_captioner)
     assert summary.written == 0 and summary.failed >= 3 * len(image_folder.good)
     assert "OutOfMemoryError" in summary.line()
 
@@ -121,25 +113,25 @@ def fail_if_models_load(monkeypatch):
     monkeypatch.setattr(DiffusionGenerator, "from_config", boom)
 
 
-def test_output_that_is_a_file_is_refused_before_any_model_loads(image_folder, tmp_path, monkeypatch):
+def test_output_that_is_a_file_is_refused_before_any_model_loads(image_folder, tmp_path, monkeypatch, fixed_captioner):
     fail_if_models_load(monkeypatch)
     target = tmp_path / "taken"
     target.write_text("not a folder")
     with pytest.raises(NotADirectoryError, match=r"taken.*is a file.*--output"):
-        run_augment(recipe(image_folder, target), captioner=FixedCaptioner())
+        run_augment(recipe(image_folder, target), captioner=fixed_captioner)
     with pytest.raises(NotADirectoryError, match="is a file"):
         run_synth(SynthRecipe(classes=["a"], output=str(target / "sub"), progress=False))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_read_only_output_is_refused_before_any_model_loads(image_folder, tmp_path, monkeypatch):
+def test_read_only_output_is_refused_before_any_model_loads(image_folder, tmp_path, monkeypatch, fixed_captioner):
     fail_if_models_load(monkeypatch)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         with pytest.raises(PermissionError, match=r"ro is not writable.*--output"):
-            run_augment(recipe(image_folder, ro / "out"), captioner=FixedCaptioner())
+            run_augment(recipe(image_folder, ro / "out"), captioner=fixed_captioner)
     finally:
         ro.chmod(0o700)
 
@@ -155,7 +147,7 @@ def test_model_folder_without_unet_names_the_folder_and_the_missing_part(tiny_sd
     json.loads((broken / "model_index.json").read_text())  # untouched
 
 
-def test_photos_given_the_fashion_mnist_model_warn_once_and_name_the_model_flag(tmp_path, tiny_sd_img2img, caplog):
+def test_photos_given_the_fashion_mnist_model_warn_once_and_name_the_model_flag(tmp_path, tiny_sd_img2img, caplog, fixed_captioner):
     import numpy as np
     from PIL import Image
 
@@ -169,13 +161,13 @@ def test_photos_given_the_fashion_mnist_model_warn_once_and_name_the_model_flag(
     generator = DiffusionGenerator(tiny_sd_img2img, GenerateConfig(**{**GEN, "per_image": 1}),
                                    model_id=DEFAULT_SD_MODEL)  # the shipped model's card: Fashion-MNIST
     with caplog.at_level("WARNING", logger="sip.augment.run"):
-        summary = run_augment(recipe(photos.parent, tmp_path / "out", per_image=1), generator, FixedCaptioner())
+        summary = run_augment(recipe(photos.parent, tmp_path / "out", per_image=1), generator, fixed_captioner)
     assert len(summary.warnings) == 1
     assert "300 px" in summary.warnings[0] and "colour" in summary.warnings[0] and "--model" in summary.warnings[0]
     assert sum("look unlike" in r.message for r in caplog.records) == 1
 
 
-def test_sources_like_the_training_data_give_no_warning(image_folder, tmp_path, make_generator):
+def test_sources_like_the_training_data_give_no_warning(image_folder, tmp_path, make_generator, fixed_captioner):
     summary = run_augment(recipe(image_folder, tmp_path / "out", per_image=1), make_generator(per_image=1),
-                          FixedCaptioner())
+                          fixed_captioner)
     assert summary.warnings == []

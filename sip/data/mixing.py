@@ -28,15 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sip.data.sources import (
-    FashionMNISTSource,
-    HFDatasetSource,
-    ImageFolderSource,
-    ImageSource,
-    load_image,
-    to_rgb,
-)
-from sip.ids import fashion_mnist_id, stable_seed
+from sip.data.fashion_mnist import FashionMNISTSource
+from sip.data.images import ImageSource, load_image, to_rgb
+from sip.data.sources import HFDatasetSource, ImageFolderSource
+from sip.ids import stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +54,13 @@ class RealImages(torch.utils.data.Dataset):
         self.classes = list(source.classes)
         if isinstance(source, FashionMNISTSource):
             self.labels = source.labels[source.indices].astype(np.int64)
-            self._ids = [fashion_mnist_id(source.split, i) for i in source.indices]
+            self._ids = list(source.source_ids())
         elif isinstance(source, ImageFolderSource):
             self.labels = np.array([label for _, label in source.files], dtype=np.int64)
-            self._ids = [p.relative_to(source.root).as_posix() for p, _ in source.files]
+            self._ids = list(source.source_ids())  # the ids the source's samples carry (UTF-8 safe)
         elif isinstance(source, HFDatasetSource):
             self.labels = np.asarray(source.dataset[source.label_column], dtype=np.int64)
-            rows = getattr(source, "rows", range(len(source.dataset)))  # row numbers survive a few-shot select
-            self._ids = [f"{source.split}/{r}" for r in rows]
+            self._ids = list(source.source_ids())  # row numbers survive a few-shot select
         else:
             raise TypeError(f"RealImages takes a sip.data.sources source, got {type(source).__name__}")
 

@@ -1,121 +1,30 @@
-"""sip.data.sources: image folder, HF dataset from disk and Fashion-MNIST sources; to_rgb; open_source."""
+"""sip.data.sources: image folder and HF dataset from disk; open_source and SourceConfig; bad inputs."""
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 import logging
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import sip.data.sources
 from sip.config import ConfigError, load_config
 from sip.data.sources import (
     DEBIAN_FASHION_MNIST,
-    FASHION_MNIST_CLASSES,
     FashionMNISTSource,
     HFDatasetSource,
     ImageFolderSource,
     Sample,
     SourceConfig,
-    load_image,
     open_source,
-    select_shots,
-    to_rgb,
 )
 
 HAS_DEBIAN_FMNIST = (DEBIAN_FASHION_MNIST / "train-labels-idx1-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(not HAS_DEBIAN_FMNIST, reason="apt-get install dataset-fashion-mnist")
 
-
-# --------------------------------------------------------------------------------------------------
-# to_rgb / load_image
-# --------------------------------------------------------------------------------------------------
-
-def _grad(w: int = 6, h: int = 4) -> np.ndarray:
-    return np.arange(w * h, dtype=np.uint8).reshape(h, w) * 10
-
-
-MODES = {
-    "RGB": lambda: Image.fromarray(np.dstack([_grad()] * 3)),
-    "RGBA": lambda: Image.fromarray(np.dstack([_grad()] * 3 + [np.full((4, 6), 255, np.uint8)])),
-    "LA": lambda: Image.fromarray(_grad()).convert("LA"),
-    "L": lambda: Image.fromarray(_grad()),
-    "1": lambda: Image.fromarray(_grad()).convert("1"),
-    "P": lambda: Image.fromarray(np.dstack([_grad()] * 3)).quantize(colors=8),
-    "CMYK": lambda: Image.fromarray(np.dstack([_grad()] * 3)).convert("CMYK"),
-    "YCbCr": lambda: Image.fromarray(np.dstack([_grad()] * 3)).convert("YCbCr"),
-    "I;16": lambda: Image.fromarray(_grad().astype(np.uint16) * 257),
-    "I": lambda: Image.fromarray(_grad().astype(np.int32) * 257),
-}
-
-
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_to_rgb_every_mode(mode):
-    image = MODES[mode]()
-    assert image.mode == mode
-    rgb = to_rgb(image)
-    assert rgb.mode == "RGB" and rgb.size == (6, 4)
-    arr = np.asarray(rgb).astype(int)
-    if mode != "1":
-        # a grey ramp stays a grey ramp: brightness increases left to right in the top row
-        grey = arr[0].mean(axis=-1)
-        assert np.all(np.diff(grey) >= 0) and grey[-1] > grey[0] + 20, (mode, grey)
-
-
-def test_to_rgb_composites_transparency_on_white():
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., 0] = 200
-    rgba[0, 0, 3] = 0  # fully transparent
-    rgba[0, 1, 3] = 255  # opaque red-ish
-    rgba[1, :, 3] = 128  # half
-    out = np.asarray(to_rgb(Image.fromarray(rgba)))
-    assert tuple(out[0, 0]) == (255, 255, 255)
-    assert tuple(out[0, 1]) == (200, 0, 0)
-    assert 120 <= out[1, 0, 1] <= 135  # green: half of the white background
-
-
-def test_to_rgb_palette_transparency_on_white():
-    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="L").convert("P")
-    palette.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
-    palette.info["transparency"] = 0
-    out = np.asarray(to_rgb(palette))
-    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (200, 0, 0)
-
-
-def test_to_rgb_16_bit_full_range():
-    deep = Image.fromarray(np.array([[0, 32768, 65535]], np.uint16))
-    assert deep.mode == "I;16"
-    out = np.asarray(to_rgb(deep))
-    assert out[0, 0, 0] == 0 and 120 <= out[0, 1, 0] <= 135 and out[0, 2, 0] == 255
-    assert np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2])
-
-
-def test_to_rgb_applies_exif_orientation(tmp_path):
-    image = Image.fromarray(np.dstack([_grad(40, 20)] * 3))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    image.save(tmp_path / "rotated.jpg", exif=exif)
-    loaded = load_image(tmp_path / "rotated.jpg")
-    assert loaded.mode == "RGB" and loaded.size == (20, 40)
-
-
-def test_load_image_names_the_file(tmp_path):
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"definitely not a jpeg")
-    with pytest.raises(ValueError, match=rf"cannot read image {bad}"):
-        load_image(bad)
-    truncated = tmp_path / "truncated.png"
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
-    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(ValueError, match=rf"cannot read image {truncated}"):
-        load_image(truncated)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,126 +178,6 @@ def test_hf_dataset_int_labels_and_corrupt_row(tmp_path, caplog):
 # Fashion-MNIST
 # --------------------------------------------------------------------------------------------------
 
-def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-@pytest.fixture
-def no_fashion_mnist(tmp_path, monkeypatch):
-    """Nothing to be found: empty $SIP_FASHION_MNIST_DIR, no Debian folder, an empty home."""
-    empty = tmp_path / "fmnist-empty"
-    empty.mkdir()
-    monkeypatch.setenv("SIP_FASHION_MNIST_DIR", str(empty))
-    monkeypatch.setattr(sip.data.sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
-    monkeypatch.setattr(sip.data.sources.Path, "home", lambda: tmp_path / "home")
-    return empty
-
-
-def test_fashion_mnist_missing_says_how_to_get_it(no_fashion_mnist):
-    with pytest.raises(FileNotFoundError) as info:
-        FashionMNISTSource(download=False)
-    message = str(info.value)
-    assert "apt-get install dataset-fashion-mnist" in message
-    assert str(no_fashion_mnist) in message and "SIP_FASHION_MNIST_DIR" in message
-
-
-def test_fashion_mnist_download_without_network_says_how_to_get_it(no_fashion_mnist):
-    # pytest-socket blocks the download at once; the error must still say what to do
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*download failed"), \
-            pytest.warns(UserWarning, match="socket"):
-        FashionMNISTSource("test", download=True)
-
-
-def test_fashion_mnist_from_custom_folder(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
-    labels = np.arange(20) % 10
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images, compress=True)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, compress=False)
-    monkeypatch.setenv("SIP_FASHION_MNIST_DIR", str(tmp_path))
-    source = FashionMNISTSource("test", download=False)  # also after the Debian files were read before
-    assert len(source) == 20
-    samples = list(source)
-    assert np.array_equal(np.asarray(samples[3].image)[..., 0], images[3])
-    assert [s.label for s in samples] == labels.tolist()
-    assert samples[3].source_id == "fmnist/test/3"
-
-
-def test_fashion_mnist_bad_idx_file(tmp_path, monkeypatch):
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04" + bytes(16))
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2), compress=False)
-    monkeypatch.setenv("SIP_FASHION_MNIST_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte is not an unsigned-byte idx file"):
-        FashionMNISTSource("test", download=False)
-
-
-@needs_fmnist
-def test_fashion_mnist_full_splits():
-    train, test = FashionMNISTSource("train"), FashionMNISTSource("test")
-    assert (len(train), len(test)) == (60000, 10000)
-    assert train.classes == list(FASHION_MNIST_CLASSES) and len(train.classes) == 10
-    s = train.sample(0)
-    assert s.image.mode == "RGB" and s.image.size == (28, 28)
-    assert s.source_id == "fmnist/train/0" and s.label_name == FASHION_MNIST_CLASSES[s.label]
-    assert s.label == 9  # the first training image is an ankle boot
-
-
-@needs_fmnist
-def test_fashion_mnist_shots_seed_and_pool():
-    a = FashionMNISTSource("train", shots=3, seed=1, start=50000, size=32)
-    assert len(a) == 30
-    samples = list(a)
-    assert sorted(s.label for s in samples) == sorted(list(range(10)) * 3)
-    assert all(s.image.size == (32, 32) and s.image.mode == "RGB" for s in samples)
-    assert all(s.label_name == FASHION_MNIST_CLASSES[s.label] for s in samples)
-    indices = [int(s.source_id.rsplit("/", 1)[1]) for s in samples]
-    assert all(50000 <= i < 60000 for i in indices)
-    assert indices == sorted(indices)
-    # same seed → same images (bytes); another seed → another selection
-    b = FashionMNISTSource("train", shots=3, seed=1, start=50000, size=32)
-    assert [s.source_id for s in b] == [s.source_id for s in samples]
-    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(b, samples))
-    c = FashionMNISTSource("train", shots=3, seed=2, start=50000, size=32)
-    assert [s.source_id for s in c] != [s.source_id for s in samples]
-    d = FashionMNISTSource("train", shots=2, seed=0, start=100, stop=400)
-    assert all(100 <= int(s.source_id.rsplit("/", 1)[1]) < 400 for s in d)
-    assert d.sample(0).image.size == (28, 28)
-
-
-@needs_fmnist
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(split="val"), "split must be 'train' or 'test'"),
-    (dict(start=500, stop=100), r"pool \[500, 100\)"),
-    (dict(start=0, stop=70000), r"pool \[0, 70000\) is not inside \[0, 60000\)"),
-    (dict(shots=50, start=0, stop=100), "fewer than shots=50"),
-])
-def test_fashion_mnist_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        FashionMNISTSource(**kwargs)
-
-
-def test_select_shots():
-    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2])
-    chosen = select_shots(labels, 2, seed=0)
-    assert len(chosen) == 6 and list(chosen) == sorted(chosen)
-    assert sorted(labels[chosen].tolist()) == [0, 0, 1, 1, 2, 2]
-    assert np.array_equal(chosen, select_shots(labels, 2, seed=0))
-    assert set(select_shots(labels, 1, seed=3, pool=[1, 2, 3, 6])) <= {1, 2, 3, 6}
-    with pytest.raises(ValueError, match="class 2 has 2 images in the pool, fewer than shots=3"):
-        select_shots(labels, 3, seed=0)
-    with pytest.raises(ValueError, match="shots must be positive"):
-        select_shots(labels, 0, seed=0)
-
-
-# --------------------------------------------------------------------------------------------------
-# SourceConfig / open_source
-# --------------------------------------------------------------------------------------------------
-
 def test_open_source_folder_with_shots(image_folder):
     config = SourceConfig(kind="folder", path=str(image_folder.root), shots=1, seed=0)
     source = open_source(config)
@@ -445,3 +234,108 @@ def test_source_config_validation(tmp_path):
     expected = rf"kind: must be one of 'fashion-mnist', 'folder', 'hf', got 'csv' in {recipe}"
     with pytest.raises(ConfigError, match=expected):
         load_config(SourceConfig, recipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 16: the bad-input corpus (scripts/bad_inputs.py builds it; here without the diffusion run)
+# --------------------------------------------------------------------------------------------------
+
+def _bad_inputs_module():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bad_inputs.py"
+    spec = importlib.util.spec_from_file_location("bad_inputs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bad_inputs"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_input_corpus_every_file_read_or_named_with_reason(tmp_path, caplog):
+    import json
+
+    cases = _bad_inputs_module().build_corpus(tmp_path / "in", tmp_path / "outside")
+    with caplog.at_level(logging.WARNING):
+        source = ImageFolderSource(tmp_path / "in")
+        samples = list(source)
+    ids = {s.source_id for s in samples}
+    skipped = {s.path: s.reason for s in source.skipped}
+    for case in cases:
+        if case.expect == "read":
+            assert case.shown in ids, f"{case.name}: {case.shown} not read; skipped: {skipped}"
+        elif case.expect == "skip":
+            matches = [r for p, r in skipped.items() if p.endswith(case.shown)]
+            assert matches and all(r for r in matches), f"{case.name}: {case.shown} not in skipped"
+            assert case.shown in caplog.text
+        else:
+            assert case.shown in caplog.text, f"{case.name}: {case.shown} not logged"
+    for s in samples:
+        assert s.image.mode == "RGB" and s.image.size[0] >= 1
+        json.dumps({"source": s.source_id, "label": s.label_name}, ensure_ascii=False).encode("utf-8")
+    assert "secret.png" not in {Path(s.source_id).name for s in samples}
+    by_id = {s.source_id: s for s in samples}
+    assert np.all(np.asarray(by_id["c/deep16.png"].image) == 78)
+    assert np.asarray(by_id["c/anim.gif"].image)[0, 0, 0] == 30  # first frame
+    assert set(source.source_ids()) >= ids
+
+
+def test_decompression_bomb_is_skipped_naming_the_file(tmp_path, caplog):
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "ok.png")
+    Image.new("1", (20000, 20000), 1).save(tmp_path / "c" / "bomb.png")
+    source = ImageFolderSource(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert [s.source_id for s in source] == ["c/ok.png"]
+    [skip] = source.skipped
+    assert skip.path.endswith("c/bomb.png") and "decompression bomb" in skip.reason
+    assert "bomb.png" in caplog.text
+
+
+def test_non_utf8_file_name_is_read_with_a_utf8_id(tmp_path):
+    import json
+    import os
+
+    os.makedirs(os.path.join(os.fsencode(tmp_path), b"c"))
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(os.path.join(os.fsencode(tmp_path), b"c", b"caf\xe9.png"))
+    source = ImageFolderSource(tmp_path)
+    [sample] = list(source)
+    assert sample.source_id == "c/caf\\xe9.png"
+    assert list(source.source_ids()) == [sample.source_id]
+    json.dumps({"source": sample.source_id}, ensure_ascii=False).encode("utf-8")  # no lone surrogates
+
+
+def test_empty_and_hidden_class_folders_are_logged(tmp_path, caplog):
+    for name in ("cat", "empty", "..evil", ".git"):
+        (tmp_path / name).mkdir()
+    for name in ("cat", "..evil", ".git"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "x.png")
+    with caplog.at_level(logging.WARNING):
+        source = ImageFolderSource(tmp_path)
+    assert source.classes == ["cat", "empty"]
+    assert "empty" in caplog.text and "..evil" in caplog.text and ".git" in caplog.text
+
+
+def test_every_skipped_file_is_listed(tmp_path):
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "ok.png")
+    for i in range(6):
+        (tmp_path / "c" / f"bad{i}.png").write_bytes(b"not an image")
+    source = ImageFolderSource(tmp_path)
+    assert len(list(source)) == 1
+    assert sorted(Path(s.path).name for s in source.skipped) == [f"bad{i}.png" for i in range(6)]
+
+
+def test_symlink_outside_the_input_is_refused(tmp_path):
+    (tmp_path / "in" / "c").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "c" / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "secret.png")
+    (tmp_path / "in" / "c" / "inside.png").symlink_to("ok.png")
+    (tmp_path / "in" / "c" / "outside.png").symlink_to(tmp_path / "out" / "secret.png")
+    (tmp_path / "in" / "d").symlink_to(tmp_path / "out", target_is_directory=True)
+    source = ImageFolderSource(tmp_path / "in")
+    assert source.classes == ["c"]
+    assert [s.source_id for s in source] == ["c/inside.png", "c/ok.png"]
+    reasons = {Path(s.path).name: s.reason for s in source.skipped}
+    assert set(reasons) == {"outside.png", "d"} and all("outside the input folder" in r for r in reasons.values())

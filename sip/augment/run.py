@@ -208,7 +208,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     # 3. output folder (refuses a folder written with another config)
     out = Path(recipe.output)
     writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img"}),
-                           source.classes, shard)
+                           source.classes, shard, defaults=to_dict(AugmentRecipe()))
     cache = CaptionCache(recipe.caption.cache or out / "captions.jsonl")
     per_image, cfg = recipe.generate.per_image, recipe.generate
     summary = RunSummary(str(out))
@@ -301,7 +301,8 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
                         "max_tokens": min(recipe.prompt.max_tokens, generator.max_prompt_tokens)}),
         generator.pipe.tokenizer)
     out = Path(recipe.output)
-    writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img"}), classes, shard)
+    writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img"}), classes, shard,
+                           defaults=to_dict(SynthRecipe()))
     cfg = recipe.generate
     jobs = [(label, k) for label in classes for k in range(cfg.per_class) if in_shard(f"{label}\x00{k}", shard)]
     summary = RunSummary(str(out))

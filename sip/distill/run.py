@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from sip.config import save_config
+from sip.config import save_config, to_dict
 from sip.distill.logits import (
     StoreMismatchError,
     TeacherLogitsStore,
@@ -28,7 +28,7 @@ from sip.distill.logits import (
     tensor_transform,
     view_input,
 )
-from sip.distill.losses import build_kd_loss, kd_loss_arguments
+from sip.distill.losses import KD_LOSSES, build_kd_loss, kd_loss_arguments
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
 from sip.runtime import large_input, resolve_precision
 from sip.train.run import (
@@ -55,15 +55,20 @@ from sip.train.run import (
 logger = logging.getLogger(__name__)
 
 
+LOSS_DEFAULTS: dict[str, Any] = {"temperature": 4.0, "alpha": 0.5, "mode": "hard", "label_smoothing": 0.0}
+
+
 @dataclass(frozen=True)
 class LossSection:
     """Which KD loss and its settings (each loss uses the fields it has; see sip.distill.losses)."""
 
     name: str = "hinton"  # ce | hinton | deit_soft | deit_hard | multi_teacher | multi_token (or your own)
-    temperature: float = 4.0  # softens both distributions; 2-6 is usual, higher for small data
-    alpha: float = 0.5  # weight of the teacher term; 1 - alpha goes to the ground-truth labels
-    mode: Literal["hard", "soft"] = "hard"  # multi_token: argmax teacher labels (CivT) or softened KL
-    label_smoothing: float = 0.0  # on the ground-truth (and hard-teacher) cross-entropy
+    # null = not set: the value in LOSS_DEFAULTS if the loss takes that key; a key set here that the chosen
+    # loss does not take is an error (see build_loss)
+    temperature: float | None = None  # softens both distributions; 2-6 is usual, higher for small data (4.0)
+    alpha: float | None = None  # weight of the teacher term; 1 - alpha goes to the ground-truth labels (0.5)
+    mode: Literal["hard", "soft"] | None = None  # multi_token: argmax teacher labels (CivT) or softened KL
+    label_smoothing: float | None = None  # on the ground-truth (and hard-teacher) cross-entropy (0.0)
     use_labels: bool = True  # false: the dataset's labels are never read (data-free: teachers only)
 
 
@@ -83,6 +88,15 @@ class DistillRecipe:
     logits: str | None = None  # a store written by `sip logits`; null = teachers run online on every batch
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+
+    def output_settings(self) -> dict[str, Any]:
+        """The recipe as a dict with the loss settings actually used (unset → default), for resume checks."""
+        d = to_dict(self)
+        accepted = kd_loss_arguments(self.loss.name) if self.loss.name in KD_LOSSES else list(LOSS_DEFAULTS)
+        for k, default in LOSS_DEFAULTS.items():
+            value = getattr(self.loss, k)
+            d["loss"][k] = (default if value is None else value) if k in accepted else None
+        return d
 
     def __post_init__(self):
         if not self.teachers and not self.logits:
@@ -159,18 +173,35 @@ def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
 # sip distill
 # ----------------------------------------------------------------------------------------------------
 
-def build_loss(section: LossSection, teachers: list[Teacher] | None = None) -> torch.nn.Module:
-    """The recipe's loss with the settings it accepts; teacher weights go to losses that take them."""
+def loss_kwargs(section: LossSection) -> dict[str, Any]:
+    """The settings ``section`` gives its loss: those the loss takes, unset ones from :data:`LOSS_DEFAULTS`.
+
+    Raises:
+        ValueError: a key set in the recipe that the chosen loss does not take (it would be ignored silently).
+    """
     accepted = kd_loss_arguments(section.name)
-    kwargs = {k: getattr(section, k) for k in ("temperature", "alpha", "mode", "label_smoothing") if k in accepted}
+    unknown = [k for k in LOSS_DEFAULTS if getattr(section, k) is not None and k not in accepted]
+    if unknown:
+        takes = ", ".join(k for k in accepted if k in LOSS_DEFAULTS) or "none of them"
+        raise ValueError(f"loss.{unknown[0]} is set but loss {section.name!r} does not take it (of "
+                         f"{', '.join('loss.' + k for k in LOSS_DEFAULTS)} it takes: {takes}); remove "
+                         f"{', '.join('loss.' + k for k in unknown)} from the recipe or pick a loss that uses it")
+    return {k: LOSS_DEFAULTS[k] if getattr(section, k) is None else getattr(section, k)
+            for k in LOSS_DEFAULTS if k in accepted}
+
+
+def build_loss(section: LossSection, teachers: list[Teacher] | None = None) -> torch.nn.Module:
+    """The recipe's loss with its settings (:func:`loss_kwargs`); teacher weights go to losses that take them."""
+    accepted = kd_loss_arguments(section.name)
+    kwargs = loss_kwargs(section)
     weights = [t.weight for t in teachers] if teachers else None
     if "weights" in accepted:
         kwargs["weights"] = weights
     elif weights and len(set(weights)) > 1:
         raise ValueError(f"loss {section.name!r} averages teachers equally; per-teacher weights {weights} need "
                          "loss multi_teacher or multi_token")
-    if not section.use_labels and "alpha" in kwargs and kwargs["alpha"] < 1 and section.name != "deit_hard":
-        raise ValueError(f"loss.use_labels is false (data-free) but loss.alpha={section.alpha} gives the labels "
+    if not section.use_labels and kwargs.get("alpha", 1.0) < 1:
+        raise ValueError(f"loss.use_labels is false (data-free) but loss.alpha={kwargs['alpha']} gives the labels "
                          "weight 1 - alpha; set loss.alpha: 1.0")
     if section.name == "ce" and not section.use_labels:
         raise ValueError("loss 'ce' learns from labels only; with use_labels false nothing would be learnt")
@@ -206,7 +237,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     """
     # 1. check names and the run folder
     check_model_name(recipe.student.name)
-    kd_loss_arguments(recipe.loss.name)  # an unknown loss name fails here, before any data is read
+    loss_kwargs(recipe.loss)  # an unknown loss name or a key it does not take fails here, before any data is read
     run_dir, resume = prepare_run_dir(recipe, run_dir)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
@@ -316,6 +347,8 @@ __all__ = [
     "StoreSection",
     "TeacherSection",
     "build_loss",
+    "loss_kwargs",
+    "LOSS_DEFAULTS",
     "run_distillation",
     "run_logits",
 ]

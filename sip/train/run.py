@@ -40,7 +40,7 @@ import torch
 import yaml
 from torch import nn
 
-from sip.config import ConfigError, save_config, to_dict
+from sip.config import ConfigError, from_dict, save_config, to_dict
 from sip.data.mixing import MixConfig, MixedImages, RealImages, SyntheticImages
 from sip.data.sources import SourceConfig, open_source
 from sip.ids import stable_seed
@@ -165,7 +165,7 @@ class RunSection:
     # auto: bf16 on CUDA; on AMX CPUs for inputs >= 112 px (smaller ones train faster in fp32); else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = 1  # evaluate every N epochs (the last epoch always)
-    eval_max_samples: int | None = None  # cap per-epoch evaluation (a fixed subset); the final one is full
+    eval_max_samples: int | None = 1000  # per-epoch evaluation on a fixed subset (null = all); the final one is full
     checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N steps; 0 = at epoch ends only
     resume: bool = True  # continue from run_dir/checkpoint when present; false starts over
     progress: bool = True  # tqdm progress bar
@@ -565,6 +565,37 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _resume_view(recipe: Any, saved: Path | None = None) -> dict[str, Any]:
+    """The flat settings that decide a run's outputs: of ``recipe``, or of the recipe saved at ``saved``.
+
+    A saved config is read back into the current recipe class, so a key added since it was written takes
+    its default (a newer sip can resume an older run); keys the current class no longer has are dropped.
+    A recipe with ``output_settings()`` (e.g. :class:`sip.distill.run.DistillRecipe`) resolves its unset
+    fields to the values actually used, so "unset" and "set to the default" compare equal.
+    """
+    if saved is not None:
+        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        known = _flatten(json.loads(json.dumps(to_dict(recipe))))
+        try:
+            recipe = from_dict(type(recipe), data, source=str(saved))
+        except ConfigError:  # a key this sip no longer knows: keep the keys both know, fill the rest
+            recipe = from_dict(type(recipe), _prune(data, known), source=str(saved))
+    view = recipe.output_settings() if hasattr(recipe, "output_settings") else to_dict(recipe)
+    return _flatten(json.loads(json.dumps(view)))
+
+
+def _prune(data: Any, known: dict[str, Any], prefix: str = "") -> Any:
+    """``data`` without the keys (dotted, as in ``known``) the current recipe class does not have."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if key in known or any(name.startswith(key + ".") for name in known):
+            out[k] = _prune(v, known, key)
+    return out
+
+
 def prepare_run_dir(recipe: Any, run_dir: str | Path) -> tuple[Path, bool]:
     """Create ``run_dir``, check a resumed run has the same recipe, and write the resolved config.
 
@@ -577,8 +608,7 @@ def prepare_run_dir(recipe: Any, run_dir: str | Path) -> tuple[Path, bool]:
     resume = recipe.run.resume and has_checkpoint
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
-        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-        new = _flatten(json.loads(json.dumps(to_dict(recipe))))
+        old, new = _resume_view(recipe, saved), _resume_view(recipe)
         changed = sorted(k for k in set(old) | set(new)
                          if k not in _RESUME_FREE_KEYS and old.get(k) != new.get(k))
         if changed:

@@ -143,32 +143,6 @@ class CrossEntropy(nn.Module):
         return _hard_part(_as_logits(student_out), targets, 1.0, self.label_smoothing, "ce")
 
 
-@register_kd_loss("hinton")
-class HintonKD(_KDLoss):
-    """Knowledge distillation with a temperature (Hinton, Vinyals & Dean, "Distilling the Knowledge in a
-    Neural Network", NeurIPS Deep Learning Workshop 2015, arXiv:1503.02531).
-
-    ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``
-
-    The T² factor keeps the soft term's gradients on the scale of the hard term's as T changes. With K
-    teachers, ``z_t`` is their weighted soft targets (see :class:`MultiTeacherKD`, equal weights).
-    ``α = 1`` trains on the teacher alone (no labels needed: data-free distillation).
-
-    Args:
-        temperature (float, optional): T. Defaults to 4.
-        alpha (float, optional): weight of the soft term. Defaults to 0.5.
-        label_smoothing (float, optional): for the hard term. Defaults to 0.
-    """
-
-    def forward(self, student_out, teacher_out, targets):
-        z_s = _as_logits(student_out)
-        z_t = _teachers(teacher_out)
-        _check_classes(z_s, z_t)
-        p_t = F.softmax(z_t / self.temperature, dim=-1).mean(0)
-        soft = soft_kl(z_s, p_t, self.temperature)
-        return _hard_part(z_s, targets, 1 - self.alpha, self.label_smoothing, "hinton") + self.alpha * soft
-
-
 @register_kd_loss("deit_soft")
 class DeiTSoftKD(_KDLoss):
     """DeiT soft distillation through the distillation token (Touvron, Cord, Douze, Massa, Sablayrolles,
@@ -248,14 +222,44 @@ class MultiTeacherKD(_KDLoss):
         super().__init__(temperature, alpha, label_smoothing)
         self.weights = list(weights) if weights else None
 
+    name = "multi_teacher"
+
+    def _soft_targets(self, z_t: torch.Tensor) -> torch.Tensor:
+        w = _normalised_weights(self.weights, z_t.shape[0], z_t.device)
+        return (w[:, None, None] * F.softmax(z_t / self.temperature, dim=-1)).sum(0)
+
     def forward(self, student_out, teacher_out, targets):
         z_s = _as_logits(student_out)
         z_t = _teachers(teacher_out)
         _check_classes(z_s, z_t)
-        w = _normalised_weights(self.weights, z_t.shape[0], z_t.device)
-        p_t = (w[:, None, None] * F.softmax(z_t / self.temperature, dim=-1)).sum(0)
-        soft = soft_kl(z_s, p_t, self.temperature)
-        return _hard_part(z_s, targets, 1 - self.alpha, self.label_smoothing, "multi_teacher") + self.alpha * soft
+        soft = soft_kl(z_s, self._soft_targets(z_t), self.temperature)
+        return _hard_part(z_s, targets, 1 - self.alpha, self.label_smoothing, self.name) + self.alpha * soft
+
+
+@register_kd_loss("hinton")
+class HintonKD(MultiTeacherKD):
+    """Knowledge distillation with a temperature (Hinton, Vinyals & Dean, "Distilling the Knowledge in a
+    Neural Network", NeurIPS Deep Learning Workshop 2015, arXiv:1503.02531).
+
+    ``L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``
+
+    The T² factor keeps the soft term's gradients on the scale of the hard term's as T changes. With K
+    teachers, ``z_t`` is their weighted soft targets (see :class:`MultiTeacherKD`, equal weights).
+    ``α = 1`` trains on the teacher alone (no labels needed: data-free distillation).
+
+    Args:
+        temperature (float, optional): T. Defaults to 4.
+        alpha (float, optional): weight of the soft term. Defaults to 0.5.
+        label_smoothing (float, optional): for the hard term. Defaults to 0.
+    """
+
+    name = "hinton"
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0):
+        super().__init__(temperature, alpha, None, label_smoothing)
+
+    def _soft_targets(self, z_t: torch.Tensor) -> torch.Tensor:
+        return F.softmax(z_t / self.temperature, dim=-1).mean(0)  # equal weights
 
 
 @register_kd_loss("multi_token")

@@ -341,6 +341,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
 
 
 __all__ = [
+    "LOSS_DEFAULTS",
     "DistillRecipe",
     "LogitsRecipe",
     "LossSection",
@@ -348,7 +349,6 @@ __all__ = [
     "TeacherSection",
     "build_loss",
     "loss_kwargs",
-    "LOSS_DEFAULTS",
     "run_distillation",
     "run_logits",
 ]

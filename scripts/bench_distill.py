@@ -52,7 +52,8 @@ def main() -> None:
     from sip.config import load_config
     from sip.data.sources import FASHION_MNIST_CLASSES
     from sip.distill.run import DistillRecipe, LogitsRecipe, run_distillation, run_logits
-    from sip.train.run import create_model, model_metadata, save_model_file
+    from sip.models.checkpoints import model_metadata, save_model_file
+    from sip.models.classifiers import create_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

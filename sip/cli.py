@@ -157,7 +157,8 @@ def train(recipe: Optional[Path] = RecipeArg,
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
           set_: list[str] = SetOpt) -> None:
     """Train a timm classifier on real, synthetic or mixed data."""
-    from sip.train.run import TrainRecipe, run_training
+    from sip.train.recipe import TrainRecipe
+    from sip.train.run import run_training
 
     cfg = _load(TrainRecipe, recipe, list(set_))
     run_dir = output or Path("runs") / "train"

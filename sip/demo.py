@@ -81,7 +81,8 @@ def _augment(recipe: DemoRecipe, out: Path, progress: bool):
 
 def _train_teacher(recipe: DemoRecipe, run_dir: Path) -> dict[str, Any]:
     from sip.data.sources import SourceConfig
-    from sip.train.run import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, run_training
+    from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe
+    from sip.train.run import run_training
 
     cfg = TrainRecipe(
         data=DataSection(real=SourceConfig(kind="fashion-mnist", start=0, stop=recipe.teacher_images, size=32),
@@ -97,7 +98,7 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: Path | None, run_
     from sip.data.sources import SourceConfig
     from sip.distill.run import DistillRecipe, LossSection, run_distillation
     from sip.distill.teachers import TeacherSection
-    from sip.train.run import DataSection, ModelSection, OptimSection, RunSection
+    from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection
 
     data = DataSection(real=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000,
                                          size=32),

@@ -4,6 +4,7 @@ absorb, and the checks made before any model loads."""
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,20 @@ def test_sources_like_the_training_data_give_no_warning(image_folder, tmp_path, 
     summary = run_augment(recipe(image_folder, tmp_path / "out", per_image=1), make_generator(per_image=1),
                           fixed_captioner)
     assert summary.warnings == []
+
+
+def test_the_summary_names_every_unreadable_source_with_its_reason(image_folder, tmp_path, make_generator,
+                                                                    fixed_captioner):
+    bad_dir = tmp_path / "in"
+    shutil.copytree(image_folder.root, bad_dir)
+    cls = next(p for p in sorted(bad_dir.iterdir()) if p.is_dir())
+    names = [f"broken{i}.png" for i in range(6)]
+    for name in names:
+        (cls / name).write_bytes(b"not an image")
+    summary = run_augment(recipe(bad_dir, tmp_path / "out", per_image=1), make_generator(per_image=1),
+                          fixed_captioner)
+    line = summary.line()
+    assert len(summary.unreadable) >= 6 and f"{len(summary.unreadable)} unreadable sources" in line
+    for name in names:
+        assert name in line
+    assert all(": " in entry for entry in summary.unreadable)  # each with its reason

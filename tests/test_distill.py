@@ -15,15 +15,16 @@ from sip.config import load_config
 from sip.distill.logits import (
     StoreMismatchError,
     TeacherLogitsStore,
+    input_transform,
     sample_view,
-    tensor_transform,
     view_input,
 )
 from sip.distill.losses import KD_LOSSES, build_kd_loss, register_kd_loss
 from sip.distill.run import DistillRecipe, LogitsRecipe, run_distillation, run_logits
 from sip.distill.teachers import TeacherSection, build_teacher
 from sip.models.classifiers import create_model
-from sip.train.run import TrainRecipe, run_training
+from sip.train.recipe import TrainRecipe
+from sip.train.run import run_training
 
 # ----------------------------------------------------------------------------------------------------
 # losses against hand computation (plain Python math, no torch)
@@ -189,7 +190,7 @@ def test_civt_has_one_token_and_head_per_teacher():
 # ----------------------------------------------------------------------------------------------------
 
 # fp32: at 16 px the ResNets' last stride-2 conv sees a 1x1 map, where torch 2.14's bf16 (AMX) weight gradient
-# is intermittently NaN (see sip.train.run.fit); these tests are about distillation, not about that upstream bug.
+# is intermittently NaN (see sip.train.loop.fit); these tests are about distillation, not about that upstream bug.
 DATA = ["data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16", "data.batch_size=10",
         "data.repeat=2", "run.progress=false", "run.threads=1", "run.device=cpu", "run.precision=fp32"]
 STUDENT = ["student.name=test_vit", "student.patch_size=4", "student.kwargs={depth: 2}", "optim.epochs=2"]
@@ -238,7 +239,7 @@ def test_store_layout_and_replay_gives_the_same_logits(store, teachers):
     assert s.views[:, 0].tolist() == [[0, 0, 32, 32, 0]] * 30  # view 0: the whole (32 px) image
     assert len({tuple(v) for v in s.views[:, 1:].reshape(-1, 5).tolist()}) > 20  # the other views differ
     # replay: the stored view of a sample, run through each teacher again, gives the stored logits
-    from sip.train.run import build_train_images, class_names
+    from sip.train.inputs import build_train_images, class_names
 
     data = logits_recipe([teachers["test_resnet"]]).data
     real = build_train_images(data, class_names(data), seed=0).real
@@ -248,7 +249,7 @@ def test_store_layout_and_replay_gives_the_same_logits(store, teachers):
             sid = real.sample_id(i)
             for v in range(3):
                 view, logits = s.get(sid, v)
-                x = view_input(real[i][0], view, teacher.input_config, tensor_transform(teacher.input_config))
+                x = view_input(real[i][0], view, teacher.input_config, input_transform(teacher.input_config))
                 with torch.no_grad():
                     again = teacher.model(x[None])[0]
                 torch.testing.assert_close(again, logits[k], atol=1e-4, rtol=1e-4)

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sip.models.kdeformer import KDEformerConfig, estimate_normaliser, kde_attention_parts, kdeformer_attention
+from sip.models.kdeformer import (
+    KDEformerConfig,
+    estimate_normaliser,
+    kde_attention_parts,
+    kdeformer_attention,
+)
 
 
 def _peaked(n: int, d: int = 16, seed: int = 0):

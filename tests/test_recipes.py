@@ -23,7 +23,7 @@ def recipe_class(path: Path):
     if any(k in stem for k in ("kd", "distill", "datafree", "ensemble")):
         from sip.distill.run import DistillRecipe
         return DistillRecipe
-    from sip.train.run import TrainRecipe
+    from sip.train.recipe import TrainRecipe
     return TrainRecipe
 
 

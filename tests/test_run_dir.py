@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from sip.config import ConfigError, load_config
-from sip.train.run import TrainRecipe, prepare_run_dir, run_training
+from sip.train.recipe import TrainRecipe
+from sip.train.run import run_training
+from sip.train.run_dir import prepare_run_dir
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "train_run_49734ae"  # see fixtures/make_old_train_run.py
 

@@ -14,10 +14,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import sip.train.run as train_mod
+import sip.train.inputs as inputs_mod
+import sip.train.loop as train_mod
 from sip.config import ConfigError, load_config
 from sip.data.sources import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist_arrays
-from sip.train.run import TrainRecipe, load_checkpoint_file, run_training
+from sip.models.checkpoints import load_checkpoint_file
+from sip.train.recipe import TrainRecipe
+from sip.train.run import run_training
 
 # A few seconds per run on one core: 3 shots × 10 classes at 16 px, a 2-block ViT, 50 test images.
 TINY = [
@@ -107,7 +110,7 @@ def test_resume_inside_an_epoch(tmp_path, monkeypatch):
     """A crash right after a mid-epoch checkpoint resumes at that step and ends with the same weights."""
     recipe = tiny("run.checkpoint_every_steps=4")
     run_training(recipe, tmp_path / "a")
-    real_save, calls = train_mod._save_checkpoint, {"n": 0}
+    real_save, calls = train_mod.save_checkpoint, {"n": 0}
 
     def crash_after_third_save(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -115,10 +118,10 @@ def test_resume_inside_an_epoch(tmp_path, monkeypatch):
         if calls["n"] == 3:  # steps 4 (mid-epoch 1), 6 (end of epoch 1), 8 (mid-epoch 2)
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", crash_after_third_save)
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_third_save)
     with pytest.raises(KeyboardInterrupt):
         run_training(recipe, tmp_path / "b")
-    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     counters = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)["counters"]
     assert (int(counters["epoch"]), int(counters["step_in_epoch"]), int(counters["global_step"])) == (1, 2, 8)
     run_training(recipe, tmp_path / "b")
@@ -211,11 +214,11 @@ def test_synthetic_only_training(tmp_path):
 def test_dataloader_workers_give_the_same_batches(tmp_path):
     """Items are seeded by (seed, epoch, position): workers change nothing."""
     recipe = tiny()
-    classes = train_mod.class_names(recipe.data)
-    images = train_mod.build_train_images(recipe.data, classes, 0)
-    model, _ = train_mod.build_model(recipe.model, 10, 16)
-    tf, _ = train_mod.build_transforms(train_mod.resolve_input_config(model, recipe.data), recipe.data)
-    view = train_mod.EpochView(images, lambda ds, i, rng: {"image": tf(ds[i][0]), "label": ds[i][1]}, seed=0, repeat=2)
+    classes = inputs_mod.class_names(recipe.data)
+    images = inputs_mod.build_train_images(recipe.data, classes, 0)
+    model, _ = inputs_mod.build_model(recipe.model, 10, 16)
+    tf, _ = inputs_mod.build_transforms(inputs_mod.resolve_input_config(model, recipe.data), recipe.data)
+    view = inputs_mod.EpochView(images, lambda ds, i, rng: {"image": tf(ds[i][0]), "label": ds[i][1]}, seed=0, repeat=2)
     view.set_epoch(1)
     batches = []
     for workers in (0, 2):
@@ -244,7 +247,8 @@ def test_recipe_validation():
 
 
 def test_precision_auto_on_an_amx_cpu_takes_bf16_only_for_large_inputs(monkeypatch):
-    from sip.train.run import RunSection, make_accelerator
+    from sip.train.loop import make_accelerator
+    from sip.train.recipe import RunSection
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     run = RunSection(device="cpu")

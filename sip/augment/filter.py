@@ -84,19 +84,21 @@ class ClassifierFilter:
         preprocessing (input size, mean/std recorded at training time)."""
         from torchvision import transforms
 
-        from sip.distill.logits import tensor_transform
-        from sip.distill.teachers import TeacherSection, build_teacher
+        from sip.models.checkpoints import input_transform, load_classifier
         from sip.runtime import resolve_device
 
-        teacher = build_teacher(TeacherSection(checkpoint=config.model))
-        classes = teacher.identity.get("classes")
+        model, meta = load_classifier(config.model)
+        classes = meta.get("classes")
         if not classes:
             raise ValueError(f"{config.model} records no class names; train it with `sip train` so the filter "
                              "can match labels to logits")
-        size = list(teacher.input_config["input_size"])[-2:]
-        transform = transforms.Compose([transforms.Resize(size), tensor_transform(teacher.input_config)])
-        return cls(teacher.model.to(resolve_device(config.device)), classes, transform, config.threshold,
-                   config.batch_size)
+        input_config = meta.get("input_config") or {}
+        if not input_config.get("input_size"):
+            raise ValueError(f"{config.model} records no input config (input size, mean, std); train it with "
+                             "`sip train`")
+        size = list(input_config["input_size"])[-2:]
+        transform = transforms.Compose([transforms.Resize(size), input_transform(input_config)])
+        return cls(model.to(resolve_device(config.device)), classes, transform, config.threshold, config.batch_size)
 
     @torch.inference_mode()
     def __call__(self, images, labels, prompts=None):

@@ -101,6 +101,7 @@ class RunSummary:
     caption_misses: int = 0
     complete: bool = True
     warnings: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # every source skipped, "path: reason"
 
     def line(self) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
@@ -108,6 +109,8 @@ class RunSummary:
                 f"failed {self.failed} in {self.seconds:.1f}s ({rate:.1f} images/s) → {self.output}")
         if self.reasons:
             text += "; failures: " + "; ".join(f"{n}× {r}" for r, n in self.reasons.most_common(5))
+        if self.unreadable:  # every one, so none is skipped without its name
+            text += f"; {len(self.unreadable)} unreadable sources: " + "; ".join(self.unreadable)
         if not self.complete:
             text += "; other shards pending: metadata.jsonl is merged when the last shard finishes"
         return text
@@ -257,7 +260,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     bar.close()
     for skipped in source.skipped:
         summary.failed += 1
-        summary.reasons[f"unreadable source {skipped.path}"] += 1
+        summary.unreadable.append(f"{skipped.path}: {skipped.reason}")
     summary.complete = writer.finish()
     summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
     summary.seconds = time.time() - t0

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from sip.ids import stable_seed
+from sip.models.checkpoints import input_transform
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +123,6 @@ def apply_view(image: Image.Image, view: Sequence[int], size: int | Sequence[int
     return F.hflip(out) if flip else out
 
 
-def tensor_transform(input_config: dict[str, Any]):
-    """PIL → normalised tensor for a model's input config (the tail of timm's transforms)."""
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.ToTensor(),
-                               transforms.Normalize(mean=list(input_config["mean"]), std=list(input_config["std"]))])
-
-
 def view_input(image: Image.Image, view: Sequence[int], input_config: dict[str, Any], to_tensor) -> torch.Tensor:
     """One model's input for one view of one image."""
     size = list(input_config["input_size"])[-2:]
@@ -183,7 +176,7 @@ class _ViewBatchSource(torch.utils.data.Dataset):
     def __init__(self, datasets, offsets, views: ViewConfig, groups: list[dict[str, Any]], start: int, stop: int):
         self.datasets, self.offsets, self.views, self.groups = datasets, offsets, views, groups
         self.start, self.stop = start, stop
-        self.tails = [tensor_transform(g) for g in groups]
+        self.tails = [input_transform(g) for g in groups]
 
     def __len__(self) -> int:
         return self.stop - self.start

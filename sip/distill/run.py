@@ -24,33 +24,28 @@ from sip.distill.logits import (
     TeacherLogitsStore,
     ViewConfig,
     dataset_fingerprint,
+    input_transform,
     sample_view,
-    tensor_transform,
     view_input,
 )
 from sip.distill.losses import KD_LOSSES, build_kd_loss, kd_loss_arguments
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
+from sip.models.checkpoints import model_metadata
+from sip.models.classifiers import check_model_name
 from sip.runtime import large_input, resolve_precision
-from sip.train.run import (
-    DataSection,
+from sip.train.inputs import (
     EpochView,
-    ModelSection,
-    OptimSection,
-    RunSection,
     build_eval_images,
     build_model,
     build_train_images,
     build_transforms,
-    check_model_name,
     class_names,
-    fit,
-    make_accelerator,
-    merge_heads,
-    model_metadata,
-    prepare_run_dir,
     resolve_input_config,
     seed_everything,
 )
+from sip.train.loop import fit, make_accelerator, merge_heads
+from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection
+from sip.train.run_dir import prepare_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +267,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     _check_student_heads(student, recipe.loss.name, num_teachers, recipe.student.name)
     input_config = resolve_input_config(student, data)
     _, eval_tf = build_transforms(input_config, data)  # evaluation exactly as sip train evaluates
-    student_tail = tensor_transform(input_config)
+    student_tail = input_transform(input_config)
 
     # 5. items: one replayable view per image per epoch; the teachers' inputs or stored logits with it
     keys: list[str] = []  # teachers with the same preprocessing share one input tensor
@@ -282,7 +277,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
             keys.append(t.input_key())
             groups.append(t.input_config)
     teacher_group = [keys.index(t.input_key()) for t in teachers]
-    group_tails = [tensor_transform(g) for g in groups]
+    group_tails = [input_transform(g) for g in groups]
     online = store is None and needs_teacher
 
     def make_item(images, index, rng):

@@ -17,14 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sip.train.run import (
-    DataSection,
-    create_model,
-    load_checkpoint_file,
-    load_weights,
-    resolve_checkpoint_path,
-    resolve_input_config,
-)
+from sip.models.checkpoints import load_checkpoint_file, load_weights, resolve_checkpoint_path
+from sip.models.classifiers import create_model
+from sip.train.inputs import resolve_input_config
+from sip.train.recipe import DataSection
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,194 @@
+"""What a run is built from: the model a recipe names, the label space, the training and evaluation
+images, their preprocessing (the model's own timm data config) and the per-epoch view of the data."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sip.data.mixing import MixedImages, RealImages, SyntheticImages
+from sip.data.sources import open_source
+from sip.ids import stable_seed
+from sip.models.checkpoints import load_checkpoint_file, load_weights
+from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
+from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.train.recipe import DataSection, ModelSection
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+def model_create_kwargs(section: ModelSection, num_classes: int, img_size: int | None) -> dict[str, Any]:
+    """The keyword arguments ``timm.create_model`` gets for ``section`` (saved with the weights)."""
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": section.in_chans}
+    # Only models whose timm config says they take a fixed input size (ViT, DeiT, ...) get data.img_size;
+    # convolutional ones (ResNet, RedNet) work at any size and would reject the argument.
+    cfg = timm.models.get_pretrained_cfg(section.name)
+    if section.img_size is not None:
+        kwargs["img_size"] = section.img_size
+    elif img_size is not None and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    if section.patch_size is not None:
+        kwargs["patch_size"] = section.patch_size
+    if section.drop_rate:
+        kwargs["drop_rate"] = section.drop_rate
+    if section.drop_path_rate:
+        kwargs["drop_path_rate"] = section.drop_path_rate
+    kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in section.kwargs.items()})
+    return kwargs
+
+
+def build_model(section: ModelSection, num_classes: int, img_size: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Create the model a :class:`ModelSection` describes, loading ``section.checkpoint`` if set.
+
+    Returns:
+        (model, create_kwargs): the kwargs rebuild the same architecture (they go into the saved metadata).
+    """
+    if section.num_classes is not None and section.num_classes != num_classes:
+        raise ValueError(f"model.num_classes is {section.num_classes} but the data has {num_classes} classes")
+    kwargs = model_create_kwargs(section, num_classes, img_size)
+    model = create_model(section.name, kwargs, section.pretrained)
+    if section.checkpoint:
+        state, _meta = load_checkpoint_file(section.checkpoint)
+        load_weights(model, state, section.checkpoint)
+    return model, kwargs
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data
+# ----------------------------------------------------------------------------------------------------
+
+def class_names(data: DataSection) -> list[str]:
+    """The label space: the eval set's classes (the real training set must agree)."""
+    eval_classes = list(open_source(data.eval).classes)
+    if data.real is not None:
+        real_classes = list(open_source(data.real).classes)
+        if real_classes != eval_classes:
+            raise ValueError(f"training classes {real_classes} differ from evaluation classes {eval_classes}")
+    return eval_classes
+
+
+def build_train_images(data: DataSection, classes: Sequence[str], seed: int) -> MixedImages:
+    """Real, synthetic or mixed training images, per ``data``."""
+    real = RealImages(open_source(data.real)) if data.real is not None else None
+    synthetic = SyntheticImages(data.synthetic, classes) if data.synthetic else None
+    if real is not None and list(real.classes) != list(classes):
+        raise ValueError(f"training classes {real.classes} differ from {list(classes)}")
+    return MixedImages(real, synthetic, data.mix, seed=seed)
+
+
+def build_eval_images(data: DataSection) -> RealImages:
+    return RealImages(open_source(data.eval))
+
+
+def resolve_input_config(model: nn.Module, data: DataSection) -> dict[str, Any]:
+    """The model's timm data config (input size, mean/std, interpolation, crop), with sip's small-image
+    override: ``data.img_size`` replaces the model's input size and the eval crop then keeps the whole
+    image (crop_pct 1.0)."""
+    from timm.data import resolve_data_config
+
+    args: dict[str, Any] = {"in_chans": getattr(model, "in_chans", 3)}
+    size = data.img_size
+    if size is None:
+        grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = int(grid[0]) if grid is not None else None
+    if size is not None:
+        args["input_size"] = (args["in_chans"], size, size)
+    if data.crop_pct is not None:
+        args["crop_pct"] = data.crop_pct
+    elif data.img_size is not None:
+        args["crop_pct"] = 1.0
+    for key in ("interpolation", "mean", "std"):
+        if getattr(data, key) is not None:
+            args[key] = getattr(data, key)
+    cfg = resolve_data_config(args=args, model=model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def build_transforms(input_config: dict[str, Any], data: DataSection) -> tuple[Callable, Callable]:
+    """timm's training and evaluation transforms for ``input_config`` and the data section's augmentation."""
+    from timm.data import create_transform
+
+    common = {"input_size": tuple(input_config["input_size"]), "interpolation": input_config["interpolation"],
+                  "mean": tuple(input_config["mean"]), "std": tuple(input_config["std"])}
+    train = create_transform(is_training=True, scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip,
+                             color_jitter=data.color_jitter or None, auto_augment=data.auto_augment,
+                             re_prob=data.re_prob, **common)
+    evaluate = create_transform(is_training=False, crop_pct=input_config["crop_pct"],
+                                crop_mode=input_config.get("crop_mode"), **common)
+    return train, evaluate
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (what torchvision/timm transforms and dropout use)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochView(torch.utils.data.Dataset):
+    """A shuffled, repeated, per-process view of one epoch of ``images``, with seeded items.
+
+    Item ``k`` of epoch ``e`` is ``make_item(images, index, rng)`` with Python/NumPy/torch global RNGs
+    (and ``rng``) seeded from ``(seed, e, k)``: the same item gets the same augmentation on every run,
+    with any number of DataLoader workers, and after a resume in the middle of the epoch.
+
+    Args:
+        images: a dataset with ``__len__`` (and optionally ``set_epoch``).
+        make_item (Callable): ``(images, index, rng: random.Random) -> dict`` of tensors / numbers.
+        seed (int): run seed.
+        repeat (int, optional): passes over ``images`` per epoch. Defaults to 1.
+        rank, world (int, optional): this process's share (``order[rank::world]``). Defaults to 0, 1.
+    """
+
+    def __init__(self, images: Any, make_item: Callable, seed: int, repeat: int = 1, rank: int = 0, world: int = 1):
+        self.images, self.make_item, self.seed = images, make_item, seed
+        self.repeat, self.rank, self.world = repeat, rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Plan ``epoch``; ``start`` skips the first items (a resume inside the epoch)."""
+        if hasattr(self.images, "set_epoch"):
+            self.images.set_epoch(epoch)
+        rng = np.random.default_rng(stable_seed("order", self.seed, epoch))
+        n = len(self.images)
+        order = np.concatenate([rng.permutation(n) for _ in range(self.repeat)])
+        self.order = order[self.rank :: self.world]
+        self.epoch, self.start = epoch, start
+
+    @property
+    def epoch_length(self) -> int:
+        return len(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order) - self.start
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        k += self.start
+        s = stable_seed("item", self.seed, self.epoch, self.rank, k)
+        seed_everything(s)
+        return self.make_item(self.images, int(self.order[k]), random.Random(s))
+
+
+class TransformedImages(torch.utils.data.Dataset):
+    """``(image, label)`` items → ``{"image": transform(image), "label": label}`` (evaluation)."""
+
+    def __init__(self, images: Any, transform: Callable, indices: Sequence[int] | None = None):
+        self.images, self.transform = images, transform
+        self.indices = list(range(len(images))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        image, label = self.images[self.indices[k]]
+        return {"image": self.transform(image), "label": label}

@@ -1,0 +1,145 @@
+"""The ``sip train`` recipe: data, model, optimiser and run sections, each a frozen dataclass whose
+defaults carry why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sip.data.mixing import MixConfig
+from sip.data.sources import SourceConfig
+from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
+from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The recipe
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalSourceConfig(SourceConfig):
+    """A :class:`~sip.data.sources.SourceConfig` whose defaults point at a held-out split (Fashion-MNIST's
+    official 10k test set), so that overriding one key (``data.eval.shots=...``) keeps evaluating on it."""
+
+    split: str = "test"
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Which images, how they are mixed and preprocessed, and how they are batched."""
+
+    real: SourceConfig | None = field(default_factory=SourceConfig)  # real images (default: the F-MNIST pool 50000+); null = none
+    synthetic: str | None = None  # a sip dataset folder (DIR/train/metadata.jsonl); null = real only
+    mix: MixConfig = field(default_factory=MixConfig)  # how real and synthetic share an epoch
+    eval: EvalSourceConfig = field(default_factory=EvalSourceConfig)  # held-out set; its classes are the label space
+    img_size: int | None = 32  # network input size; null = the model's own (224 for most timm models)
+    crop_pct: float | None = None  # eval resize-then-center-crop; null = 1.0 when img_size is set (no border loss)
+    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range; ImageNet's 0.08 is too harsh at 28 px
+    ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
+    hflip: float = 0.5  # horizontal flip probability (clothes, animals: fine; digits, text: set 0)
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter; 0 for grey images
+    auto_augment: str | None = None  # a timm policy string such as "rand-m9-mstd0.5"; costs CPU time per image
+    re_prob: float = 0.0  # random erasing probability
+    interpolation: str | None = None  # resize filter; null = the model's
+    mean: tuple[float, float, float] | None = None  # normalisation; null = the model's own
+    std: tuple[float, float, float] | None = None
+    batch_size: int = 128  # per process; the last partial batch of an epoch is dropped
+    eval_batch_size: int = 512  # inference only: larger is faster until memory runs out
+    num_workers: int = 0  # DataLoader workers; 0 decodes in the training process (best on 1-2 cores)
+    repeat: int = 1  # passes over the training set per epoch: few-shot sets are too small for one epoch
+
+    def __post_init__(self):
+        if self.real is None and self.synthetic is None:
+            raise ValueError("data needs real images (data.real), synthetic images (data.synthetic), or both")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        for name in ("hflip", "re_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("batch_size", "eval_batch_size", "repeat"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.img_size is not None and self.img_size < 8:
+            raise ValueError(f"img_size must be at least 8, got {self.img_size}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """A timm model by name and the arguments handed to ``timm.create_model``."""
+
+    name: str = "vit_tiny_patch16_224"  # any timm name (timm.list_models()), or sip_rednet_tiny / sip_civt_tiny
+    num_classes: int | None = None  # null = the data's class count; a different number is an error
+    in_chans: int = 3  # sip images are RGB (grey sources are converted)
+    img_size: int | None = None  # for fixed-size models (ViT, DeiT); null = data.img_size
+    patch_size: int | None = None  # ViT/DeiT patch; 4 suits 28-32 px images (7×7 or 8×8 tokens)
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth: regularises deep ViTs, slows small ones down
+    pretrained: bool = False  # timm's pretrained weights (needs the hub or its cache)
+    checkpoint: str | None = None  # start from these weights: a sip run folder or a .safetensors file
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other create_model argument (embed_dim, depth, ...)
+
+    def __post_init__(self):
+        if self.num_classes is not None and self.num_classes <= 0:
+            raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
+        reserved = {"num_classes", "in_chans", "img_size", "patch_size", "drop_rate", "drop_path_rate", "pretrained"}
+        clash = sorted(reserved & set(self.kwargs))
+        if clash:
+            raise ValueError(f"set {', '.join(clash)} as model.<key>, not inside model.kwargs")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW with a linear warm-up followed by a cosine decay, stepped every batch."""
+
+    epochs: int = 10  # passes over the (repeated) training set
+    lr: float = 1e-3  # peak learning rate after warm-up; ViTs from scratch like 5e-4 to 2e-3 at batch 128
+    weight_decay: float = 0.05  # decoupled decay (AdamW); biases, norms and tokens are exempt
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moments
+    warmup_epochs: float = 1.0  # linear warm-up from 0: keeps early ViT updates stable
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    label_smoothing: float = 0.0  # 0.1 is the usual ViT/DeiT setting; 0 keeps plain cross-entropy
+    grad_clip: float | None = None  # max gradient norm; null = no clipping
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_epochs must be >= 0 and min_lr_ratio in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Seeds, device, precision, evaluation and checkpoint cadence."""
+
+    seed: int = 0  # seeds the model init, epoch order, augmentation and dropout
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda"
+    # auto: bf16 on CUDA; on AMX CPUs for inputs >= 112 px (smaller ones train faster in fp32); else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    eval_every: int = 1  # evaluate every N epochs (the last epoch always)
+    eval_max_samples: int | None = 1000  # per-epoch evaluation on a fixed subset (null = all); the final one is full
+    checkpoint_every_steps: int = 0  # also checkpoint inside an epoch every N steps; 0 = at epoch ends only
+    resume: bool = True  # continue from run_dir/checkpoint when present; false starts over
+    progress: bool = True  # tqdm progress bar
+    threads: int | None = None  # torch CPU threads; null = torch's default
+
+    def __post_init__(self):
+        if self.eval_every <= 0:
+            raise ValueError(f"eval_every must be positive, got {self.eval_every}")
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """One supervised training run (``sip train``)."""
+
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)

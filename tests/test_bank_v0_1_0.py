@@ -7,7 +7,6 @@ killed run left out."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -40,16 +39,7 @@ def test_the_fixture_was_written_by_the_previous_release():
         assert len(read_metadata(FIXTURES / name)) == 20
 
 
-def _waits_for_defaults(fn) -> pytest.MarkDecorator:
-    """The loop must hand the writer its recipe's defaults (``DatasetWriter(..., defaults=to_dict(type(recipe)()))``)
-    for a key added since 0.1.0 (``prompt.parts``) to resume; until sip/augment/run.py does, this is expected
-    to fail (strict: it must then fail, and passes as soon as the loop passes them)."""
-    return pytest.mark.xfail("defaults=" not in inspect.getsource(fn), strict=True,
-                             reason="sip/augment/run.py does not pass defaults= to DatasetWriter yet")
-
-
-@pytest.mark.parametrize("name", [pytest.param("synth", marks=_waits_for_defaults(run_synth)),
-                                  pytest.param("augment", marks=_waits_for_defaults(run_augment))])
+@pytest.mark.parametrize("name", ["synth", "augment"])
 def test_todays_code_resumes_a_folder_of_the_previous_release(tmp_path, name):
     out, redone = killed_copy(name, tmp_path)
     if name == "synth":

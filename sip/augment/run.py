@@ -26,7 +26,7 @@ from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.config import to_dict
 from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
-from sip.ids import fashion_mnist_id, image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
+from sip.ids import image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     generator = generator or DiffusionGenerator.from_config(recipe.generate)
     captioner = captioner or build_captioner(recipe.caption)
     image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
-    builder = PromptBuilder.for_tokenizer(
-        PromptConfig(**{**to_dict(recipe.prompt),
-                        "max_tokens": min(recipe.prompt.max_tokens, generator.max_prompt_tokens)}),
-        generator.pipe.tokenizer)
+    builder = _prompt_builder(recipe.prompt, generator)
     # 3. output folder (refuses a folder written with another config)
     out = Path(recipe.output)
     writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img"}),
@@ -215,7 +212,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     cache = CaptionCache(recipe.caption.cache or out / "captions.jsonl")
     per_image, cfg = recipe.generate.per_image, recipe.generate
     summary = RunSummary(str(out))
-    total = sum(1 for sid in _source_ids(source) if in_shard(sid, shard)) * per_image
+    total = sum(1 for sid in source.source_ids() if in_shard(sid, shard)) * per_image
     bar = tqdm(total=total, desc="augment", unit="img", disable=not recipe.progress, dynamic_ncols=True)
 
     def todo(sample: Sample) -> bool:
@@ -267,16 +264,10 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     return summary
 
 
-def _source_ids(source: ImageSource) -> Iterator[str]:
-    """Source ids without decoding images, where the source allows it."""
-    if hasattr(source, "files"):
-        root = source.root
-        return (p.relative_to(root).as_posix() for p, _ in source.files)
-    if hasattr(source, "indices"):
-        return (fashion_mnist_id(source.split, i) for i in source.indices)
-    if hasattr(source, "dataset"):
-        return (f"{source.split}/{r}" for r in source.rows)
-    return (s.source_id for s in source)
+def _prompt_builder(prompt: PromptConfig, generator: DiffusionGenerator) -> PromptBuilder:
+    """The recipe's prompt builder, within the generator's text-encoder budget and counting its tokens."""
+    budget = min(prompt.max_tokens, generator.max_prompt_tokens)
+    return PromptBuilder.for_tokenizer(PromptConfig(**{**to_dict(prompt), "max_tokens": budget}), generator.pipe.tokenizer)
 
 
 def synth_classes(recipe: SynthRecipe) -> list[str]:
@@ -299,10 +290,7 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     check_output(recipe.output)
     generator = generator or DiffusionGenerator.from_config(recipe.generate)
     image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
-    builder = PromptBuilder.for_tokenizer(
-        PromptConfig(**{**to_dict(recipe.prompt),
-                        "max_tokens": min(recipe.prompt.max_tokens, generator.max_prompt_tokens)}),
-        generator.pipe.tokenizer)
+    builder = _prompt_builder(recipe.prompt, generator)
     out = Path(recipe.output)
     writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img"}), classes, shard,
                            defaults=to_dict(SynthRecipe()))

@@ -118,8 +118,7 @@ class LanczosResize(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, Image.Image):
-            mode = inpt.mode
-            if mode not in ("L", "RGB", "RGBA"):
+            if inpt.mode not in ("L", "RGB", "RGBA"):
                 inpt = inpt.convert("RGB")
             out = lanczos_resize(TF.pil_to_tensor(inpt), self.size, self.order, self.antialias)
             return TF.to_pil_image(out, mode=inpt.mode)

@@ -137,7 +137,6 @@ def load_classifier(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         ValueError: the file has no sip metadata naming its architecture.
     """
-    from sip.models.classifiers import create_model
 
     path = resolve_checkpoint_path(checkpoint)
     state, meta = load_checkpoint_file(path)

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from sip.models.checkpoints import model_metadata
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.models.classifiers import check_model_name
 from sip.train.inputs import (
     EpochView,
     build_eval_images,
@@ -106,23 +105,4 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
     return result.metrics
 
 
-__all__ = [
-    "DataSection",
-    "EpochView",
-    "ModelSection",
-    "OptimSection",
-    "RunSection",
-    "TrainRecipe",
-    "build_model",
-    "build_transforms",
-    "check_model_name",
-    "create_model",
-    "evaluate",
-    "fit",
-    "load_checkpoint_file",
-    "make_accelerator",
-    "resolve_input_config",
-    "resolve_precision",
-    "run_training",
-    "save_model_file",
-]
+__all__ = ["run_training"]

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.models.classifiers import create_model
 
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"  # a run folder's last resumable save (weights + optimiser state)

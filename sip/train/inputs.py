@@ -15,8 +15,7 @@ from sip.data.mixing import MixedImages, RealImages, SyntheticImages
 from sip.data.sources import open_source
 from sip.ids import stable_seed
 from sip.models.checkpoints import load_checkpoint_file, load_weights
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.models.classifiers import create_model
 from sip.train.recipe import DataSection, ModelSection
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ from torch import nn
 
 from sip.ids import stable_seed
 from sip.models.checkpoints import MODEL_FILE, save_model_file
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
+from sip.runtime import large_input, resolve_device, resolve_precision
 from sip.train.inputs import EpochView, TransformedImages
 from sip.train.recipe import DataSection, OptimSection, RunSection
 from sip.train.run_dir import load_checkpoint, rewrite_metrics, save_checkpoint

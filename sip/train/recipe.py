@@ -8,8 +8,6 @@ from typing import Any, Literal
 
 from sip.data.mixing import MixConfig
 from sip.data.sources import SourceConfig
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The recipe

@@ -21,8 +21,6 @@ from sip.models.checkpoints import (
     load_weights,
     save_model_file,
 )
-from sip.models.classifiers import check_model_name, create_model, register_sip_models  # noqa: F401
-from sip.runtime import cpu_has_amx, large_input, resolve_device, resolve_precision  # noqa: F401  (re-exported)
 
 _RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.threads", "run.device", "data.num_workers",
                      "data.eval_batch_size", "run.eval_every", "run.eval_max_samples", "run.checkpoint_every_steps"}

@@ -1,14 +1,13 @@
 """The variant index: which generated variants a source image has, by the content hash sip records.
 
-A bank is read through :mod:`sip.data.bank` (``read_metadata``, ``read_run_info``); only the online
-cache's new lines are read incrementally here (whole lines only, so a line being written is read next
+A bank is read through :mod:`sip.data.bank` (``read_metadata``, ``read_run_info``), and the online
+cache's new lines with ``read_metadata_since`` (whole lines only, so a line being written is read next
 time). Used by :class:`sip.transforms.SIPAugment`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from sip.data.bank import METADATA, read_metadata, read_run_info
+from sip.data.bank import read_metadata, read_metadata_since, read_run_info
 from sip.data.sources import to_rgb
 from sip.ids import image_hash
 
@@ -160,26 +159,12 @@ class VariantIndex:
 
     def read_cache_tail(self, on_row: Callable[[str], None] | None = None) -> int:
         """Add the cache's metadata lines written since the last read (by this or another process)."""
-        path = self.cache_dir / "train" / METADATA
-        try:
-            with path.open("rb") as f:
-                f.seek(self._cache_offset)
-                data = f.read()
-        except FileNotFoundError:
-            return 0
-        end = data.rfind(b"\n") + 1  # only whole lines: a line being written is read next time
-        n = 0
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        rows, self._cache_offset = read_metadata_since(self.cache_dir, self._cache_offset)
+        for row in rows:
             self.add(self.loaded, self.cache_dir, row)
             if on_row is not None and row.get("file_name"):
                 on_row(Path(row["file_name"]).stem)
-            n += 1
-        self._cache_offset += end
-        return n
+        return len(rows)
 
     def find(self, image: Image.Image) -> tuple[str | None, list[str] | None]:
         """(the image's key, its variant files); the key is None when a Fashion-MNIST alias found it."""

@@ -1,4 +1,7 @@
-"""sip train: the run folder, resume, determinism, and the errors raised before training starts."""
+"""sip.train.run: the run folder, resume, determinism, and the errors raised before training starts.
+
+The data pipeline is tested in tests/test_train_inputs.py, recipe validation in tests/test_train_recipe.py,
+the precision policy in tests/test_train_loop.py and older run folders in tests/test_run_dir.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import sip.train.inputs as inputs_mod
 import sip.train.loop as train_mod
 from sip.config import ConfigError, load_config
 from sip.data.sources import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist_arrays
@@ -22,16 +24,7 @@ from sip.models.checkpoints import load_checkpoint_file
 from sip.train.recipe import TrainRecipe
 from sip.train.run import run_training
 
-# A few seconds per run on one core: 3 shots × 10 classes at 16 px, a 2-block ViT, 50 test images.
-TINY = [
-    "data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16", "data.batch_size=10",
-    "data.repeat=2", "model.name=test_vit", "model.patch_size=4", "model.kwargs={depth: 2}", "optim.epochs=3",
-    "optim.warmup_epochs=0.5", "run.progress=false", "run.threads=1", "run.device=cpu",
-]
-
-
-def tiny(*extra: str) -> TrainRecipe:
-    return load_config(TrainRecipe, overrides=[*TINY, *extra])
+from conftest import TRAIN_TINY as TINY, tiny_train_recipe as tiny  # the shared tiny recipe
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -211,25 +204,6 @@ def test_synthetic_only_training(tmp_path):
     assert metrics["steps"] == 1
 
 
-def test_dataloader_workers_give_the_same_batches(tmp_path):
-    """Items are seeded by (seed, epoch, position): workers change nothing."""
-    recipe = tiny()
-    classes = inputs_mod.class_names(recipe.data)
-    images = inputs_mod.build_train_images(recipe.data, classes, 0)
-    model, _ = inputs_mod.build_model(recipe.model, 10, 16)
-    tf, _ = inputs_mod.build_transforms(inputs_mod.resolve_input_config(model, recipe.data), recipe.data)
-    view = inputs_mod.EpochView(images, lambda ds, i, rng: {"image": tf(ds[i][0]), "label": ds[i][1]}, seed=0, repeat=2)
-    view.set_epoch(1)
-    batches = []
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(view, batch_size=10, num_workers=workers)
-        batches.append(torch.cat([b["image"] for b in loader]))
-    assert torch.equal(batches[0], batches[1])
-    view.set_epoch(2)
-    assert not torch.equal(torch.cat([b["image"] for b in torch.utils.data.DataLoader(view, batch_size=10)]),
-                           batches[0])
-
-
 def test_bf16_run_on_cpu(tmp_path):
     metrics = run_training(tiny("run.precision=bf16", "optim.epochs=1"), tmp_path / "run")
     assert metrics["steps"] == 6 and np.isfinite(metrics["eval_loss"])
@@ -237,23 +211,3 @@ def test_bf16_run_on_cpu(tmp_path):
     assert run_training(tiny("optim.epochs=1"), tmp_path / "run2")["steps"] == 6
 
 
-def test_recipe_validation():
-    with pytest.raises(ConfigError, match="scale"):
-        load_config(TrainRecipe, overrides=["data.scale=[0.5, 0.1]"])
-    with pytest.raises(ConfigError, match="unknown key data.img_sz"):
-        load_config(TrainRecipe, overrides=["data.img_sz=3"])
-    with pytest.raises(ConfigError, match="model.<key>"):
-        load_config(TrainRecipe, overrides=["model.kwargs={num_classes: 3}"])
-
-
-def test_precision_auto_on_an_amx_cpu_takes_bf16_only_for_large_inputs(monkeypatch):
-    from sip.train.loop import make_accelerator
-    from sip.train.recipe import RunSection
-
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    run = RunSection(device="cpu")
-    assert make_accelerator(run, img_size=28).mixed_precision == "no"  # 28 px: fp32 is faster here
-    assert make_accelerator(run, img_size=224).mixed_precision == "bf16"
-    assert make_accelerator(RunSection(device="cpu", precision="bf16"), img_size=28).mixed_precision == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert make_accelerator(run, img_size=224).mixed_precision == "no"

@@ -1,11 +1,11 @@
 """Precomputed teacher logits: run the teachers once, distil many times without them.
 
 For each training image the store keeps ``views`` augmented views — a crop box in the image's own
-pixels plus a horizontal flip, drawn like timm's ``RandomResizedCrop`` — and every teacher's logits for
-each view. A student then *replays* a stored view (same crop, same flip, resized to its own input size)
-and learns from the logits that belong to exactly that view: the idea of ReLabel (Yun et al., "Re-labeling
-ImageNet", CVPR 2021) and FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
-Recognition", ECCV 2022), applied to sip's datasets.
+pixels plus a horizontal flip, drawn like timm's ``RandomResizedCrop`` (:mod:`sip.distill.views`, whose
+names are re-exported here) — and every teacher's logits for each view. A student then *replays* a
+stored view (same crop, same flip, resized to its own input size) and learns from the logits that belong
+to exactly that view: the idea of ReLabel (Yun et al., "Re-labeling ImageNet", CVPR 2021) and FKD (Shen &
+Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022), applied to sip's datasets.
 
 Layout of a store folder::
 
@@ -29,16 +29,22 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from sip.distill.views import (  # re-exported: users of the store import the views from here
+    ViewConfig,
+    apply_view,
+    identity_view,
+    sample_view,
+    view_input,
+)
 from sip.ids import stable_seed
-from sip.models.checkpoints import input_transform
+from sip.models.checkpoints import input_transform  # re-exported: sip.distill.run imports it from here
 
 logger = logging.getLogger(__name__)
 
@@ -47,86 +53,12 @@ STORE_VERSION = 1
 MANIFEST = "store.json"
 
 
+__all__ = ["MANIFEST", "STORE_FORMAT", "STORE_VERSION", "StoreMismatchError", "TeacherLogitsStore", "ViewConfig",
+           "apply_view", "dataset_fingerprint", "identity_view", "input_transform", "sample_view", "view_input"]
+
+
 class StoreMismatchError(ValueError):
     """A logits store used with a dataset, teachers or classes other than the ones it was built for."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Replayable views
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ViewConfig:
-    """How the stored views are drawn (the same distribution as timm's RandomResizedCrop + flip).
-
-    Attributes:
-        views: views stored per image; more views = more augmentation diversity for the student, at
-            ``views`` teacher passes per image, once.
-        identity_view: view 0 is the whole image, unflipped (what a data-free student's label is).
-        scale, ratio: RandomResizedCrop area and aspect ranges.
-        hflip: flip probability.
-        seed: with the sample id and view index, fixes every view.
-    """
-
-    views: int = 4
-    identity_view: bool = True
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (0.75, 1.3333333)
-    hflip: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.views <= 0:
-            raise ValueError(f"views must be positive, got {self.views}")
-
-
-def sample_view(rng: random.Random, width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-                hflip: float) -> tuple[int, int, int, int, int]:
-    """Draw ``(top, left, h, w, flip)``: timm's ``RandomResizedCropAndInterpolation.get_params`` (ten tries,
-    then a central crop), followed by a flip with probability ``hflip``, all from ``rng``."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = rng.uniform(*scale) * area
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if w <= width and h <= height:
-            top = rng.randint(0, height - h)
-            left = rng.randint(0, width - w)
-            break
-    else:
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            w, h = width, round(width / min(ratio))
-        elif in_ratio > max(ratio):
-            h, w = height, round(height * max(ratio))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
-    flip = int(rng.random() < hflip)
-    return top, left, h, w, flip
-
-
-def identity_view(width: int, height: int) -> tuple[int, int, int, int, int]:
-    return 0, 0, height, width, 0
-
-
-def apply_view(image: Image.Image, view: Sequence[int], size: int | Sequence[int], interpolation: str) -> Image.Image:
-    """Crop ``view``'s box from ``image``, resize to ``size`` with ``interpolation``, flip if asked."""
-    import torchvision.transforms.functional as F
-    from timm.data.transforms import str_to_interp_mode
-
-    top, left, h, w, flip = (int(v) for v in view)
-    size = [size, size] if isinstance(size, int) else list(size)
-    out = F.resized_crop(image, top, left, h, w, size, str_to_interp_mode(interpolation))
-    return F.hflip(out) if flip else out
-
-
-def view_input(image: Image.Image, view: Sequence[int], input_config: dict[str, Any], to_tensor) -> torch.Tensor:
-    """One model's input for one view of one image."""
-    size = list(input_config["input_size"])[-2:]
-    return to_tensor(apply_view(image, view, size, input_config["interpolation"]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@ from torch import nn
 
 def register_sip_models() -> None:
     """Register sip's own architectures with timm (involution RedNets, multi-token distilled ViTs,
-    SPT + LSA ViTs for small datasets).
+    SPT + LSA ViTs for small datasets, ResNets for small images).
 
     Explicit and idempotent: every sip entry point that builds a model by name calls it (through
     :func:`create_model`), so no module registers anything as a side effect of being imported."""
     import sip.models.civt
     import sip.models.involution
+    import sip.models.small_resnet
     import sip.models.vit_small_data  # noqa: F401  (SPT + LSA ViTs)
 
 

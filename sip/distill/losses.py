@@ -1,6 +1,11 @@
 """Knowledge-distillation losses: one registry, one signature.
 
-Every loss is a small ``nn.Module`` with ``forward(student_out, teacher_out, targets) -> scalar``:
+Every loss is a small ``nn.Module`` with ``terms(student_out, teacher_out, targets) -> {name: scalar}``,
+its weighted terms (``"ce"``: the ground-truth part, ``"kd"``: the teacher part), and
+``forward(...) -> scalar``, their sum (what is back-propagated). The training step logs each term, so
+``metrics.jsonl`` shows the balance of hard and soft terms (as timm's ``LogitDistillationTask`` returns
+``task_loss`` and ``kd_loss``). A loss of your own may implement ``forward`` only; it is then logged as one
+term, ``"loss"``. Arguments:
 
 - ``student_out``: logits ``[B, C]``, or for students with distillation tokens a tuple
   ``(cls_logits, dist_logits_1, ..., dist_logits_K)`` (timm's distilled DeiT models return
@@ -8,8 +13,9 @@ Every loss is a small ``nn.Module`` with ``forward(student_out, teacher_out, tar
   return one distillation output per teacher).
 - ``teacher_out``: logits ``[B, C]`` of one teacher, or ``[K, B, C]`` (a stacked tensor or a sequence)
   of K teachers.
-- ``targets``: hard labels ``[B]`` (int64), or ``None`` when there are none (data-free distillation, where
-  the teacher's soft outputs are the only labels; the ground-truth weight must then be 0).
+- ``targets``: hard labels ``[B]`` (int64), class probabilities ``[B, C]`` (the mixed labels of a mixup /
+  CutMix batch), or ``None`` when there are none (data-free distillation, where the teacher's soft outputs
+  are the only labels; the ground-truth weight must then be 0).
 
 Build one by name with :func:`build_kd_loss`; add your own with ``@register_kd_loss("name")``.
 """
@@ -102,14 +108,34 @@ def soft_kl(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 def _hard_part(logits: torch.Tensor, targets: torch.Tensor | None, weight: float, label_smoothing: float,
                name: str) -> torch.Tensor:
+    """``weight · CE(logits, targets)``; ``targets`` hard ``[B]`` or soft ``[B, C]`` (mixed labels)."""
     if weight == 0:
         return logits.new_zeros(())
     if targets is None:
         raise ValueError(f"{name}: no ground-truth labels (data-free?) but their weight is {weight}; set alpha=1")
+    if targets.is_floating_point() and targets.shape != logits.shape:
+        raise ValueError(f"{name}: soft targets must be [B, C] = {tuple(logits.shape)}, got {tuple(targets.shape)}")
     return weight * F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-class _KDLoss(nn.Module):
+class NamedTermsLoss(nn.Module):
+    """A loss whose value is the sum of named, already weighted terms (see the module docstring)."""
+
+    def terms(self, student_out, teacher_out, targets) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, student_out, teacher_out, targets) -> torch.Tensor:
+        return torch.stack(list(self.terms(student_out, teacher_out, targets).values())).sum()
+
+
+def loss_terms(loss_fn: nn.Module, student_out, teacher_out, targets) -> dict[str, torch.Tensor]:
+    """Named terms of any KD loss: its ``terms`` when it has them, else ``{"loss": loss_fn(...)}``."""
+    if isinstance(loss_fn, NamedTermsLoss):
+        return loss_fn.terms(student_out, teacher_out, targets)
+    return {"loss": loss_fn(student_out, teacher_out, targets)}
+
+
+class _KDLoss(NamedTermsLoss):
     def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0):
         super().__init__()
         if temperature <= 0:
@@ -127,7 +153,7 @@ class _KDLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 @register_kd_loss("ce")
-class CrossEntropy(nn.Module):
+class CrossEntropy(NamedTermsLoss):
     """Plain supervised cross-entropy, ignoring the teacher: the no-distillation baseline.
 
     ``L = CE(z_s, y)`` (with optional label smoothing); a tuple of heads is averaged first.
@@ -139,8 +165,8 @@ class CrossEntropy(nn.Module):
         super().__init__()
         self.label_smoothing = float(label_smoothing)
 
-    def forward(self, student_out, teacher_out, targets):
-        return _hard_part(_as_logits(student_out), targets, 1.0, self.label_smoothing, "ce")
+    def terms(self, student_out, teacher_out, targets):
+        return {"ce": _hard_part(_as_logits(student_out), targets, 1.0, self.label_smoothing, "ce")}
 
 
 @register_kd_loss("deit_soft")
@@ -162,17 +188,18 @@ class DeiTSoftKD(_KDLoss):
     def __init__(self, temperature: float = 3.0, alpha: float = 0.1, label_smoothing: float = 0.0):
         super().__init__(temperature, alpha, label_smoothing)
 
-    def forward(self, student_out, teacher_out, targets):
+    def terms(self, student_out, teacher_out, targets):
         z_cls, z_dist = _two_heads(student_out, "deit_soft")
         z_t = _teachers(teacher_out)
         _check_classes(z_dist, z_t)
         p_t = F.softmax(z_t / self.temperature, dim=-1).mean(0)
         soft = soft_kl(z_dist, p_t, self.temperature)
-        return _hard_part(z_cls, targets, 1 - self.alpha, self.label_smoothing, "deit_soft") + self.alpha * soft
+        return {"ce": _hard_part(z_cls, targets, 1 - self.alpha, self.label_smoothing, "deit_soft"),
+                "kd": self.alpha * soft}
 
 
 @register_kd_loss("deit_hard")
-class DeiTHardKD(nn.Module):
+class DeiTHardKD(NamedTermsLoss):
     """DeiT hard-label distillation through the distillation token (Touvron et al., ICML 2021, Eq. 3).
 
     ``L = ½ · CE(z_cls, y) + ½ · CE(z_dist, argmax z_t)``
@@ -189,15 +216,15 @@ class DeiTHardKD(nn.Module):
         super().__init__()
         self.label_smoothing = float(label_smoothing)
 
-    def forward(self, student_out, teacher_out, targets):
+    def terms(self, student_out, teacher_out, targets):
         z_cls, z_dist = _two_heads(student_out, "deit_hard")
         z_t = _teachers(teacher_out)
         _check_classes(z_dist, z_t)
         y_t = F.softmax(z_t, dim=-1).mean(0).argmax(-1)
         dist = F.cross_entropy(z_dist, y_t, label_smoothing=self.label_smoothing)
         if targets is None:
-            return dist
-        return 0.5 * F.cross_entropy(z_cls, targets, label_smoothing=self.label_smoothing) + 0.5 * dist
+            return {"kd": dist}
+        return {"ce": _hard_part(z_cls, targets, 0.5, self.label_smoothing, "deit_hard"), "kd": 0.5 * dist}
 
 
 @register_kd_loss("multi_teacher")
@@ -228,12 +255,13 @@ class MultiTeacherKD(_KDLoss):
         w = _normalised_weights(self.weights, z_t.shape[0], z_t.device)
         return (w[:, None, None] * F.softmax(z_t / self.temperature, dim=-1)).sum(0)
 
-    def forward(self, student_out, teacher_out, targets):
+    def terms(self, student_out, teacher_out, targets):
         z_s = _as_logits(student_out)
         z_t = _teachers(teacher_out)
         _check_classes(z_s, z_t)
         soft = soft_kl(z_s, self._soft_targets(z_t), self.temperature)
-        return _hard_part(z_s, targets, 1 - self.alpha, self.label_smoothing, self.name) + self.alpha * soft
+        return {"ce": _hard_part(z_s, targets, 1 - self.alpha, self.label_smoothing, self.name),
+                "kd": self.alpha * soft}
 
 
 @register_kd_loss("hinton")
@@ -290,7 +318,7 @@ class MultiTokenKD(_KDLoss):
         self.mode = mode
         self.weights = list(weights) if weights else None
 
-    def forward(self, student_out, teacher_out, targets):
+    def terms(self, student_out, teacher_out, targets):
         if not isinstance(student_out, (tuple, list)) or len(student_out) < 2:
             raise ValueError("multi_token needs a student with distillation tokens returning (cls, dist_1, ..., dist_K); "
                              "use sip_civt_* with num_distill_tokens = number of teachers")
@@ -307,7 +335,8 @@ class MultiTokenKD(_KDLoss):
             else:
                 terms.append(soft_kl(z_d, F.softmax(z_t[k] / self.temperature, dim=-1), self.temperature))
         distill = (w * torch.stack(terms)).sum()
-        return _hard_part(z_cls, targets, 1 - self.alpha, self.label_smoothing, "multi_token") + self.alpha * distill
+        return {"ce": _hard_part(z_cls, targets, 1 - self.alpha, self.label_smoothing, "multi_token"),
+                "kd": self.alpha * distill}
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, " + super().extra_repr() + f", weights={self.weights}"

@@ -25,10 +25,10 @@ from sip.distill.logits import (
     ViewConfig,
     dataset_fingerprint,
     input_transform,
-    sample_view,
-    view_input,
 )
 from sip.distill.losses import KD_LOSSES, build_kd_loss, kd_loss_arguments
+from sip.distill.mixup import BatchMixConfig
+from sip.distill.step import DistillStep, TeacherInputs
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
 from sip.models.checkpoints import model_metadata
 from sip.models.classifiers import check_model_name
@@ -43,7 +43,7 @@ from sip.train.inputs import (
     resolve_input_config,
     seed_everything,
 )
-from sip.train.loop import fit, make_accelerator, merge_heads
+from sip.train.loop import fit, make_accelerator
 from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection
 from sip.train.run_dir import prepare_run_dir
 
@@ -81,6 +81,9 @@ class DistillRecipe:
     teachers: list[TeacherSection] = field(default_factory=list)  # one or more; order = logits order
     loss: LossSection = field(default_factory=LossSection)
     logits: str | None = None  # a store written by `sip logits`; null = teachers run online on every batch
+    # mixup / CutMix between the images of a batch, labelled by the online teachers on the mixed images
+    # ("function matching", Beyer et al. CVPR 2022); off by default
+    batch_mix: BatchMixConfig = field(default_factory=BatchMixConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
 
@@ -96,6 +99,16 @@ class DistillRecipe:
     def __post_init__(self):
         if not self.teachers and not self.logits:
             raise ValueError("distillation needs teachers (teachers: [...]) or a logits store (logits: DIR)")
+        if self.batch_mix.enabled:
+            if self.logits:
+                raise ValueError(
+                    "batch_mix (mixup / CutMix) needs the teachers to label each mixed image, which a logits "
+                    f"store of per-image views ({self.logits}) cannot: remove `logits:` so the teachers run "
+                    "online on the mixed batch, or set batch_mix.mixup_alpha and batch_mix.cutmix_alpha to 0")
+            if self.loss.name == "ce":
+                raise ValueError(
+                    "batch_mix with loss 'ce' learns from mixed hard labels only, never from a teacher's view of "
+                    "the mixed image: pick a KD loss (hinton, multi_teacher, deit_soft, ...) or use sip train")
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,25 @@ def build_loss(section: LossSection, teachers: list[Teacher] | None = None) -> t
     return build_kd_loss(section.name, **kwargs)
 
 
+def check_store_views(store: TeacherLogitsStore, data: DataSection) -> None:
+    """The store's views must be drawn as the recipe augments (crop scale, aspect ratio, flip): the student
+    replays them, so a store made for other views would silently train on another augmentation.
+
+    Raises:
+        StoreMismatchError: naming each differing key with both values and how to fix it.
+    """
+    stored = store.manifest.get("views", {})
+    wanted = {"scale": list(data.scale), "ratio": list(data.ratio), "hflip": data.hflip}
+    differ = [f"data.{k}: recipe {v} vs store {stored[k]}" for k, v in wanted.items()
+              if k in stored and [float(x) for x in (stored[k] if isinstance(stored[k], list) else [stored[k]])]
+              != [float(x) for x in (v if isinstance(v, list) else [v])]]
+    if differ:
+        raise StoreMismatchError(
+            f"logits store {store.root} holds views drawn with other augmentation settings than this recipe "
+            f"({'; '.join(differ)}); rebuild the store with `sip logits` using this recipe's data section, or "
+            "set the recipe's data keys to the store's")
+
+
 def _check_student_heads(model: torch.nn.Module, loss_name: str, num_teachers: int, student_name: str) -> None:
     """DeiT losses need a distillation token; multi_token needs one per teacher."""
     if loss_name in ("deit_soft", "deit_hard"):
@@ -251,6 +283,7 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     if recipe.logits:
         store = TeacherLogitsStore(recipe.logits)
         store.check(dataset_fingerprint(train_images.pool()), classes=classes)
+        check_store_views(store, data)
         # the recipe's teachers may be any subset of the stored ones (e.g. one teacher of an ensemble store)
         columns = store.teacher_indices([t.identity for t in teachers]) if teachers else list(range(store.num_teachers))
         missing = store.missing([ds.sample_id(i) for ds in train_images.pool() for i in range(len(ds))])
@@ -267,63 +300,22 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     _check_student_heads(student, recipe.loss.name, num_teachers, recipe.student.name)
     input_config = resolve_input_config(student, data)
     _, eval_tf = build_transforms(input_config, data)  # evaluation exactly as sip train evaluates
-    student_tail = input_transform(input_config)
 
-    # 5. items: one replayable view per image per epoch; the teachers' inputs or stored logits with it
-    keys: list[str] = []  # teachers with the same preprocessing share one input tensor
-    groups: list[dict[str, Any]] = []
-    for t in teachers:
-        if t.input_key() not in keys:
-            keys.append(t.input_key())
-            groups.append(t.input_config)
-    teacher_group = [keys.index(t.input_key()) for t in teachers]
-    group_tails = [input_transform(g) for g in groups]
+    # 5. items and steps: one replayable view per image per epoch; the teachers see the same (mixed) view
     online = store is None and needs_teacher
-
-    def make_item(images, index, rng):
-        image, label = images[index]
-        item: dict[str, Any] = {"label": label}
-        if store is not None:
-            v = rng.randrange(store.num_views)
-            view, logits = store.get(images.sample_id(index), v)
-            item["teacher_logits"] = logits[columns]
-        else:
-            view = sample_view(rng, image.width, image.height, data.scale, data.ratio, data.hflip)
-        item["image"] = view_input(image, view, input_config, student_tail)
-        if online:
-            for g, (cfg, tail) in enumerate(zip(groups, group_tails)):
-                item[f"teacher_image_{g}"] = view_input(image, view, cfg, tail)
-        return item
-
-    view = EpochView(train_images, make_item, recipe.run.seed, data.repeat, accelerator.process_index,
+    step = DistillStep(loss_fn, input_config=input_config, student_tail=input_transform(input_config), data=data,
+                       teachers=TeacherInputs.from_teachers(teachers, input_transform) if online else None,
+                       store=store, store_columns=columns, mix=recipe.batch_mix, use_labels=recipe.loss.use_labels,
+                       num_classes=len(classes), seed=recipe.run.seed, device=accelerator.device)
+    view = EpochView(train_images, step.make_item, recipe.run.seed, data.repeat, accelerator.process_index,
                      accelerator.num_processes)
-    use_labels = recipe.loss.use_labels
-
-    def step_fn(model, batch):
-        device = accelerator.device
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        if store is not None:
-            teacher_out = batch["teacher_logits"].to(device).transpose(0, 1)  # [K, B, C]
-        elif online:
-            with torch.no_grad():
-                outs = []
-                for t, g in zip(teachers, teacher_group):
-                    z = t.model(batch[f"teacher_image_{g}"].to(device, non_blocking=True))
-                    outs.append((z[0] if isinstance(z, (tuple, list)) else z).float())
-                teacher_out = torch.stack(outs)
-        else:
-            teacher_out = None
-        student_out = model(x)
-        loss = loss_fn(student_out, teacher_out, y if use_labels else None)
-        return loss, merge_heads(student_out), (y if use_labels else None)
 
     # 6. the shared loop
     meta = model_metadata(recipe.student.name, create_kwargs, classes, input_config)
     meta["distilled_from"] = [t.identity for t in teachers] or (store.teachers if store is not None else [])
     logger.info("distilling %s from %s (%s) on %s", recipe.student.name,
                 ", ".join(describe(t) for t in teachers) or f"store {recipe.logits}", recipe.loss.name, train_images)
-    result = fit(model=student, train_view=view, eval_images=eval_images, eval_transform=eval_tf, step_fn=step_fn,
+    result = fit(model=student, train_view=view, eval_images=eval_images, eval_transform=eval_tf, step_fn=step,
                  optim=recipe.optim, run=recipe.run, data=data, run_dir=run_dir, accelerator=accelerator,
                  model_meta=meta, resume=resume, desc=f"distill {recipe.student.name}",
                  modules_to_device=[t.model for t in teachers] if online else [])
@@ -343,6 +335,7 @@ __all__ = [
     "StoreSection",
     "TeacherSection",
     "build_loss",
+    "check_store_views",
     "loss_kwargs",
     "run_distillation",
     "run_logits",

@@ -116,8 +116,23 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator,
 
 
 
-StepFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, Any, torch.Tensor | None]]
-"""A step: (model, batch) → (loss, logits for accuracy, labels or None)."""
+StepFn = Callable[[nn.Module, dict[str, Any], int, int],
+                  tuple[dict[str, torch.Tensor] | torch.Tensor, Any, torch.Tensor | None]]
+"""A step: ``(model, batch, epoch, step_in_epoch) → (loss terms, logits for accuracy, labels or None)``.
+
+The terms are a dict of named, already weighted scalars (``{"ce": …, "kd": …}``) whose sum is minimised;
+each is averaged over the epoch into ``metrics.jsonl`` as ``train_<name>``. A bare tensor counts as one
+term, ``loss``. ``epoch`` and ``step_in_epoch`` (0-based) let a step draw batch-level randomness (mixup,
+CutMix) that a resumed run replays exactly."""
+
+
+def total_loss(terms: dict[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A step's terms → (their sum, the terms as a dict)."""
+    if isinstance(terms, torch.Tensor):
+        return terms, {"loss": terms}
+    if not terms:
+        raise ValueError("a training step returned no loss terms")
+    return torch.stack([t.float() for t in terms.values()]).sum(), terms
 
 
 @dataclass
@@ -140,8 +155,8 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         train_view (EpochView): the training items.
         eval_images: ``(image, label)`` dataset for evaluation.
         eval_transform (Callable): image → tensor for evaluation.
-        step_fn (StepFn): ``(model, batch) -> (loss, logits for train accuracy, labels or None)``; runs
-            inside the accelerator's autocast.
+        step_fn (StepFn): ``(model, batch, epoch, step_in_epoch) -> (loss terms, logits for train
+            accuracy, labels or None)``; runs inside the accelerator's autocast.
         optim, run, data: recipe sections.
         run_dir (Path): output folder (already prepared by :func:`prepare_run_dir`).
         accelerator: from :func:`make_accelerator`.
@@ -190,6 +205,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                                              num_workers=data.num_workers)
         model.train()
         loss_sum = correct = seen = labelled = 0.0
+        term_sums: dict[str, float] = {}
         nonfinite = 0
         t0 = t_mark = time.perf_counter()
         seen_mark = 0.0
@@ -197,9 +213,12 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         for batch in bar:
             torch.manual_seed(stable_seed("step", run.seed, int(counters["global_step"])))
             with accelerator.autocast():
-                loss, logits, labels = step_fn(model, batch)
+                terms, logits, labels = step_fn(model, batch, epoch, int(counters["step_in_epoch"]))
+            loss, terms = total_loss(terms)
             accelerator.backward(loss)
-            loss_value = loss.item()  # once per step: each .item() waits for the device
+            # one device sync per step for all values (each .item() would wait for the device)
+            values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]).tolist()
+            loss_value = values[0]
             # the norm is needed anyway for clipping; a non-finite one means a bad step: skip it, as fp16's
             # GradScaler does. Seen here: torch 2.14's bf16 (AMX) conv weight-gradient is sometimes NaN for a
             # stride-2 3x3 conv over a 1x1 map (tiny inputs in deep ResNets); one such step ruins the weights.
@@ -211,7 +230,10 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             n = batch["image"].shape[0]
-            loss_sum += loss_value * n if math.isfinite(loss_value) else 0.0
+            if math.isfinite(loss_value):
+                loss_sum += loss_value * n
+                for name, v in zip(terms, values[1:]):
+                    term_sums[name] = term_sums.get(name, 0.0) + v * n
             seen += n
             if labels is not None:
                 correct += (merge_heads(logits).argmax(1) == labels).sum().item()
@@ -247,6 +269,8 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                                 "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
                                 "epoch_time_s": round(epoch_time, 3), "nonfinite_steps": nonfinite,
                                 "train_images_per_s": round(seen / max(epoch_time, 1e-9), 2)}
+        if list(term_sums) != ["loss"]:
+            line.update({f"train_{name}": v / max(seen, 1) for name, v in term_sums.items()})
         if labelled:
             line["train_top1"] = 100.0 * correct / labelled
         is_last = epoch + 1 == optim.epochs

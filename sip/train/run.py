@@ -90,11 +90,11 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
                      accelerator.process_index, accelerator.num_processes)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
 
-    def step_fn(model, batch):
+    def step_fn(model, batch, epoch, step):
         x = batch["image"].to(accelerator.device, non_blocking=True)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         logits = merge_heads(model(x))
-        return criterion(logits.float(), y), logits, y
+        return {"ce": criterion(logits.float(), y)}, logits, y
 
     # 5.-8. optimiser, schedule, resume, loop, final save
     meta = model_metadata(recipe.model.name, create_kwargs, classes, input_config)

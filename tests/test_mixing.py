@@ -171,3 +171,27 @@ def test_bad_config_values():
         MixConfig(ratio=1.5)
     with pytest.raises(ValueError, match="p must"):
         MixConfig(p=-0.1)
+
+
+def test_several_synthetic_folders_read_as_one(tmp_path):
+    a = write_synthetic(tmp_path / "a", [{"label": "Bag", "value": 11}, {"label": "Trouser", "value": 12}])
+    b = tmp_path / "b"
+    write_synthetic(b, [{"label": "T-shirt/top", "value": 13}])
+    (b / "train" / "T-shirt_top" / "00000.png").rename(b / "train" / "T-shirt_top" / "t2i-0.png")
+    meta = b / "train" / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace("T-shirt_top/00000.png", "T-shirt_top/t2i-0.png"))
+    ds = SyntheticImages([a, b], CLASSES)
+    assert len(ds) == 3 and ds.labels.tolist() == [2, 1, 0]
+    assert [int(np.asarray(ds[i][0])[0, 0, 0]) for i in range(3)] == [11, 12, 13]  # each from its own folder
+    # recipes name the folders as a list
+    from sip.config import load_config
+    from sip.train.recipe import TrainRecipe
+
+    recipe = load_config(TrainRecipe, overrides=[f"data.synthetic=[{a}, {b}]"])
+    assert recipe.data.synthetic == [str(a), str(b)]
+
+
+def test_the_same_folder_twice_is_an_error_naming_both(tmp_path):
+    a = write_synthetic(tmp_path / "a", [{"label": "Bag"}])
+    with pytest.raises(ValueError, match="listed in both"):
+        SyntheticImages([a, a / "train"], CLASSES)

@@ -100,10 +100,12 @@ class SyntheticRecord:
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """A dataset written by sip: ``ROOT/train/<label folder>/<id>.png`` + ``ROOT/train/metadata.jsonl``.
+    """A dataset written by sip: ``ROOT/train/<label folder>/<id>.png`` + ``ROOT/train/metadata.jsonl``,
+    or several such folders read as one (e.g. the img2img variants of the real shots and a txt2img set).
 
     Args:
-        root (str | Path): the dataset folder (``ROOT``; ``ROOT/train`` is also accepted).
+        root (str | Path | Sequence): the dataset folder (``ROOT``; ``ROOT/train`` is also accepted), or a
+            list of them; an image id listed in two of them is an error naming both.
         classes (Sequence[str]): class names in index order (the real data's or the teacher's). Each
             line's ``label`` must be one of them; an unknown label is an error listing them.
 
@@ -112,10 +114,33 @@ class SyntheticImages(torch.utils.data.Dataset):
         sources (list[str | None]): the real image each one varies (``None`` for txt2img).
     """
 
-    def __init__(self, root: str | Path, classes: Sequence[str]):
+    def __init__(self, root: str | Path | Sequence[str | Path], classes: Sequence[str]):
+        roots = [root] if isinstance(root, (str, Path)) else list(root)
+        if not roots:
+            raise ValueError("SyntheticImages needs at least one dataset folder")
+        self.classes = list(classes)
+        self.roots, self.train_dirs, self.records, folder_of, owner = [], [], [], [], {}
+        for k, r in enumerate(roots):
+            r, records = self._read_folder(Path(r))
+            for rec in records:
+                if rec.file_name in owner:
+                    raise ValueError(f"image {rec.file_name} is listed in both {self.roots[owner[rec.file_name]]} "
+                                     f"and {r}: list each dataset folder once in data.synthetic")
+                owner[rec.file_name] = k
+            self.roots.append(r)
+            self.train_dirs.append(r / "train")
+            self.records.extend(records)
+            folder_of.extend([k] * len(records))
+        self.root, self.train_dir = self.roots[0], self.train_dirs[0]
+        self._folder = np.array(folder_of, dtype=np.int64)
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = np.array([index[r.label] for r in self.records], dtype=np.int64)
+        self.sources = [r.source for r in self.records]
+
+    def _read_folder(self, root: Path) -> tuple[Path, list[SyntheticRecord]]:
+        """One dataset folder's records, checked against the classes and the files on disk."""
         from sip.data.bank import read_metadata
 
-        root = Path(root)
         if root.name == "train" and (root / "metadata.jsonl").is_file():
             root = root.parent
         train = root / "train"
@@ -124,8 +149,7 @@ class SyntheticImages(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"{root} is not a sip dataset (or an empty one): {train}/metadata.jsonl lists no images "
                 "(write one with `sip augment` or `sip generate`)")
-        self.root, self.train_dir, self.classes = root, train, list(classes)
-        index = {name: i for i, name in enumerate(self.classes)}
+        index = set(self.classes)
         records, unknown, seen, missing = [], Counter(), set(), []
         for n, row in enumerate(rows, 1):
             try:
@@ -147,9 +171,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(f"{train}: {len(missing)} images listed in the metadata are missing "
                                     f"(e.g. {missing[:3]})")
-        self.records = records
-        self.labels = np.array([index[r.label] for r in records], dtype=np.int64)
-        self.sources = [r.source for r in records]
+        return root, records
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,7 +184,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         return [SYNTHETIC_ID_PREFIX + r.file_name for r in self.records]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return load_image(self.train_dir / self.records[i].file_name), int(self.labels[i])
+        return load_image(self.train_dirs[self._folder[i]] / self.records[i].file_name), int(self.labels[i])
 
 
 MixMode = Literal["concat", "ratio", "swap"]

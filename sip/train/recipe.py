@@ -27,7 +27,8 @@ class DataSection:
     """Which images, how they are mixed and preprocessed, and how they are batched."""
 
     real: SourceConfig | None = field(default_factory=SourceConfig)  # real images (default: the F-MNIST pool 50000+); null = none
-    synthetic: str | None = None  # a sip dataset folder (DIR/train/metadata.jsonl); null = real only
+    # a sip dataset folder (DIR/train/metadata.jsonl) or a list of them read as one; null = real only
+    synthetic: str | list[str] | None = None
     mix: MixConfig = field(default_factory=MixConfig)  # how real and synthetic share an epoch
     eval: EvalSourceConfig = field(default_factory=EvalSourceConfig)  # held-out set; its classes are the label space
     img_size: int | None = 32  # network input size; null = the model's own (224 for most timm models)

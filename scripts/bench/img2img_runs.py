@@ -1,0 +1,114 @@
+"""The two ways to run img2img that scripts/bench_generate.py compares: naive (one diffusers pipeline call
+per image) and sip's (``DiffusionGenerator.img2img`` on sip's batch grid), each timed per network."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sip.augment.loop import Job, batch_grid
+
+from .machine import StageTimer, networks
+
+
+@dataclass
+class RunResult:
+    """One timed run: its images, wall and process CPU seconds, per-network times and its settings."""
+
+    name: str
+    images: list
+    seconds: float
+    cpu_seconds: float
+    timer: StageTimer
+    batch_size: int = 1
+    channels_last: bool = False
+    precision: str = "fp32"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return len(self.images) / self.seconds
+
+    @property
+    def cpu_rate(self) -> float:
+        """Images per process CPU second: less sensitive than wall time to other processes taking turns on
+        the cores (not immune: cache sharing, and threads spinning at barriers count as CPU time)."""
+        return len(self.images) / self.cpu_seconds
+
+
+def run_naive(pipe, jobs: list[Job], settings: dict, negative_prompt: str, label: str) -> RunResult:
+    """One pipeline call per image and variant: what a user writes from the diffusers docs."""
+    timer = StageTimer(networks(pipe))
+    images = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    for job in tqdm(jobs, desc=f"{label} naive", unit="img", file=sys.stderr, leave=False):
+        out = pipe(prompt=job.prompt, image=job.payload, negative_prompt=negative_prompt,
+                   strength=settings["strength"], num_inference_steps=settings["steps"],
+                   guidance_scale=settings["guidance_scale"],
+                   generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pil")
+        images.append(out.images[0])
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timer.remove()
+    return RunResult("naive", images, seconds, cpu, timer)
+
+
+def contiguous(pipe) -> None:
+    """Put the UNet and VAE back in the default memory format (undo a channels_last run)."""
+    pipe.unet.to(memory_format=torch.contiguous_format)
+    pipe.vae.to(memory_format=torch.contiguous_format)
+
+
+def make_generator(pipe, settings: dict, size: int, batch_size: int, channels_last: bool, precision: str,
+                   tiny_vae=None):
+    """A fresh :class:`DiffusionGenerator` (empty prompt cache) over ``pipe`` with these settings."""
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig, prepare_pipeline
+
+    contiguous(pipe)
+    config = GenerateConfig(model="bench", strength=settings["strength"],
+                            guidance_scale=settings["guidance_scale"], steps=settings["steps"],
+                            batch_size=batch_size, resolution=size, precision=precision,
+                            channels_last=channels_last, device="cpu")
+    return DiffusionGenerator(prepare_pipeline(pipe, config), config, model_id="bench", tiny_vae=tiny_vae)
+
+
+def sip_img2img(generator, batch: list[Job], negative_prompt: str) -> list:
+    """One ``DiffusionGenerator.img2img`` call on a batch of jobs (the payload is the source image)."""
+    return generator.img2img([j.payload for j in batch], [j.prompt for j in batch], [j.seed for j in batch],
+                             negative_prompt)
+
+
+def run_sip(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: str, label: str,
+            batch_size: int, channels_last: bool, precision: str, warmup: bool, tiny_vae=None) -> RunResult:
+    """sip's img2img stage: ``DiffusionGenerator.img2img`` on sip's batch grid of the jobs."""
+    if warmup:  # oneDNN builds its kernels for each new shape once; keep that out of the timing
+        warm = make_generator(pipe, {**settings, "steps": 2, "strength": 0.5}, size, batch_size,
+                              channels_last, precision)
+        sip_img2img(warm, jobs[:batch_size], negative_prompt)
+    generator = make_generator(pipe, settings, size, batch_size, channels_last, precision, tiny_vae)
+    timer = StageTimer(networks(pipe))
+    images = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    with tqdm(total=len(jobs), desc=f"{label} sip b{batch_size}{' cl' if channels_last else ''} {precision}",
+              unit="img", file=sys.stderr, leave=False) as bar:
+        for batch in batch_grid(jobs, batch_size):
+            images += sip_img2img(generator, batch, negative_prompt)
+            bar.update(len(batch))
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timer.remove()
+    contiguous(pipe)
+    return RunResult("sip", images, seconds, cpu, timer, batch_size, channels_last, precision)
+
+
+def max_abs_diff(a: list, b: list) -> tuple[int, int, int]:
+    """(max |a - b| in grey levels, values that differ, values compared) over aligned image lists."""
+    worst, differ, total = 0, 0, 0
+    for x, y in zip(a, b):
+        d = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
+        worst, differ, total = max(worst, int(d.max())), differ + int((d > 0).sum()), total + d.size
+    return worst, differ, total

@@ -83,3 +83,28 @@ def test_parse_interpolation():
     assert parse_interpolation("bicubic") == ("bicubic", None)
     with pytest.raises(ValueError, match="lanczos7"):
         parse_interpolation("lanczos7")
+
+
+def test_recipes_select_lanczos_for_training_and_evaluation(tmp_path):
+    import random as _random
+
+    from PIL import Image as _Image
+
+    from sip.config import ConfigError, load_config
+    from sip.train.inputs import build_transforms
+    from sip.train.recipe import TrainRecipe
+
+    recipe = load_config(TrainRecipe, overrides=["data.interpolation=lanczos5", "data.img_size=32", "data.re_prob=0.5"])
+    cfg = {"input_size": [3, 32, 32], "interpolation": "lanczos5", "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    train_tf, eval_tf = build_transforms(cfg, recipe.data)
+    image = _Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
+    _random.seed(0)
+    assert train_tf(image).shape == (3, 32, 32)
+    # evaluation = the whole image through LanczosResize(order 5), then normalised
+    expected = LanczosResize(32, order=5)(image)
+    got = eval_tf(image)
+    from torchvision.transforms.functional import pil_to_tensor
+
+    assert torch.allclose(got, (pil_to_tensor(expected).float() / 255 - 0.5) / 0.5, atol=1e-6)
+    with pytest.raises((ValueError, ConfigError), match="Lanczos order"):
+        load_config(TrainRecipe, overrides=["data.interpolation=lanczos7"])

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sip.data.lanczos import LanczosResize, parse_interpolation
+
 __all__ = ["ViewConfig", "apply_view", "identity_view", "sample_view", "view_input"]
 
 
@@ -78,13 +80,18 @@ def identity_view(width: int, height: int) -> tuple[int, int, int, int, int]:
 
 
 def apply_view(image: Image.Image, view: Sequence[int], size: int | Sequence[int], interpolation: str) -> Image.Image:
-    """Crop ``view``'s box from ``image``, resize to ``size`` with ``interpolation``, flip if asked."""
+    """Crop ``view``'s box from ``image``, resize to ``size`` with ``interpolation`` (a PIL filter name, or
+    ``lanczos2``–``lanczos5``: :class:`sip.data.lanczos.LanczosResize`), flip if asked."""
     import torchvision.transforms.functional as F
     from timm.data.transforms import str_to_interp_mode
 
     top, left, h, w, flip = (int(v) for v in view)
     size = [size, size] if isinstance(size, int) else list(size)
-    out = F.resized_crop(image, top, left, h, w, size, str_to_interp_mode(interpolation))
+    kind, order = parse_interpolation(interpolation)
+    if kind == "lanczos":  # sip's separable Lanczos (PIL has order 3 only)
+        out = LanczosResize(tuple(size), order)(F.crop(image, top, left, h, w))
+    else:
+        out = F.resized_crop(image, top, left, h, w, size, str_to_interp_mode(interpolation))
     return F.hflip(out) if flip else out
 
 

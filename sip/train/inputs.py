@@ -113,10 +113,47 @@ def resolve_input_config(model: nn.Module, data: DataSection) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
+class ReplayableCrop:
+    """RandomResizedCrop + flip drawn with :func:`sip.distill.views.sample_view` (timm's distribution, from
+    Python's ``random``, which :class:`EpochView` seeds per item) and resized with any interpolation sip
+    knows, Lanczos included."""
+
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float, interpolation: str):
+        self.size, self.scale, self.ratio, self.hflip, self.interpolation = size, scale, ratio, hflip, interpolation
+
+    def __call__(self, image):
+        from sip.distill.views import apply_view, sample_view
+
+        view = sample_view(random, image.width, image.height, self.scale, self.ratio, self.hflip)
+        return apply_view(image, view, self.size, self.interpolation)
+
+
+def _lanczos_transforms(input_config: dict[str, Any], data: DataSection) -> tuple[Callable, Callable]:
+    """Training (crop + flip [+ erasing]) and evaluation (whole image) transforms resizing with Lanczos."""
+    from torchvision.transforms import v2
+
+    from sip.data.lanczos import LanczosResize, parse_interpolation
+    from sip.models.checkpoints import input_transform
+
+    if data.color_jitter or data.auto_augment:
+        raise ValueError(f"data.interpolation {data.interpolation!r} works with crops, flips and random erasing; "
+                         "set data.color_jitter: 0 and data.auto_augment: null, or use bicubic")
+    size = int(input_config["input_size"][-1])
+    _, order = parse_interpolation(input_config["interpolation"])
+    tail = input_transform(input_config)
+    train = [ReplayableCrop(size, data.scale, data.ratio, data.hflip, input_config["interpolation"]), tail]
+    if data.re_prob:
+        train.append(v2.RandomErasing(p=data.re_prob, value=0))
+    return v2.Compose(train), v2.Compose([LanczosResize(size, order), tail])
+
+
 def build_transforms(input_config: dict[str, Any], data: DataSection) -> tuple[Callable, Callable]:
-    """timm's training and evaluation transforms for ``input_config`` and the data section's augmentation."""
+    """timm's training and evaluation transforms for ``input_config`` and the data section's augmentation
+    (sip's own for ``lanczos2``–``lanczos5`` interpolation, which timm does not have)."""
     from timm.data import create_transform
 
+    if str(input_config["interpolation"]).startswith("lanczos"):
+        return _lanczos_transforms(input_config, data)
     common = {"input_size": tuple(input_config["input_size"]), "interpolation": input_config["interpolation"],
                   "mean": tuple(input_config["mean"]), "std": tuple(input_config["std"])}
     train = create_transform(is_training=True, scale=tuple(data.scale), ratio=tuple(data.ratio), hflip=data.hflip,

@@ -39,7 +39,9 @@ class DataSection:
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter; 0 for grey images
     auto_augment: str | None = None  # a timm policy string such as "rand-m9-mstd0.5"; costs CPU time per image
     re_prob: float = 0.0  # random erasing probability
-    interpolation: str | None = None  # resize filter; null = the model's
+    # resize filter: bicubic, bilinear, ... or lanczos2-5 (sip's separable Lanczos; the seed paper resizes
+    # small images to a ViT's input with lanczos5); null = the model's own
+    interpolation: str | None = None
     mean: tuple[float, float, float] | None = None  # normalisation; null = the model's own
     std: tuple[float, float, float] | None = None
     batch_size: int = 128  # per process; the last partial batch of an epoch is dropped
@@ -62,6 +64,10 @@ class DataSection:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.img_size is not None and self.img_size < 8:
             raise ValueError(f"img_size must be at least 8, got {self.img_size}")
+        if self.interpolation is not None:
+            from sip.data.lanczos import parse_interpolation
+
+            parse_interpolation(self.interpolation)  # lanczosN with N outside {2, 3, 4, 5}: a clear error
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Issue 12's student table: 10-shot and data-free students distilled from the strong teacher, run through the
+``sip`` CLI with the recipes in ``pipelines/``, several runs at once (one thread each), resumable; prints a
+Markdown table of full-test-set top-1 (mean ± std over data draws) and, last, one JSON line.
+
+    python scripts/student_experiments.py --jobs 2                        # every arm, draws 0 1 2
+    python scripts/student_experiments.py --only cnn_sip cnn_real --draws 0 1
+
+Needs (made once; commands in each recipe's header):
+    runs/fmnist_teacher_strong      sip train pipelines/fmnist_teacher_strong.yaml
+    runs/fmnist-synth-1k            sip synth pipelines/fmnist_synth.yaml --per-class 1000 --guidance 3
+    runs/fmnist-aug-<d>             sip augment pipelines/fmnist_augment.yaml --set source.seed=<d>
+
+Arms (``--only``): ``<student>_<data>`` with student ``cnn`` (ResNet-10-T) or ``vit`` (4-block SPT + LSA ViT)
+and data ``sip`` (10 real shots of draw d + their img2img variants + txt2img), ``real`` (the 10 shots alone,
+same KD recipe and steps), ``datafree`` (txt2img only, no real image; run seed d); ``vit_sip_plain`` is
+``vit_sip`` with SPT and LSA switched off (the ablation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIP = str(Path(sys.executable).with_name("sip"))
+ARMS = {
+    "cnn_sip": ("fmnist_student_cnn_sip.yaml", []),
+    "cnn_real": ("fmnist_student_cnn_real.yaml", []),
+    "vit_sip": ("fmnist_student_vit_sip.yaml", []),
+    "vit_real": ("fmnist_student_vit_real.yaml", []),
+    "cnn_datafree": ("fmnist_student_cnn_datafree.yaml", []),
+    "vit_datafree": ("fmnist_student_vit_datafree.yaml", []),
+    "vit_sip_plain": ("fmnist_student_vit_sip.yaml",
+                      ["student.kwargs={embed_dim: 128, depth: 4, num_heads: 4, spt: false, lsa: false}"]),
+}
+
+
+def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
+    recipe, extra = ARMS[arm]
+    out = args.out / f"{arm}_d{draw}"
+    sets = [f"teachers=[{{checkpoint: {args.teacher}}}]", f"run.seed={draw}", "run.threads=1", "run.progress=false",
+            *extra]
+    if arm.endswith("datafree"):
+        sets.append(f"data.synthetic={args.synthetic}")
+    else:
+        sets.append(f"data.real.seed={draw}")
+        if "_sip" in arm:
+            sets.append(f"data.synthetic=[{args.augmented}-{draw}, {args.synthetic}]")
+    sets += args.set
+    cli = ["distill", f"pipelines/{recipe}", "-o", str(out)]
+    for s in sets:
+        cli += ["--set", s]
+    return cli, out
+
+
+def run_one(arm: str, draw: int, args) -> dict:
+    cli, out = command(arm, draw, args)
+    done = out / "final_metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    print("sip " + shlex.join(cli), flush=True)
+    t0 = time.time()
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"failed: sip {shlex.join(cli)}")
+    metrics = json.loads(done.read_text())
+    print(f"  {arm} draw {draw}: top-1 {metrics['top1']:.2f}% ({time.time() - t0:.0f}s)", flush=True)
+    return metrics
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "—"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    p.add_argument("--out", type=Path, default=Path("runs/students"))
+    p.add_argument("--teacher", default="runs/fmnist_teacher_strong")
+    p.add_argument("--synthetic", default="runs/fmnist-synth-1k")
+    p.add_argument("--augmented", default="runs/fmnist-aug", help="prefix: <prefix>-<draw> per data draw")
+    p.add_argument("--set", action="append", default=[], help="an override for every run")
+    args = p.parse_args()
+
+    work = [(arm, d) for d in args.draws for arm in args.only]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = dict(zip(work, pool.map(lambda w: run_one(*w, args), work)))
+    rows, summary = [], {}
+    for arm in args.only:
+        tops = [results[(arm, d)]["top1"] for d in args.draws]
+        summary[arm] = {"mean": round(statistics.mean(tops), 2), "runs": [round(t, 2) for t in tops],
+                        "std": round(statistics.stdev(tops), 2) if len(tops) > 1 else None}
+        rows.append(f"| {arm} | {mean_std(tops)} | {', '.join(f'{t:.2f}' for t in tops)} |")
+    print("\n| arm | test top-1 % (mean ± std) | runs (draw " + " ".join(map(str, args.draws)) + ") |")
+    print("|---|---|---|")
+    print("\n".join(rows))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,9 @@ SECTIONS = ("vae", "txt2img", "img2img", "fewshot")
 ARMS = ("none", "cropflip", "randaug", "img2img", "txt2img", "both", "real")
 
 
+PROMPTS = ("caption", "label", "caption_only")  # img2img prompts: label + caption (SIP), label, caption
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What is measured and how much of it (full-mode defaults; ``QUICK`` shrinks the counts).
@@ -34,7 +37,8 @@ class EvalConfig:
             ``steps × strength`` of them).
         batch_size: images per pipeline call (outputs do not depend on it).
         precision: "auto" (sip's rule: bf16 autocast on CUDA and AMX CPUs, else fp32), "fp32", "bf16".
-        prompts: "caption" (SIP: label + imagenet-topk caption) or "label" (label only) for img2img.
+        prompts: "caption" (SIP: label + imagenet-topk caption), "label" (label only) or "caption_only"
+            (the caption without the label: the SIP ablation) for img2img.
         caption_size: input size of the offline captioner (96 like the training script).
         txt2img_per_class, txt2img_guidance: class-fidelity images per class, at each guidance scale.
         img2img_sources: test images redrawn (balanced over classes, a multiple of 10).
@@ -86,8 +90,8 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.prompts not in ("caption", "label"):
-            raise ValueError(f"prompts must be 'caption' or 'label', got {self.prompts!r}")
+        if self.prompts not in PROMPTS:
+            raise ValueError(f"prompts must be one of {', '.join(PROMPTS)}, got {self.prompts!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         for s in (*self.img2img_strengths, self.steer_strength, self.fewshot_strength):

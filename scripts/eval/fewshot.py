@@ -43,7 +43,7 @@ def run_fewshot(cfg: EvalConfig, gen: SipGeneration, captions: Captions, train_g
         extra: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if {"img2img", "both"} & set(arms):
             sources = [to_pil(im) for im in real_x]
-            caps = captions(sources) if cfg.prompts == "caption" else None
+            caps = captions(sources) if cfg.prompts != "label" else None
             rgb = gen.img2img(sources, real_y.tolist(), caps, [fashion_mnist_id("train", i) for i in shots],
                               cfg.fewshot_variants, cfg.fewshot_strength, cfg.fewshot_guidance, seed,
                               f"fewshot {s}: img2img")

@@ -56,7 +56,8 @@ class SipGeneration:
                                 precision=cfg.precision)  # type: ignore[arg-type]
         self.generator = DiffusionGenerator(pipe, config, model_id)
         prompt_config = PromptConfig(label_names=dict(FASHION_MNIST_READABLE),
-                                     max_tokens=self.generator.max_prompt_tokens)
+                                     max_tokens=self.generator.max_prompt_tokens,
+                                     parts="caption" if cfg.prompts == "caption_only" else "label+caption")
         self.builder = PromptBuilder.for_tokenizer(prompt_config, pipe.tokenizer)
         self.batch_size, self.progress = cfg.batch_size, progress
         self.images = 0

@@ -52,7 +52,7 @@ from sip.augment.generate import describe_device
 from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, looks_like_path
 
 from .classifier import classify
-from .config import QUICK, SECTIONS, EvalConfig, build_config
+from .config import PROMPTS, QUICK, SECTIONS, EvalConfig, build_config
 from .data import fashion_mnist_32, subset
 from .fewshot import run_fewshot
 from .generation import Captions, SipGeneration
@@ -73,8 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-cache", default=".cache/judge", help="folder of cached judge weights")
     p.add_argument("--caption-cache", default=".cache/eval_tiny_sd_captions.jsonl",
                    help="caption cache file ('' disables)")
-    p.add_argument("--prompts", choices=["caption", "label"], default=None,
-                   help="img2img prompts: label + caption (SIP, default) or label only")
+    p.add_argument("--prompts", choices=list(PROMPTS), default=None,
+                   help="img2img prompts: label + caption (SIP, default), label only, or caption only")
     p.add_argument("--guidance", default=None, help="txt2img guidance scales, comma list (default 3,5)")
     p.add_argument("--seeds", type=int, default=None, help="few-shot draws (default 3, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30, quick 10)")
@@ -167,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "txt2img_fidelity": None, "txt2img_per_class": None, "txt2img": None,
         "img2img_preservation": None, "img2img": None, "steering": None, "diversity": None,
         "fewshot": None,
-        "prompts": ("label + caption (imagenet-topk, efficientnet-lite0, 96 px)" if cfg.prompts == "caption"
-                    else "label only"),
+        "prompts": {"caption": "label + caption (imagenet-topk, efficientnet-lite0, 96 px)", "label": "label only",
+                    "caption_only": "caption only (imagenet-topk, efficientnet-lite0, 96 px)"}[cfg.prompts],
         "config": dataclasses.asdict(cfg),
     }
 

@@ -64,7 +64,7 @@ def img2img_section(cfg: EvalConfig, gen: SipGeneration, captions: Captions, jud
     sources = [to_pil(im) for im in test.grey[idx]]
     src_labels = test.labels[idx]
     source_ids = [fashion_mnist_id("test", i) for i in idx]
-    caps = captions(sources) if cfg.prompts == "caption" else None
+    caps = captions(sources) if cfg.prompts != "label" else None
     src_rgb = to_rgb_array(sources)
     src_pred, src_feats = classify(judge, test.grey[idx])
     # the judge errs on some real sources too: preservation among the sources it gets right separates

@@ -5,7 +5,9 @@ Naive: one ``StableDiffusionImg2ImgPipeline`` call per image and variant, fp32, 
 prompt and image handling (``pipe(prompt=..., image=..., negative_prompt=..., generator=...)``).
 sip: ``DiffusionGenerator.img2img`` in batches (each distinct source VAE-encoded once for all its
 variants, each distinct prompt encoded once, batched UNet/VAE), over a sweep of its options
-(batch size, ``channels_last``, precision fp32 / bf16 autocast). Both paths use the same pipeline
+(batch size, ``channels_last``, precision fp32 / bf16 autocast). On the shipped model it also runs
+``generate.cache_interval`` 1/2/3 × ``generate.token_merge_ratio`` 0/0.5 side by side
+(``scripts/bench/unet_speedups.py``: images/s and how far each moves the images). Both paths use the same pipeline
 object, the same sources, prompts, per-image seeds, steps, strength and guidance.
 
 Two models:
@@ -60,6 +62,7 @@ from scripts.bench.img2img_runs import (
     sip_img2img,
 )
 from scripts.bench.machine import count_flops, cpu_flags, matmul_peak
+from scripts.bench.unet_speedups import bench_unet_speedups
 from sip.augment.loop import Job
 from sip.runtime import cpu_has_amx
 
@@ -179,7 +182,8 @@ def bench_tiny(args: argparse.Namespace, peaks: Peaks) -> dict:
     tiny = print_runs("tiny", result, flops, peaks)
     result.update(tiny)
     bounds = breakdown("tiny", result, flops, peaks)
-    return {"speedup_vs_naive_tiny": tiny["speedup"],
+    speedups = bench_unet_speedups(pipe, jobs, settings, size, tiny["best_fp32"].batch_size, 3 if q else 5)
+    return {**speedups, "speedup_vs_naive_tiny": tiny["speedup"],
             "speedup_vs_naive_tiny_cpu_time": tiny["speedup_cpu_time"],
             "tiny_images_per_s_sip": tiny["best"].rate,
             "tiny_images_per_s_naive": tiny["naive"].rate,

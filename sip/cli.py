@@ -56,6 +56,19 @@ def _captioner_overrides(captioner: Optional[str]) -> list[str]:
     return _flags(**{"caption.kind": "transformers", "caption.model": captioner})
 
 
+def _finish_generation(cfg, summary) -> None:
+    """Save the resolved recipe (one process of a launch does it) and print the summary line, naming the rank
+    under a multi-process launch (each process reports its own share)."""
+    from sip.scale.launch import detect_launch
+
+    launch = detect_launch()
+    if launch.rank == 0:
+        save_config(cfg, Path(cfg.output) / "config.yaml")
+    typer.echo(summary.line() if launch.world == 1 else f"{launch.describe()}: {summary.line()}")
+    if summary.failed and not summary.written and not summary.skipped:
+        raise typer.Exit(1)
+
+
 def _run(fn, *args, **kwargs):
     """Call the library; turn the errors users can fix into a clear message and exit code 2."""
     try:
@@ -90,7 +103,8 @@ def augment(
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     seed: Optional[int] = typer.Option(None, help="Run seed."),
-    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4."),
+    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4 (not under torchrun / accelerate "
+                                                   "launch, where each process takes its part by rank)."),
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
@@ -101,11 +115,7 @@ def augment(
         "generate.strength": strength, "generate.guidance_scale": guidance, "generate.steps": steps,
         "generate.seed": seed, "shard": shard}) + list(set_)
     cfg = _load(AugmentRecipe, recipe, overrides)
-    summary = _run(run_augment, cfg)
-    save_config(cfg, Path(cfg.output) / "config.yaml")
-    typer.echo(summary.line())
-    if summary.failed and not summary.written and not summary.skipped:
-        raise typer.Exit(1)
+    _finish_generation(cfg, _run(run_augment, cfg))
 
 
 @app.command()
@@ -117,7 +127,8 @@ def synth(
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     seed: Optional[int] = typer.Option(None, help="Run seed."),
-    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4."),
+    shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4 (not under torchrun / accelerate "
+                                                   "launch, where each process takes its part by rank)."),
     set_: list[str] = SetOpt,
 ) -> None:
     """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
@@ -127,11 +138,7 @@ def synth(
                           "generate.per_class": per_class, "generate.guidance_scale": guidance,
                           "generate.steps": steps, "generate.seed": seed, "shard": shard}) + list(set_)
     cfg = _load(SynthRecipe, recipe, overrides)
-    summary = _run(run_synth, cfg)
-    save_config(cfg, Path(cfg.output) / "config.yaml")
-    typer.echo(summary.line())
-    if summary.failed and not summary.written and not summary.skipped:
-        raise typer.Exit(1)
+    _finish_generation(cfg, _run(run_synth, cfg))
 
 
 @app.command()

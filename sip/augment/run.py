@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from sip.config import to_dict
 from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
 from sip.ids import image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
+from sip.scale.launch import Launch, detect_launch, generation_shard, process_device, warn_if_alone
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class AugmentRecipe:
         generate: the diffusion model and its settings.
         filter: optional filter of the variants.
         output: output folder (the layout in writer.py).
-        shard: "i/n" to do the i-th of n deterministic parts (null: all).
+        shard: "i/n" to do the i-th of n deterministic parts (null: all). Under a multi-process launch
+            (torchrun, accelerate launch) each process takes its part by rank: leave this null.
         chunk: sources captioned and generated per streaming step (memory vs. batching).
         progress: show a progress bar.
     """
@@ -181,7 +183,8 @@ def _chunks(source: ImageSource, size: int, keep) -> Iterator[list[Sample]]:
 
 
 def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = None,
-                captioner: Captioner | None = None, image_filter: ImageFilter | None = None) -> RunSummary:
+                captioner: Captioner | None = None, image_filter: ImageFilter | None = None,
+                launch: Launch | None = None) -> RunSummary:
     """Run SIP augmentation as ``recipe`` says; models are built from it unless passed in.
 
     Args:
@@ -189,31 +192,39 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         generator (DiffusionGenerator, optional): built from ``recipe.generate`` when None.
         captioner (Captioner, optional): built from ``recipe.caption`` when None.
         image_filter (ImageFilter, optional): built from ``recipe.filter`` when None.
+        launch (Launch, optional): this process's rank and world (:mod:`sip.scale.launch`); read from the
+            launcher's environment when None. Each process of a launch does the shard of its rank.
 
     Returns:
         RunSummary: counts and failures; images are on disk under ``recipe.output``.
     """
     t0 = time.time()
     # 1. check inputs before any model is loaded
-    shard = parse_shard(recipe.shard)
+    launch = launch or detect_launch()
+    shard = generation_shard(recipe.shard, launch)
     source = open_source(recipe.source)
     if len(source) == 0:
         raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
     check_output(recipe.output)
-    # 2. models (built once, passed to the stages)
-    generator = generator or DiffusionGenerator.from_config(recipe.generate)
-    captioner = captioner or build_captioner(recipe.caption)
-    image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
+    warn_if_alone(launch)
+    # 2. models (built once, passed to the stages), on this process's GPU under a multi-process launch
+    generator = generator or _generator(recipe.generate, launch)
+    captioner = captioner or build_captioner(replace(recipe.caption,
+                                                     device=process_device(recipe.caption.device, launch)))
+    image_filter = image_filter if image_filter is not None else build_filter(
+        replace(recipe.filter, device=process_device(recipe.filter.device, launch)))
     builder = _prompt_builder(recipe.prompt, generator)
     # 3. output folder (refuses a folder written with another config)
     out = Path(recipe.output)
-    writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img"}),
+    writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img",
+                                                            **launch.record()}),
                            source.classes, shard, defaults=to_dict(AugmentRecipe()))
     cache = CaptionCache(recipe.caption.cache or out / "captions.jsonl")
     per_image, cfg = recipe.generate.per_image, recipe.generate
     summary = RunSummary(str(out))
     total = sum(1 for sid in source.source_ids() if in_shard(sid, shard)) * per_image
-    bar = tqdm(total=total, desc="augment", unit="img", disable=not recipe.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="augment", unit="img", disable=not recipe.progress or launch.rank > 0,
+               dynamic_ncols=True)
 
     def todo(sample: Sample) -> bool:
         return in_shard(sample.source_id, shard)
@@ -264,6 +275,10 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     return summary
 
 
+def _generator(config: GenerateConfig, launch: Launch) -> DiffusionGenerator:
+    return DiffusionGenerator.from_config(replace(config, device=process_device(config.device, launch)))
+
+
 def _prompt_builder(prompt: PromptConfig, generator: DiffusionGenerator) -> PromptBuilder:
     """The recipe's prompt builder, within the generator's text-encoder budget and counting its tokens."""
     budget = min(prompt.max_tokens, generator.max_prompt_tokens)
@@ -280,24 +295,29 @@ def synth_classes(recipe: SynthRecipe) -> list[str]:
 
 
 def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
-              image_filter: ImageFilter | None = None) -> RunSummary:
-    """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt."""
+              image_filter: ImageFilter | None = None, launch: Launch | None = None) -> RunSummary:
+    """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt (the arguments are
+    those of :func:`run_augment`)."""
     t0 = time.time()
-    shard = parse_shard(recipe.shard)
+    launch = launch or detect_launch()
+    shard = generation_shard(recipe.shard, launch)
     classes = synth_classes(recipe)
     if not classes:
         raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
     check_output(recipe.output)
-    generator = generator or DiffusionGenerator.from_config(recipe.generate)
-    image_filter = image_filter if image_filter is not None else build_filter(recipe.filter)
+    warn_if_alone(launch)
+    generator = generator or _generator(recipe.generate, launch)
+    image_filter = image_filter if image_filter is not None else build_filter(
+        replace(recipe.filter, device=process_device(recipe.filter.device, launch)))
     builder = _prompt_builder(recipe.prompt, generator)
     out = Path(recipe.output)
-    writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img"}), classes, shard,
+    writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img", **launch.record()}), classes, shard,
                            defaults=to_dict(SynthRecipe()))
     cfg = recipe.generate
     jobs = [(label, k) for label in classes for k in range(cfg.per_class) if in_shard(f"{label}\x00{k}", shard)]
     summary = RunSummary(str(out))
-    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not recipe.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not recipe.progress or launch.rank > 0,
+               dynamic_ncols=True)
 
     def job(label: str, k: int) -> Job:
         prompt = builder(label, None, k)

@@ -13,10 +13,13 @@ from typing import Any
 
 import sip
 
-__all__ = ["PATH_KEYS", "VOLATILE_KEYS", "config_differences", "resolve_paths"]
+__all__ = ["LAUNCH_KEYS", "PATH_KEYS", "VOLATILE_KEYS", "config_differences", "resolve_paths"]
 
 # Config keys that decide where or how fast images are made, not what they are (compared nowhere).
 VOLATILE_KEYS = frozenset({"shard", "batch_size", "device", "progress", "output", "chunk", "cache"})
+# Top-level run.json keys saying how the latest launch ran (process count, launcher): never compared (only
+# ``config`` is), and brought up to date when a folder is resumed under another launch.
+LAUNCH_KEYS = frozenset({"processes", "launcher"})
 # Config keys that may hold a local path (stored resolved, so `IN` and `/abs/IN` are the same config).
 PATH_KEYS = frozenset({"path", "model", "tiny_vae", "cache"})
 _SHIPPED_MODELS = Path(sip.__file__).resolve().parent / "models"

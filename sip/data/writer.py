@@ -24,7 +24,7 @@ from PIL import Image
 from sip.data.durable import DiskFullError, append_jsonl, atomic_write, read_jsonl, repair_jsonl
 from sip.data.merge import merge_shards
 from sip.data.readers import METADATA, REJECTED, RUN_INFO, rows_of, run_info_at
-from sip.data.resume import config_differences, resolve_paths
+from sip.data.resume import LAUNCH_KEYS, config_differences, resolve_paths
 from sip.ids import sanitize_label
 
 __all__ = ["DatasetWriter", "WriteSummary", "label_folders"]
@@ -59,6 +59,20 @@ class WriteSummary:
     adopted: int = 0
     kept_aside: int = 0
     torn: int = 0
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that owns a temp file (``.<name>.<pid>.tmp``, :func:`atomic_write`) still runs here."""
+    pid = temp.name.rsplit(".", 2)[-2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _shard_suffix(shard: tuple[int, int]) -> str:
@@ -101,6 +115,10 @@ class DatasetWriter:
                     f"{self.root} holds a run with a different config ({run_file}); nothing was changed. Differing "
                     "keys: " + "; ".join(differences) + ". Use a new --output folder, or rerun with the same recipe "
                     "and flags to resume it.")
+            launch = {k: run_info[k] for k in LAUNCH_KEYS if k in run_info}
+            if any(previous.get(k) != v for k, v in launch.items()):  # resumed under another launch: say so
+                atomic_write(run_file, json.dumps({**previous, **launch}, indent=2, ensure_ascii=False).encode("utf-8"),
+                             self.root)
         else:
             atomic_write(run_file, json.dumps({**run_info, "label_folders": self.folders}, indent=2,
                                               ensure_ascii=False).encode("utf-8"), self.root)
@@ -116,7 +134,8 @@ class DatasetWriter:
         for path in [self.root / REJECTED, *self.root.glob("rejected.shard-*.jsonl")]:
             self.done |= {r["id"] for r in read_jsonl(path) if "id" in r}
         for stale in self.train.glob("*/.*.tmp"):
-            stale.unlink(missing_ok=True)  # a temp file is never a finished image: the id has no line and is redone
+            if not _writer_alive(stale):  # another process of the same launch may be renaming its own right now
+                stale.unlink(missing_ok=True)  # a temp file is never a finished image: the id has no line, is redone
         # 4. images without a line (killed between rename and append): checked when their id is redone
         listed = {r["file_name"] for r in rows if "file_name" in r}
         self.orphans = {p.stem: p for p in self.train.glob("*/*.png")
@@ -194,9 +213,10 @@ class DatasetWriter:
         self.summary.rejected += 1
 
     def finish(self) -> bool:
-        """Mark this shard done and merge when every shard is; returns True when metadata.jsonl is whole."""
+        """Mark this shard done and merge when every shard is; returns True when metadata.jsonl is whole. An
+        unsharded run folds in the shard files an earlier launch with several processes left."""
         if self.shard is None:
-            return True
+            return merge_shards(self.root, None)
         i, n = self.shard
         (self.train / f".shard-{i}-of-{n}.done").touch()
         return merge_shards(self.root, n)

@@ -159,6 +159,12 @@ def caption(
     typer.echo(f"captioned {n} images ({cache.hits} from cache, {cache.misses} new) → {path}")
 
 
+def _run_recipe(cls, fn, recipe: Optional[Path], output: Optional[Path], set_: list[str], default: str) -> None:
+    """Load ``cls`` from the recipe and overrides, run ``fn(config, output folder)``, print its result as JSON."""
+    cfg = _load(cls, recipe, list(set_))
+    typer.echo(json.dumps(_run(fn, cfg, output or Path("runs") / default)))
+
+
 @app.command()
 def train(recipe: Optional[Path] = RecipeArg,
           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
@@ -167,10 +173,7 @@ def train(recipe: Optional[Path] = RecipeArg,
     from sip.train.recipe import TrainRecipe
     from sip.train.run import run_training
 
-    cfg = _load(TrainRecipe, recipe, list(set_))
-    run_dir = output or Path("runs") / "train"
-    metrics = _run(run_training, cfg, run_dir)
-    typer.echo(json.dumps(metrics))
+    _run_recipe(TrainRecipe, run_training, recipe, output, set_, "train")
 
 
 @app.command()
@@ -180,9 +183,7 @@ def distill(recipe: Optional[Path] = RecipeArg,
     """Distil teachers into a student (Hinton KD, DeiT token, teacher ensembles, data-free)."""
     from sip.distill.run import DistillRecipe, run_distillation
 
-    cfg = _load(DistillRecipe, recipe, list(set_))
-    metrics = _run(run_distillation, cfg, output or Path("runs") / "distill")
-    typer.echo(json.dumps(metrics))
+    _run_recipe(DistillRecipe, run_distillation, recipe, output, set_, "distill")
 
 
 @app.command()
@@ -192,9 +193,7 @@ def logits(recipe: Optional[Path] = RecipeArg,
     """Run teachers once over a dataset and store their logits (with augmentation replay)."""
     from sip.distill.run import LogitsRecipe, run_logits
 
-    cfg = _load(LogitsRecipe, recipe, list(set_))
-    info = _run(run_logits, cfg, output or Path("runs") / "logits")
-    typer.echo(json.dumps(info))
+    _run_recipe(LogitsRecipe, run_logits, recipe, output, set_, "logits")
 
 
 @app.command()

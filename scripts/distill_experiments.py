@@ -110,28 +110,22 @@ def main() -> None:
             run("logits", "fmnist_logits_10shot.yaml", store_conv, [f"data.real.seed={seed}", t_conv], args.threads, log)
         if {"kd_involution", "ensemble", "civt"} & set(args.only):
             run("logits", "fmnist_logits_10shot.yaml", store_both, [f"data.real.seed={seed}", t_both], args.threads, log)
-        if "scratch" in args.only:
-            add("ViT from scratch, 10 shots", run("train", "fmnist_vit_scratch_10shot.yaml", out / f"scratch_s{seed}",
-                                                  seeds, args.threads, log))
-        if "kd_online" in args.only:
-            add("ViT + KD (conv teacher, online)", run("distill", "fmnist_kd_10shot.yaml", out / f"kd_online_s{seed}",
-                                                       [*seeds, t_conv], args.threads, log))
-        if "kd_stored" in args.only:
-            add("ViT + KD (conv teacher, stored logits)",
-                run("distill", "fmnist_kd_10shot.yaml", out / f"kd_stored_s{seed}",
-                    [*seeds, t_conv, f"logits={store_conv}"], args.threads, log))
-        if "kd_involution" in args.only:
-            add("ViT + KD (involution teacher, stored logits)",
-                run("distill", "fmnist_kd_10shot.yaml", out / f"kd_inv_s{seed}",
-                    [*seeds, t_inv, f"logits={store_both}"], args.threads, log))
-        if "ensemble" in args.only:
-            add("ViT + KD (conv + involution, averaged soft targets)",
-                run("distill", "fmnist_ensemble_kd.yaml", out / f"ensemble_s{seed}",
-                    [*seeds, t_both, f"logits={store_both}"], args.threads, log))
-        if "civt" in args.only:
-            add("CivT-style ViT + KD (one token per teacher)",
-                run("distill", "fmnist_civt_kd.yaml", out / f"civt_s{seed}", [*seeds, t_both, f"logits={store_both}"],
-                    args.threads, log))
+        # group → (row, verb, recipe, run folder, overrides besides the seeds)
+        arms = {
+            "scratch": ("ViT from scratch, 10 shots", "train", "fmnist_vit_scratch_10shot.yaml", "scratch", []),
+            "kd_online": ("ViT + KD (conv teacher, online)", "distill", "fmnist_kd_10shot.yaml", "kd_online", [t_conv]),
+            "kd_stored": ("ViT + KD (conv teacher, stored logits)", "distill", "fmnist_kd_10shot.yaml", "kd_stored",
+                          [t_conv, f"logits={store_conv}"]),
+            "kd_involution": ("ViT + KD (involution teacher, stored logits)", "distill", "fmnist_kd_10shot.yaml",
+                              "kd_inv", [t_inv, f"logits={store_both}"]),
+            "ensemble": ("ViT + KD (conv + involution, averaged soft targets)", "distill", "fmnist_ensemble_kd.yaml",
+                         "ensemble", [t_both, f"logits={store_both}"]),
+            "civt": ("CivT-style ViT + KD (one token per teacher)", "distill", "fmnist_civt_kd.yaml", "civt",
+                     [t_both, f"logits={store_both}"]),
+        }
+        for group, (row, verb, recipe, name, extra) in arms.items():
+            if group in args.only:
+                add(row, run(verb, recipe, out / f"{name}_s{seed}", [*seeds, *extra], args.threads, log))
 
     if "sip" in args.only:
         if (ROOT / args.augmented / "train" / "metadata.jsonl").exists():

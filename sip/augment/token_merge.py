@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sip.augment.unet_cache import patched_forwards
+
 MAX_MERGE_RATIO = 0.75  # one token in each 2x2 cell is a destination: at most the other 3 can merge
-_MISSING = object()
 
 
 @dataclass
@@ -200,17 +201,6 @@ def token_merging(unet: nn.Module, ratio: float) -> Iterator[MergeState]:
                          f"cell is a merge destination), got {ratio!r}")
     level, targets = merge_targets(unet)
     state = MergeState(float(ratio))
-    patched: list[tuple[nn.Module, Any]] = []
-    hook = unet.register_forward_pre_hook(partial(_start_call, state), with_kwargs=True)
-    try:
-        for index, module in enumerate(targets):
-            patched.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = _merged_forward(state, index, level, module.forward)
+    with patched_forwards(unet, targets, lambda index, forward: _merged_forward(state, index, level, forward),
+                          partial(_start_call, state)):
         yield state
-    finally:
-        hook.remove()
-        for module, previous in reversed(patched):
-            if previous is _MISSING:
-                del module.forward
-            else:
-                module.forward = previous

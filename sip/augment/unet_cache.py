@@ -147,14 +147,27 @@ def feature_cache(unet: nn.Module, interval: int) -> Iterator[CacheState]:
     if isinstance(interval, bool) or int(interval) != interval or interval < 1:
         raise ValueError(f"cache interval must be an integer >= 1 (1 = off), got {interval!r}")
     state = CacheState(int(interval))
-    patched: list[tuple[nn.Module, Any]] = []
-    hook = unet.register_forward_pre_hook(partial(_start_call, state), with_kwargs=True)
     try:
-        for index, module in enumerate(cached_modules(unet)):
+        with patched_forwards(unet, cached_modules(unet), partial(_cached_forward, state),
+                              partial(_start_call, state)):
+            yield state
+    finally:
+        state.outputs.clear()
+
+
+@contextmanager
+def patched_forwards(unet: nn.Module, modules: list[nn.Module], wrap: Callable[[int, Callable], Callable],
+                     on_call: Callable) -> Iterator[None]:
+    """For the block: module ``i``'s forward becomes ``wrap(i, forward)`` and ``on_call(unet, args, kwargs)``
+    runs before every UNet call; everything is restored on exit, even after an error."""
+    patched: list[tuple[nn.Module, Any]] = []
+    hook = unet.register_forward_pre_hook(on_call, with_kwargs=True)
+    try:
+        for index, module in enumerate(modules):
             # keep what was there: accelerate's offload hooks, for one, set an instance ``forward``
             patched.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = _cached_forward(state, index, module.forward)
-        yield state
+            module.forward = wrap(index, module.forward)
+        yield
     finally:
         hook.remove()
         for module, previous in reversed(patched):
@@ -162,7 +175,6 @@ def feature_cache(unet: nn.Module, interval: int) -> Iterator[CacheState]:
                 del module.forward
             else:
                 module.forward = previous
-        state.outputs.clear()
 
 
 def check_speedup_settings(cache_interval: int, token_merge_ratio: float, compile: bool = False) -> None:

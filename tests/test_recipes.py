@@ -20,7 +20,7 @@ def recipe_class(path: Path):
     if "logits" in stem:
         from sip.distill.run import LogitsRecipe
         return LogitsRecipe
-    if any(k in stem for k in ("kd", "distill", "datafree", "ensemble")):
+    if any(k in stem for k in ("kd", "distill", "datafree", "ensemble", "student")):
         from sip.distill.run import DistillRecipe
         return DistillRecipe
     from sip.train.recipe import TrainRecipe

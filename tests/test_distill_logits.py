@@ -61,3 +61,35 @@ def test_store_build_resumes_by_shard(store, teachers, tmp_path):
     assert all(after[n] == before[n] for n in before) and last.name in after  # kept two, rebuilt one
     a, b = TeacherLogitsStore(store), TeacherLogitsStore(copy)
     assert torch.equal(a.logits, b.logits) and a.ids == b.ids
+
+
+def test_two_processes_build_the_one_process_store_and_the_last_writes_the_manifest(store, teachers, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    out = tmp_path / "two"
+    recipe = logits_recipe([teachers["test_resnet"], teachers["sip_rednet_tiny"]], "store.dtype=float32",
+                           "store.shard_size=12")
+    results = []
+    for rank in (1, 0):  # rank 2 of 2 finishes first and leaves store.json to the other
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        results.append(run_logits(recipe, out))
+        if rank == 1:
+            assert sorted(p.name for p in out.glob("logits-*")) == ["logits-00001-of-00003.safetensors"]
+            assert not (out / "store.json").exists()
+    assert [r["complete"] for r in results] == [False, True]
+    files = sorted(p.name for p in store.glob("logits-*.safetensors"))
+    assert sorted(p.name for p in out.glob("logits-*.safetensors")) == files
+    for f in files:  # the same tensors and metadata (safetensors writes its header keys in no fixed order)
+        assert _content(out / f) == _content(store / f)
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("build_time_s", "created")}
+    assert strip(json.loads((out / "store.json").read_text())) == strip(json.loads((store / "store.json").read_text()))
+
+
+def _content(path) -> tuple:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())}

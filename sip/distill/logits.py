@@ -251,8 +251,14 @@ class TeacherLogitsStore:
     def build(cls, root: str | Path, datasets: Sequence[Any], teachers: Sequence[Any], classes: Sequence[str],
               views: ViewConfig = ViewConfig(), batch_size: int = 128, shard_size: int = 10000,
               dtype: str = "float16", device: str | torch.device = "cpu", num_workers: int = 0,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True) -> TeacherLogitsStore:
+              autocast_dtype: torch.dtype | None = None, progress: bool = True, rank: int = 0,
+              world: int = 1) -> TeacherLogitsStore | None:
         """Run ``teachers`` over every image of ``datasets`` (in order) and write the store.
+
+        Under a multi-process launch process ``rank`` of ``world`` builds shards ``s`` with ``s % world == rank``
+        (the shard layout, and so every batch, is the one-process layout: each shard holds the same tensors and
+        metadata as a one-process build's), and whichever process finds every shard finished writes
+        ``store.json``; no process waits on another.
 
         Args:
             root (str | Path): output folder.
@@ -268,6 +274,10 @@ class TeacherLogitsStore:
             num_workers (int, optional): DataLoader workers preparing the views. Defaults to 0.
             autocast_dtype (torch.dtype, optional): bf16/fp16 autocast for the teachers. Defaults to None.
             progress (bool, optional): tqdm bar. Defaults to True.
+            rank, world (int, optional): this process's place in a launch. Defaults to 0 of 1.
+
+        Returns:
+            TeacherLogitsStore | None: the store, or None when other processes' shards are still being built.
         """
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import save_file
@@ -300,25 +310,44 @@ class TeacherLogitsStore:
         for t in teachers:
             t.model.to(device)
 
-        shards, t0 = [], time.perf_counter()
-        bar = tqdm(total=total, desc="teacher logits", unit="img", disable=not progress)
-        for s in range(n_shards):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world), got {rank} of {world}")
+        if world > n_shards:
+            logger.warning("%d processes but the store has %d shard(s) of store.shard_size %d images: %d process(es) "
+                           "have nothing to build; set store.shard_size <= %d to use them all", world, n_shards,
+                           shard_size, world - n_shards, max(1, total // world))
+
+        def span(s: int) -> tuple[str, int, int, list[str]]:
             start, stop = s * shard_size, min((s + 1) * shard_size, total)
-            name = f"logits-{s:05d}-of-{n_shards:05d}.safetensors"
-            path = root / name
             source = _ViewBatchSource(datasets, offsets, views, groups, start, stop)
             ids = [source.locate(i)[0].sample_id(source.locate(i)[1]) for i in range(start, stop)]
-            if path.is_file():  # a resumed build: keep a finished shard that matches
-                try:
-                    with safe_open(str(path), framework="pt") as f:
-                        meta = f.metadata()
-                    if (meta.get("fingerprint") == fingerprint["sha256"] and meta.get("teachers") == digest
-                            and json.loads(meta["ids"]) == ids and meta.get("views") == json.dumps(asdict(views))):
-                        shards.append({"file": name, "start": start, "count": stop - start})
-                        bar.update(stop - start)
-                        continue
-                except (OSError, ValueError, KeyError, SafetensorError) as e:  # half-written or foreign: rebuild
-                    logger.info("rebuilding shard %s (%s)", path, e)
+            return f"logits-{s:05d}-of-{n_shards:05d}.safetensors", start, stop, ids
+
+        def finished(name: str, ids: list[str]) -> bool:
+            """A shard file on disk that a build with these teachers, views and data wrote whole."""
+            path = root / name
+            if not path.is_file():
+                return False
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata()
+                return (meta.get("fingerprint") == fingerprint["sha256"] and meta.get("teachers") == digest
+                        and json.loads(meta["ids"]) == ids and meta.get("views") == json.dumps(asdict(views)))
+            except (OSError, ValueError, KeyError, SafetensorError) as e:  # half-written or foreign: rebuild
+                logger.info("rebuilding shard %s (%s)", path, e)
+                return False
+
+        mine = [s for s in range(n_shards) if s % world == rank]
+        t0 = time.perf_counter()
+        bar = tqdm(total=sum(min(shard_size, total - s * shard_size) for s in mine), desc="teacher logits",
+                   unit="img", disable=not progress or rank > 0)
+        for s in mine:
+            name, start, stop, ids = span(s)
+            path = root / name
+            source = _ViewBatchSource(datasets, offsets, views, groups, start, stop)
+            if finished(name, ids):  # a resumed build: keep a finished shard that matches
+                bar.update(stop - start)
+                continue
             loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             out_logits, out_views, out_labels = [], [], []
             with torch.no_grad():
@@ -342,8 +371,15 @@ class TeacherLogitsStore:
                       metadata={"format": STORE_FORMAT, "fingerprint": fingerprint["sha256"], "teachers": digest,
                                 "views": json.dumps(asdict(views)), "ids": json.dumps(ids)})
             tmp.replace(path)
-            shards.append({"file": name, "start": start, "count": stop - start})
         bar.close()
+        shards = []
+        for s in range(n_shards):  # every shard, whoever built it (other processes' may still be running)
+            name, start, stop, ids = span(s)
+            if s not in mine and not finished(name, ids):
+                logger.info("process %d of %d: shard %s not finished yet; the last process writes store.json",
+                            rank + 1, world, name)
+                return None
+            shards.append({"file": name, "start": start, "count": stop - start})
         manifest = {
             "format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
             "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),

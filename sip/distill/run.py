@@ -145,15 +145,24 @@ class LogitsRecipe:
 def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
     """Run the recipe's teachers once over its dataset and write a :class:`TeacherLogitsStore` to ``out_dir``.
 
+    Under ``torchrun`` / ``accelerate launch`` each process builds the shards ``s`` with ``s % world == rank``
+    on the GPU of its local rank, and the last to finish writes ``store.json`` (the shards hold what a one-process
+    build's do; ``store.shard_size`` sets how finely the work splits).
+
     Returns:
         dict: store path, samples, views, teachers, build time, how often the teachers agree with the
-        dataset's labels on the whole image (``identity_view_top1``).
+        dataset's labels on the whole image (``identity_view_top1``); ``complete: false`` from a process that
+        finished before the others.
     """
     from sip.runtime import resolve_device
+    from sip.scale.launch import detect_launch, process_device, warn_if_alone
 
+    launch = detect_launch()  # under torchrun / accelerate launch: this process builds its share of the shards
+    warn_if_alone(launch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(recipe, out_dir / "config.yaml")
+    if launch.rank == 0:
+        save_config(recipe, out_dir / "config.yaml")
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     # 1. data (the whole pool: every real and every synthetic image, whatever the mix)
@@ -163,16 +172,18 @@ def run_logits(recipe: LogitsRecipe, out_dir: str | Path) -> dict[str, Any]:
     teachers = build_teachers(recipe.teachers, recipe.data)
     check_teacher_classes(teachers, classes)
     # 3. views and the store
-    device = resolve_device(recipe.run.device)
+    device = resolve_device(process_device(recipe.run.device, launch))  # cuda:<local rank> under a launch
     precision = resolve_precision(recipe.run.precision, device, large_input(recipe.data.img_size))
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     views = ViewConfig(recipe.store.views, recipe.store.identity_view, tuple(recipe.data.scale),
                        tuple(recipe.data.ratio), recipe.data.hflip, recipe.store.seed)
     store = TeacherLogitsStore.build(out_dir, images.pool(), teachers, classes, views, recipe.store.batch_size,
                                      recipe.store.shard_size, recipe.store.dtype, device, recipe.data.num_workers,
-                                     autocast, recipe.run.progress)
+                                     autocast, recipe.run.progress, launch.rank, launch.world)
+    if store is None:  # other processes of the launch are still building their shards
+        return {"store": str(out_dir), "complete": False, "process": launch.describe()}
     m = store.manifest
-    return {"store": str(out_dir), "samples": m["num_samples"], "views": m["num_views"],
+    return {"store": str(out_dir), "complete": True, "samples": m["num_samples"], "views": m["num_views"],
             "teachers": [describe(t) for t in teachers], "dtype": m["dtype"], "build_time_s": m["build_time_s"],
             "identity_view_top1": m.get("identity_view_top1"), "fingerprint": m["fingerprint"]["sha256"]}
 

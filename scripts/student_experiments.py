@@ -43,6 +43,10 @@ ARMS = {
 }
 
 
+# (with, without): the differences the issue asks for, paired by data draw
+PAIRS = [("cnn_sip", "cnn_real"), ("vit_sip", "vit_real"), ("vit_sip", "vit_sip_plain")]
+
+
 def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
     recipe, extra = ARMS[arm]
     out = args.out / f"{arm}_d{draw}"
@@ -108,7 +112,17 @@ def main() -> None:
     print("\n| arm | test top-1 % (mean ± std) | runs (draw " + " ".join(map(str, args.draws)) + ") |")
     print("|---|---|---|")
     print("\n".join(rows))
-    print(json.dumps(summary))
+    paired = {}
+    for a, b in PAIRS:
+        if a in args.only and b in args.only and len(args.draws) > 1:
+            diffs = [results[(a, d)]["top1"] - results[(b, d)]["top1"] for d in args.draws]
+            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+            se = std / len(diffs) ** 0.5
+            paired[f"{a} - {b}"] = {"diffs": [round(x, 2) for x in diffs], "mean": round(mean, 2), "std": round(std, 2),
+                                    "se": round(se, 2), "mean_over_se": round(mean / se, 2) if se else None}
+            print(f"{a} - {b}, paired by draw: {', '.join(f'{x:+.2f}' for x in diffs)}; mean {mean:+.2f}, "
+                  f"std {std:.2f}, standard error {se:.2f} (mean = {mean / se if se else float('inf'):.1f} SE)")
+    print(json.dumps({**summary, "paired": paired}))
 
 
 if __name__ == "__main__":

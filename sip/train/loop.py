@@ -90,7 +90,9 @@ def merge_heads(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator, progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
-    """Top-1, top-5 (top-k for k = min(5, classes)) accuracy in % and mean cross-entropy over ``loader``."""
+    """Top-1, top-5 (top-k for k = min(5, classes)) accuracy in %, mean cross-entropy and the number of
+    samples seen over ``loader``. Under several processes pass a loader prepared by the accelerator (each
+    process evaluates its share; ``gather_for_metrics`` drops the padding of the last batch)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -111,7 +113,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator,
         total += len(y)
     model.train(was_training)
     total = max(total, 1)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
+            "samples": total}
 
 
 
@@ -191,8 +194,10 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         eval_subset = TransformedImages(eval_images, eval_transform, pick)
 
     def eval_loader(ds):
-        return torch.utils.data.DataLoader(ds, batch_size=data.eval_batch_size, shuffle=False,
-                                           num_workers=data.num_workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size=data.eval_batch_size, shuffle=False,
+                                             num_workers=data.num_workers)
+        # several processes: each evaluates its share (not the whole set each), results gathered once
+        return accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
 
     progress = run.progress and accelerator.is_main_process
     last_eval: dict[str, float] = {}
@@ -276,7 +281,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         is_last = epoch + 1 == optim.epochs
         if is_last or (epoch + 1) % run.eval_every == 0:
             result = evaluate(model, eval_loader(eval_full if is_last else eval_subset), accelerator, progress)
-            line.update({f"eval_{k}": v for k, v in result.items()})
+            line.update({f"eval_{k}": v for k, v in result.items() if k != "samples"})
             last_eval = result
             if result["top1"] > counters["best_top1"]:
                 counters["best_top1"], counters["best_epoch"] = result["top1"], epoch + 1
@@ -299,7 +304,8 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                "best_epoch": int(counters["best_epoch"]) or optim.epochs, "epochs": optim.epochs,
                "steps": int(counters["global_step"]), "train_time_s": round(counters["train_time_s"], 2),
                "train_images_per_s": round(counters["train_images"] / max(counters["train_time_s"], 1e-9), 2),
-               "num_params": n_params, "eval_samples": len(eval_images), "run_dir": str(run_dir)}
+               "num_params": n_params, "eval_samples": last_eval.get("samples", len(eval_images)),
+               "processes": accelerator.num_processes, "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         save_model_file(unwrapped, run_dir / MODEL_FILE, {**model_meta, "epoch": optim.epochs, "metrics": metrics})
         (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

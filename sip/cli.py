@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 RecipeArg = typer.Argument(None, help="YAML recipe (see pipelines/); flags and --set override it.")
 SetOpt = typer.Option([], "--set", help="Override a recipe key, e.g. --set generate.strength=0.6 (repeatable).")
+EngineOpt = typer.Option(None, help="'local' (this process; one per rank under torchrun / accelerate launch) or "
+                                    "'ray' (a Ray Data pipeline of actor pools; pip install 'sip[ray]').")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster to join with --engine ray (e.g. auto, "
+                                                  "ray://head:10001); default: a local Ray for this run.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -105,6 +109,8 @@ def augment(
     seed: Optional[int] = typer.Option(None, help="Run seed."),
     shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4 (not under torchrun / accelerate "
                                                    "launch, where each process takes its part by rank)."),
+    engine: Optional[str] = EngineOpt,
+    address: Optional[str] = AddressOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
@@ -113,7 +119,7 @@ def augment(
     overrides = _input_overrides(input) + _captioner_overrides(captioner) + _flags(**{
         "output": str(output) if output else None, "generate.model": model, "generate.per_image": per_image,
         "generate.strength": strength, "generate.guidance_scale": guidance, "generate.steps": steps,
-        "generate.seed": seed, "shard": shard}) + list(set_)
+        "generate.seed": seed, "shard": shard, "engine": engine, "ray.address": address}) + list(set_)
     cfg = _load(AugmentRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_augment, cfg))
 
@@ -129,6 +135,8 @@ def synth(
     seed: Optional[int] = typer.Option(None, help="Run seed."),
     shard: Optional[str] = typer.Option(None, help="Do part i of n, e.g. 2/4 (not under torchrun / accelerate "
                                                    "launch, where each process takes its part by rank)."),
+    engine: Optional[str] = EngineOpt,
+    address: Optional[str] = AddressOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
@@ -136,7 +144,8 @@ def synth(
 
     overrides = _flags(**{"output": str(output) if output else None, "generate.model": model,
                           "generate.per_class": per_class, "generate.guidance_scale": guidance,
-                          "generate.steps": steps, "generate.seed": seed, "shard": shard}) + list(set_)
+                          "generate.steps": steps, "generate.seed": seed, "shard": shard, "engine": engine,
+                          "ray.address": address}) + list(set_)
     cfg = _load(SynthRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_synth, cfg))
 

@@ -58,20 +58,28 @@ def variant_record(*, source: str | None, source_hash: str | None, variant: int,
             "prompt": prompt, "negative_prompt": negative_prompt, "strength": strength, "seed": seed, **settings}
 
 
+def generator_info(generator: Any) -> dict[str, Any]:
+    """What ``run.json`` says of the generator: model, scheduler, device, bf16, generation size."""
+    from sip.augment.generate import describe_device
+
+    return {"model": generator.model_id, "scheduler": type(generator.pipe.scheduler).__name__,
+            "device": describe_device(generator.device), "bf16_autocast": generator.bf16,
+            "generation_size": generator.size}
+
+
 def run_info(config: dict[str, Any], generator: Any, **extra: Any) -> dict[str, Any]:
     """The ``run.json`` contents of a generation run: sip version, resolved config, model, device, settings.
 
     Args:
         config (dict): the resolved config (``sip.config.to_dict(recipe)``).
-        generator (DiffusionGenerator): the generator the run uses.
+        generator (DiffusionGenerator | dict): the generator the run uses, or its :func:`generator_info`
+            (from a worker, when the generator lives in another process).
         **extra: more keys (``mode``, ``captioner`` …).
     """
     import sip
-    from sip.augment.generate import describe_device
 
-    return {"sip_version": sip.__version__, "config": config, "model": generator.model_id,
-            "scheduler": type(generator.pipe.scheduler).__name__, "device": describe_device(generator.device),
-            "bf16_autocast": generator.bf16, "generation_size": generator.size, **extra}
+    info = generator if isinstance(generator, dict) else generator_info(generator)
+    return {"sip_version": sip.__version__, "config": config, **info, **extra}
 
 
 def batch_grid(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
@@ -79,6 +87,52 @@ def batch_grid(items: Sequence[Any], batch_size: int) -> list[list[Any]]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one job of a generated batch: an image kept or dropped by the filter, or a failure."""
+
+    id: str
+    label: str
+    record: dict[str, Any]
+    keep: bool = False
+    image: Image.Image | None = None
+    failure: str | None = None  # "<Error>: <message>" when the batch could not be generated
+
+
+def make_batch(batch: Sequence[Job], generate: Callable[[Sequence[Job]], list[Image.Image]],
+               image_filter: ImageFilter | None) -> list[Outcome]:
+    """Generate one grid batch whole and filter it: one :class:`Outcome` per job, in order.
+
+    Raises:
+        Exception: anything not in :data:`GENERATION_FAULTS` (a programming error) propagates.
+    """
+    try:
+        images = generate(batch)  # the whole grid batch, so its bytes match an uninterrupted run
+    except GENERATION_FAULTS as e:  # out of memory, an undecodable image: every job fails with the reason
+        reason = f"{type(e).__name__}: {str(e)[:120]}"
+        return [Outcome(j.id, j.label, j.record, failure=reason) for j in batch]
+    labels, prompts = [j.label for j in batch], [j.prompt for j in batch]
+    verdicts = image_filter(images, labels, prompts) if image_filter is not None else keep_all(len(images))
+    return [Outcome(job.id, job.label, {**job.record, "scores": scores}, keep, image)
+            for job, image, (keep, scores) in zip(batch, images, verdicts)]
+
+
+def write_outcomes(outcomes: Sequence[Outcome], writer: Any, summary: Any) -> None:
+    """Write the kept images and the rejections of a batch; ids already done are counted as skipped."""
+    for o in outcomes:
+        if writer.is_done(o.id):
+            summary.skipped += 1
+        elif o.failure is not None:
+            summary.failed += 1
+            summary.reasons[o.failure] += 1
+        elif o.keep:
+            writer.write(o.id, o.image, o.label, o.record)
+            summary.written += 1
+        else:
+            writer.reject(o.id, o.label, o.record)
+            summary.filtered += 1
 
 
 def generate_and_write(batches: Iterable[Sequence[Job]], generate: Callable[[Sequence[Job]], list[Image.Image]],
@@ -98,29 +152,8 @@ def generate_and_write(batches: Iterable[Sequence[Job]], generate: Callable[[Seq
         Exception: anything not in :data:`GENERATION_FAULTS` (a programming error) propagates.
     """
     for batch in batches:
-        missing = [not writer.is_done(job.id) for job in batch]
-        summary.skipped += missing.count(False)
-        if not any(missing):
-            progress(len(batch))
-            continue
-        try:
-            images = generate(batch)  # the whole grid batch, so its bytes match an uninterrupted run
-        except GENERATION_FAULTS as e:  # out of memory, an undecodable image: count, say why, go on
-            n = missing.count(True)
-            summary.failed += n
-            summary.reasons[f"{type(e).__name__}: {str(e)[:120]}"] += n
-            progress(len(batch))
-            continue
-        labels, prompts = [j.label for j in batch], [j.prompt for j in batch]
-        verdicts = image_filter(images, labels, prompts) if image_filter is not None else keep_all(len(images))
-        for job, image, todo, (keep, scores) in zip(batch, images, missing, verdicts):
-            if not todo:
-                continue
-            record = {**job.record, "scores": scores}
-            if keep:
-                writer.write(job.id, image, job.label, record)
-                summary.written += 1
-            else:
-                writer.reject(job.id, job.label, record)
-                summary.filtered += 1
+        if all(writer.is_done(job.id) for job in batch):
+            summary.skipped += len(batch)
+        else:
+            write_outcomes(make_batch(batch, generate, image_filter), writer, summary)
         progress(len(batch))

@@ -28,6 +28,7 @@ from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
 from sip.ids import image_hash, image_seed, in_shard, parse_shard, synthetic_id, variant_id
 from sip.scale.launch import Launch, detect_launch, generation_shard, process_device, warn_if_alone
+from sip.scale.ray_config import ENGINES, RayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class AugmentRecipe:
             (torchrun, accelerate launch) each process takes its part by rank: leave this null.
         chunk: sources captioned and generated per streaming step (memory vs. batching).
         progress: show a progress bar.
+        engine: "local" (this process, or one per rank under torchrun / accelerate launch) or "ray" (a Ray
+            Data pipeline of reader / captioner and generator actor pools, :mod:`sip.scale.ray_engine`).
+        ray: the Ray cluster and pool sizes (``engine: ray`` only).
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -58,11 +62,14 @@ class AugmentRecipe:
     shard: str | None = None
     chunk: int = 256
     progress: bool = True
+    engine: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
         parse_shard(self.shard)
         if self.chunk <= 0:
             raise ValueError(f"chunk must be positive, got {self.chunk}")
+        _check_engine(self.engine, self.shard)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class SynthRecipe:
     Attributes:
         classes: label names to synthesise; empty uses ``source``'s classes.
         source: where class names come from when ``classes`` is empty (no image is read).
-        prompt, generate, filter, output, shard, progress: as in :class:`AugmentRecipe`.
+        prompt, generate, filter, output, shard, progress, engine, ray: as in :class:`AugmentRecipe`.
     """
 
     classes: list[str] = field(default_factory=list)
@@ -83,9 +90,20 @@ class SynthRecipe:
     output: str = "runs/synth"
     shard: str | None = None
     progress: bool = True
+    engine: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
         parse_shard(self.shard)
+        _check_engine(self.engine, self.shard)
+
+
+def _check_engine(engine: str, shard: str | None) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray" and shard is not None:
+        raise ValueError(f"engine ray splits the work over its actors itself: drop shard {shard} (--shard), or "
+                         "run engine local per shard")
 
 
 @dataclass
@@ -198,6 +216,10 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     Returns:
         RunSummary: counts and failures; images are on disk under ``recipe.output``.
     """
+    if recipe.engine == "ray":
+        from sip.scale.ray_engine import run_augment_ray
+
+        return run_augment_ray(recipe)
     t0 = time.time()
     # 1. check inputs before any model is loaded
     launch = launch or detect_launch()
@@ -213,7 +235,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
                                                      device=process_device(recipe.caption.device, launch)))
     image_filter = image_filter if image_filter is not None else build_filter(
         replace(recipe.filter, device=process_device(recipe.filter.device, launch)))
-    builder = _prompt_builder(recipe.prompt, generator)
+    builder = prompt_builder(recipe.prompt, generator)
     # 3. output folder (refuses a folder written with another config)
     out = Path(recipe.output)
     writer = DatasetWriter(out, _run_info(recipe, generator, {"captioner": captioner.identity, "mode": "img2img",
@@ -231,21 +253,15 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
 
     # 4. stream: caption → prompt → img2img → filter → write, a chunk of sources at a time, on a fixed
     #    batch grid (item order of an uninterrupted run), so a resumed run writes the same bytes
-    def generate(batch: list[Job]) -> list:
-        return generator.img2img([j.payload for j in batch], [j.prompt for j in batch], [j.seed for j in batch],
-                                 recipe.prompt.negative_prompt)
+    generate = batch_generator(generator, "img2img", recipe.prompt.negative_prompt)
 
     def progress(n: int) -> None:
         bar.update(n)
         bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
 
     def job(s: Sample, v: int, caption: str, source_hash: str) -> Job:
-        prompt = builder(s.label_name, caption, v)
-        seed = image_seed(cfg.seed, s.source_id, v)
-        record = variant_record(source=s.source_id, source_hash=source_hash, variant=v, caption=caption,
-                                prompt=prompt, negative_prompt=recipe.prompt.negative_prompt, strength=cfg.strength,
-                                seed=seed, settings=generator.settings())
-        return Job(variant_id(s.source_id, v), s.label_name, prompt, seed, record, payload=s.image)
+        return augment_job(s, v, caption, source_hash, builder, cfg, recipe.prompt.negative_prompt,
+                           generator.settings())
 
     for n_chunk, chunk in enumerate(_chunks(source, recipe.chunk, todo)):
         if n_chunk == 0 and (warning := domain_mismatch(generator, chunk[:16])):
@@ -275,11 +291,39 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
     return summary
 
 
+def augment_job(s: Sample, v: int, caption: str, source_hash: str, builder: PromptBuilder, cfg: GenerateConfig,
+                negative_prompt: str, settings: dict[str, Any]) -> Job:
+    """The img2img job of variant ``v`` of source ``s``: prompt, per-image seed and metadata record."""
+    prompt = builder(s.label_name, caption, v)
+    seed = image_seed(cfg.seed, s.source_id, v)
+    record = variant_record(source=s.source_id, source_hash=source_hash, variant=v, caption=caption, prompt=prompt,
+                            negative_prompt=negative_prompt, strength=cfg.strength, seed=seed, settings=settings)
+    return Job(variant_id(s.source_id, v), s.label_name, prompt, seed, record, payload=s.image)
+
+
+def synth_job(label: str, k: int, builder: PromptBuilder, cfg: GenerateConfig, negative_prompt: str,
+              settings: dict[str, Any]) -> Job:
+    """The txt2img job of image ``k`` of class ``label``."""
+    prompt = builder(label, None, k)
+    seed = image_seed(cfg.seed, f"txt2img:{label}", k)
+    record = variant_record(source=None, source_hash=None, variant=k, caption=None, prompt=prompt,
+                            negative_prompt=negative_prompt, strength=None, seed=seed, settings=settings)
+    return Job(synthetic_id(label, k), label, prompt, seed, record)
+
+
+def batch_generator(generator: DiffusionGenerator, mode: str, negative_prompt: str):
+    """The ``generate(batch) -> images`` call of a mode ("img2img": job payloads are the sources)."""
+    if mode == "img2img":
+        return lambda batch: generator.img2img([j.payload for j in batch], [j.prompt for j in batch],
+                                               [j.seed for j in batch], negative_prompt)
+    return lambda batch: generator.text2img([j.prompt for j in batch], [j.seed for j in batch], negative_prompt)
+
+
 def _generator(config: GenerateConfig, launch: Launch) -> DiffusionGenerator:
     return DiffusionGenerator.from_config(replace(config, device=process_device(config.device, launch)))
 
 
-def _prompt_builder(prompt: PromptConfig, generator: DiffusionGenerator) -> PromptBuilder:
+def prompt_builder(prompt: PromptConfig, generator: DiffusionGenerator) -> PromptBuilder:
     """The recipe's prompt builder, within the generator's text-encoder budget and counting its tokens."""
     budget = min(prompt.max_tokens, generator.max_prompt_tokens)
     return PromptBuilder.for_tokenizer(PromptConfig(**{**to_dict(prompt), "max_tokens": budget}), generator.pipe.tokenizer)
@@ -298,6 +342,10 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
               image_filter: ImageFilter | None = None, launch: Launch | None = None) -> RunSummary:
     """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt (the arguments are
     those of :func:`run_augment`)."""
+    if recipe.engine == "ray":
+        from sip.scale.ray_engine import run_synth_ray
+
+        return run_synth_ray(recipe)
     t0 = time.time()
     launch = launch or detect_launch()
     shard = generation_shard(recipe.shard, launch)
@@ -309,7 +357,7 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     generator = generator or _generator(recipe.generate, launch)
     image_filter = image_filter if image_filter is not None else build_filter(
         replace(recipe.filter, device=process_device(recipe.filter.device, launch)))
-    builder = _prompt_builder(recipe.prompt, generator)
+    builder = prompt_builder(recipe.prompt, generator)
     out = Path(recipe.output)
     writer = DatasetWriter(out, _run_info(recipe, generator, {"mode": "txt2img", **launch.record()}), classes, shard,
                            defaults=to_dict(SynthRecipe()))
@@ -320,15 +368,9 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
                dynamic_ncols=True)
 
     def job(label: str, k: int) -> Job:
-        prompt = builder(label, None, k)
-        seed = image_seed(cfg.seed, f"txt2img:{label}", k)
-        record = variant_record(source=None, source_hash=None, variant=k, caption=None, prompt=prompt,
-                                negative_prompt=recipe.prompt.negative_prompt, strength=None, seed=seed,
-                                settings=generator.settings())
-        return Job(synthetic_id(label, k), label, prompt, seed, record)
+        return synth_job(label, k, builder, cfg, recipe.prompt.negative_prompt, generator.settings())
 
-    def generate(batch: list[Job]) -> list:
-        return generator.text2img([j.prompt for j in batch], [j.seed for j in batch], recipe.prompt.negative_prompt)
+    generate = batch_generator(generator, "txt2img", recipe.prompt.negative_prompt)
 
     def progress(n: int) -> None:
         bar.update(n)

@@ -156,6 +156,9 @@ class FashionMNISTSource(ImageSource):
         for i in range(len(self)):
             yield self.sample(i)
 
+    def _restrict(self, positions: list[int]) -> None:
+        self.indices = self.indices[positions]
+
     def source_ids(self) -> Iterator[str]:
         """Ids minted by :func:`sip.ids.fashion_mnist_id`, without building any image."""
         return (fashion_mnist_id(self.split, int(i)) for i in self.indices)

@@ -6,9 +6,11 @@ decompression bombs); :func:`to_rgb` converts any PIL mode, scaling deep images 
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +121,17 @@ class ImageSource:
     def load(self) -> list[Sample]:
         """Decode every readable sample (unreadable ones land in ``skipped``)."""
         return list(self)
+
+    def subset(self, positions: Sequence[int]) -> "ImageSource":
+        """A view of this source holding only the samples at ``positions`` (of the iteration order), decoded
+        exactly as a full iteration decodes them: how a worker reads its batch of a source it opened once."""
+        view = copy.copy(self)
+        view.skipped = []
+        view._restrict([int(p) for p in positions])
+        return view
+
+    def _restrict(self, positions: list[int]) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError(f"{type(self).__name__} cannot be read by position")
 
     def _skip(self, path: str, reason: str) -> None:
         if any(s.path == path for s in self.skipped):  # iterated again: already reported

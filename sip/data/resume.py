@@ -16,7 +16,7 @@ import sip
 __all__ = ["LAUNCH_KEYS", "PATH_KEYS", "VOLATILE_KEYS", "config_differences", "resolve_paths"]
 
 # Config keys that decide where or how fast images are made, not what they are (compared nowhere).
-VOLATILE_KEYS = frozenset({"shard", "batch_size", "device", "progress", "output", "chunk", "cache"})
+VOLATILE_KEYS = frozenset({"shard", "batch_size", "device", "progress", "output", "chunk", "cache", "engine", "ray"})
 # Top-level run.json keys saying how the latest launch ran (process count, launcher): never compared (only
 # ``config`` is), and brought up to date when a folder is resumed under another launch.
 LAUNCH_KEYS = frozenset({"processes", "launcher"})

@@ -147,6 +147,9 @@ class ImageFolderSource(ImageSource):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _restrict(self, positions: list[int]) -> None:
+        self.files = [self.files[i] for i in positions]
+
     def __iter__(self) -> Iterator[Sample]:
         for path, label in self.files:
             try:
@@ -203,6 +206,9 @@ class HFDatasetSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _restrict(self, positions: list[int]) -> None:
+        self.select(positions)
 
     def source_ids(self) -> Iterator[str]:
         """``split/row`` ids, without decoding any image."""

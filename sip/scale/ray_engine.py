@@ -1,0 +1,300 @@
+"""``sip augment|synth … --engine ray``: generation as a streaming Ray Data pipeline.
+
+    rows (one per grid batch)  →  [read + caption actors]  →  [generator actors]  →  driver: filter verdicts
+    (ids, no pixels)               augment only                  img2img / txt2img          written by the one
+                                                                 + filter                   DatasetWriter
+
+- **Same output as one process.** Rows are the batches of the one-process batch grid (:mod:`sip.augment.loop`),
+  the jobs (prompt, seed, record) are built by the same functions, so every image is drawn in the same batch
+  as by ``sip augment`` without Ray: same ids, same bytes, same metadata apart from timestamps.
+- **Streaming, bounded memory.** Rows carry ids and source positions only; a reader actor decodes its batch
+  from a source it opened once (:meth:`ImageSource.subset`), so sources never pass through the driver.
+- **Fault tolerance is Ray's.** Ray Data restarts a dead actor and re-runs its batch; the driver, the only
+  writer, skips ids already written, so nothing is lost or written twice. A killed driver is a killed run:
+  run the command again and it resumes like any sip run (finished batches are not sent again).
+- Models are built once per actor; ``ray.num_gpus`` gives each generator actor its GPU.
+
+Ray is an optional extra: ``pip install 'sip[ray]'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sip.scale.ray_config import RayConfig
+
+__all__ = ["require_ray", "run_augment_ray", "run_synth_ray"]
+
+logger = logging.getLogger(__name__)
+
+
+def require_ray():
+    """Import Ray Data, or fail saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError("engine ray needs Ray Data: pip install 'sip[ray]' (or drop --engine ray to generate in "
+                          "this process, or under torchrun / accelerate launch)") from e
+    return ray
+
+
+def _start(ray, config: RayConfig) -> bool:
+    """Join ``config.address`` or start a local Ray; True when this call started it (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if config.address:
+        ray.init(address=config.address, **kwargs)
+    else:
+        need = config.workers * config.num_cpus + config.caption_workers * config.num_cpus
+        # one CPU more than the actors reserve, for Ray Data's own tasks (else the pipeline waits forever)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar in images, as without Ray
+    return True
+
+
+def _pack(value: Any) -> dict[str, Any]:
+    """One row as Ray Data carries it: a pickled object in a binary column (no Arrow type inference of PIL
+    images, tuples or nested dicts). Rows travel only between this run's own processes."""
+    import pickle
+
+    import numpy as np
+
+    out = np.empty(1, dtype=object)
+    out[0] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return {"row": out}
+
+
+def _unpack(cell: Any) -> Any:
+    import pickle
+
+    return pickle.loads(bytes(cell))
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class _ReadCaption:
+    """Reader + captioner actor: decodes the sources of a grid batch and captions them."""
+
+    def __init__(self, recipe: dict[str, Any], cache_path: str | None, num_cpus: float):
+        from sip.augment.caption import CaptionCache, build_captioner
+        from sip.augment.run import AugmentRecipe
+        from sip.config import from_dict
+        from sip.data.sources import open_source
+
+        _threads(num_cpus)
+        self.recipe = from_dict(AugmentRecipe, recipe)
+        self.source = open_source(self.recipe.source)
+        self.captioner = build_captioner(self.recipe.caption)
+        self.cache = CaptionCache(cache_path)
+        self.cache.path = None  # read only: the driver is the one writer of captions.jsonl
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from sip.augment.caption import caption_images
+        from sip.ids import image_hash
+
+        row = _unpack(batch["row"][0])
+        view = self.source.subset(sorted({pos for pos, _, _ in row["items"]}))
+        samples = {s.source_id: s for s in view}
+        hashes = {sid: image_hash(s.image) for sid, s in samples.items()}
+        before = set(self.cache.entries)
+        captions = dict(zip(samples, caption_images([s.image for s in samples.values()], self.captioner, self.cache,
+                                                    self.recipe.caption.batch_size, list(hashes.values()))))
+        row["samples"], row["hashes"], row["captions"] = samples, hashes, captions
+        row["new_captions"] = [(k, i, c) for (k, i), c in self.cache.entries.items() if (k, i) not in before]
+        row["unreadable"] = [f"{s.path}: {s.reason}" for s in view.skipped]
+        return _pack(row)
+
+
+class _Generate:
+    """Generator actor: builds the jobs of a grid batch, draws them whole, filters them."""
+
+    def __init__(self, kind: str, recipe: dict[str, Any], num_cpus: float):
+        from sip.augment.filter import build_filter
+        from sip.augment.generate import DiffusionGenerator
+        from sip.augment.run import AugmentRecipe, SynthRecipe, batch_generator, prompt_builder
+        from sip.config import from_dict
+
+        _threads(num_cpus)
+        self.kind = kind
+        self.recipe = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
+        self.generator = DiffusionGenerator.from_config(self.recipe.generate)
+        self.filter = build_filter(self.recipe.filter)
+        self.builder = prompt_builder(self.recipe.prompt, self.generator)
+        self.generate = batch_generator(self.generator, "img2img" if kind == "augment" else "txt2img",
+                                        self.recipe.prompt.negative_prompt)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from sip.augment.loop import make_batch
+        from sip.augment.run import augment_job, synth_job
+
+        row = _unpack(batch["row"][0])
+        cfg, negative, settings = self.recipe.generate, self.recipe.prompt.negative_prompt, self.generator.settings()
+        if self.kind == "augment":
+            samples = row["samples"]
+            jobs = [augment_job(samples[sid], v, row["captions"][sid], row["hashes"][sid], self.builder, cfg, negative,
+                                settings) for _, sid, v in row["items"] if sid in samples]
+        else:
+            jobs = [synth_job(label, k, self.builder, cfg, negative, settings) for label, k in row["items"]]
+        outcomes = make_batch(jobs, self.generate, self.filter) if jobs else []
+        result = {"size": len(row["items"]), "outcomes": outcomes,
+                  "new_captions": row.get("new_captions", []), "unreadable": row.get("unreadable", [])}
+        return _pack(result)
+
+
+def _describe(kind: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Run in a worker with a generator's resources: what ``run.json`` says of the generator (and, for
+    ``augment``, the captioner identity that keys the caption cache), as the actors will build them."""
+    from sip.augment.caption import build_captioner
+    from sip.augment.generate import DiffusionGenerator
+    from sip.augment.loop import generator_info
+    from sip.augment.run import AugmentRecipe, SynthRecipe
+    from sip.config import from_dict
+
+    parsed = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
+    info = generator_info(DiffusionGenerator.from_config(parsed.generate))
+    if kind == "augment":
+        info["captioner"] = build_captioner(parsed.caption).identity
+    return info
+
+
+def _pipeline(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], cache_path: str | None):
+    from sip.config import to_dict
+
+    config, plain = recipe.ray, to_dict(recipe)
+    ds = ray.data.from_items([{"row": _pack(r)["row"][0]} for r in rows],
+                             override_num_blocks=max(1, min(len(rows), 200)))
+    if kind == "augment":
+        ds = ds.map_batches(_ReadCaption, fn_constructor_kwargs={"recipe": plain, "cache_path": cache_path,
+                                                                 "num_cpus": config.num_cpus},
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.caption_workers),
+                            num_cpus=config.num_cpus)
+    ds = ds.map_batches(_Generate, fn_constructor_kwargs={"kind": kind, "recipe": plain, "num_cpus": config.num_cpus},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.num_cpus,
+                        num_gpus=config.num_gpus or None)
+    return ds
+
+
+def _drive(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], total: int, writer: Any, summary: Any,
+           cache: Any) -> None:
+    """Stream the pipeline's results into the writer (the driver is the only writer)."""
+    from sip.augment.loop import write_outcomes
+
+    done = total - sum(len(r["items"]) for r in rows)
+    bar = tqdm(total=total, initial=done, desc=f"{kind} (ray)", unit="img", disable=not recipe.progress,
+               dynamic_ncols=True)
+    if rows:
+        ds = _pipeline(ray, kind, recipe, rows, str(cache.path) if cache is not None and cache.path else None)
+        for result in ds.iter_rows():
+            r = _unpack(result["row"])
+            write_outcomes(r["outcomes"], writer, summary)
+            if cache is not None and r["new_captions"]:
+                cache.put(item for item in r["new_captions"] if cache.get(item[0], item[1]) is None)
+            for line in r["unreadable"]:
+                if line not in summary.unreadable:
+                    summary.unreadable.append(line)
+                    summary.failed += 1
+            bar.update(r["size"])
+            bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
+    bar.close()
+
+
+def _record(recipe: Any) -> dict[str, Any]:
+    return {"processes": recipe.ray.workers, "launcher": "ray"}
+
+
+def run_synth_ray(recipe: Any):
+    """``sip synth`` on Ray: the one-process grid of (class, k) batches over a pool of generator actors."""
+    from sip.augment.loop import batch_grid, run_info
+    from sip.augment.run import RunSummary, SynthRecipe, check_output, synth_classes
+    from sip.config import to_dict
+    from sip.data.bank import DatasetWriter
+    from sip.ids import synthetic_id
+
+    t0 = time.time()
+    ray = require_ray()
+    classes = synth_classes(recipe)
+    if not classes:
+        raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
+    out = check_output(recipe.output)
+    started = _start(ray, recipe.ray)
+    try:
+        info = _describe_remote(ray, "synth", recipe)
+        writer = DatasetWriter(out, run_info(to_dict(recipe), info, mode="txt2img", **_record(recipe)), classes,
+                               None, defaults=to_dict(SynthRecipe()))
+        jobs = [(label, k) for label in classes for k in range(recipe.generate.per_class)]
+        grid = batch_grid(jobs, recipe.generate.batch_size)
+        rows = [{"items": b} for b in grid if not all(writer.is_done(synthetic_id(lab, k)) for lab, k in b)]
+        summary = RunSummary(str(out))
+        summary.skipped = len(jobs) - sum(len(r["items"]) for r in rows)
+        _drive(ray, "synth", recipe, rows, len(jobs), writer, summary, None)
+        summary.complete = writer.finish()
+    finally:
+        if started:
+            ray.shutdown()
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def run_augment_ray(recipe: Any):
+    """``sip augment`` on Ray: the one-process grid (chunks of ``recipe.chunk`` sources × variants) over a pool
+    of reader + captioner actors and a pool of generator actors."""
+    from sip.augment.caption import CaptionCache
+    from sip.augment.loop import batch_grid, run_info
+    from sip.augment.run import AugmentRecipe, RunSummary, check_output
+    from sip.config import to_dict
+    from sip.data.bank import DatasetWriter
+    from sip.data.sources import open_source
+    from sip.ids import variant_id
+
+    t0 = time.time()
+    ray = require_ray()
+    source = open_source(recipe.source)
+    if len(source) == 0:
+        raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
+    out = check_output(recipe.output)
+    started = _start(ray, recipe.ray)
+    try:
+        info = _describe_remote(ray, "augment", recipe)
+        writer = DatasetWriter(out, run_info(to_dict(recipe), info, mode="img2img", **_record(recipe)),
+                               source.classes, None,
+                               defaults=to_dict(AugmentRecipe()))
+        cache = CaptionCache(recipe.caption.cache or Path(out) / "captions.jsonl")
+        per_image, rows, total = recipe.generate.per_image, [], 0
+        ids = list(source.source_ids())
+        for start in range(0, len(ids), recipe.chunk):  # the chunks and grid of run_augment
+            pairs = [(pos, ids[pos], v) for pos in range(start, min(start + recipe.chunk, len(ids)))
+                     for v in range(per_image)]
+            total += len(pairs)
+            rows += [{"items": b} for b in batch_grid(pairs, recipe.generate.batch_size)
+                     if not all(writer.is_done(variant_id(sid, v)) for _, sid, v in b)]
+        summary = RunSummary(str(out))
+        summary.skipped = total - sum(len(r["items"]) for r in rows)
+        _drive(ray, "augment", recipe, rows, total, writer, summary, cache)
+        summary.complete = writer.finish()
+        summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
+    finally:
+        if started:
+            ray.shutdown()
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _describe_remote(ray, kind: str, recipe: Any) -> dict[str, Any]:
+    from sip.config import to_dict
+
+    remote = ray.remote(num_cpus=recipe.ray.num_cpus, num_gpus=recipe.ray.num_gpus or None)(_describe)
+    return ray.get(remote.remote(kind, to_dict(recipe)))

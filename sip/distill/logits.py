@@ -317,11 +317,11 @@ class TeacherLogitsStore:
                            "have nothing to build; set store.shard_size <= %d to use them all", world, n_shards,
                            shard_size, world - n_shards, max(1, total // world))
 
-        def span(s: int) -> tuple[str, int, int, list[str]]:
+        def span(s: int) -> tuple[str, _ViewBatchSource, list[str]]:
             start, stop = s * shard_size, min((s + 1) * shard_size, total)
             source = _ViewBatchSource(datasets, offsets, views, groups, start, stop)
             ids = [source.locate(i)[0].sample_id(source.locate(i)[1]) for i in range(start, stop)]
-            return f"logits-{s:05d}-of-{n_shards:05d}.safetensors", start, stop, ids
+            return f"logits-{s:05d}-of-{n_shards:05d}.safetensors", source, ids
 
         def finished(name: str, ids: list[str]) -> bool:
             """A shard file on disk that a build with these teachers, views and data wrote whole."""
@@ -341,12 +341,12 @@ class TeacherLogitsStore:
         t0 = time.perf_counter()
         bar = tqdm(total=sum(min(shard_size, total - s * shard_size) for s in mine), desc="teacher logits",
                    unit="img", disable=not progress or rank > 0)
+        spans = {}
         for s in mine:
-            name, start, stop, ids = span(s)
+            name, source, ids = spans[s] = span(s)
             path = root / name
-            source = _ViewBatchSource(datasets, offsets, views, groups, start, stop)
             if finished(name, ids):  # a resumed build: keep a finished shard that matches
-                bar.update(stop - start)
+                bar.update(len(ids))
                 continue
             loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             out_logits, out_views, out_labels = [], [], []
@@ -374,12 +374,12 @@ class TeacherLogitsStore:
         bar.close()
         shards = []
         for s in range(n_shards):  # every shard, whoever built it (other processes' may still be running)
-            name, start, stop, ids = span(s)
-            if s not in mine and not finished(name, ids):
+            name, _, ids = spans[s] if s in spans else span(s)
+            if s not in spans and not finished(name, ids):
                 logger.info("process %d of %d: shard %s not finished yet; the last process writes store.json",
                             rank + 1, world, name)
                 return None
-            shards.append({"file": name, "start": start, "count": stop - start})
+            shards.append({"file": name, "start": s * shard_size, "count": len(ids)})
         manifest = {
             "format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
             "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),

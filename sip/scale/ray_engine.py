@@ -110,11 +110,13 @@ class _ReadCaption:
         view = self.source.subset(sorted({pos for pos, _, _ in row["items"]}))
         samples = {s.source_id: s for s in view}
         hashes = {sid: image_hash(s.image) for sid, s in samples.items()}
-        before = set(self.cache.entries)
+        identity = self.captioner.identity
+        missing = {sid for sid, h in hashes.items() if self.cache.get(h, identity) is None}  # before captioning
         captions = dict(zip(samples, caption_images([s.image for s in samples.values()], self.captioner, self.cache,
                                                     self.recipe.caption.batch_size, list(hashes.values()))))
         row["samples"], row["hashes"], row["captions"] = samples, hashes, captions
-        row["new_captions"] = [(k, i, c) for (k, i), c in self.cache.entries.items() if (k, i) not in before]
+        row["new_captions"] = [(hashes[sid], identity, captions[sid]) for sid in missing]
+        row["caption_hits"], row["caption_misses"] = len(samples) - len(missing), len(missing)
         row["unreadable"] = [f"{s.path}: {s.reason}" for s in view.skipped]
         return _pack(row)
 
@@ -150,8 +152,9 @@ class _Generate:
         else:
             jobs = [synth_job(label, k, self.builder, cfg, negative, settings) for label, k in row["items"]]
         outcomes = make_batch(jobs, self.generate, self.filter) if jobs else []
-        result = {"size": len(row["items"]), "outcomes": outcomes,
-                  "new_captions": row.get("new_captions", []), "unreadable": row.get("unreadable", [])}
+        result = {"size": len(row["items"]), "outcomes": outcomes, "new_captions": row.get("new_captions", []),
+                  "unreadable": row.get("unreadable", []), "caption_hits": row.get("caption_hits", 0),
+                  "caption_misses": row.get("caption_misses", 0)}
         return _pack(result)
 
 
@@ -201,7 +204,9 @@ def _drive(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], total: int, 
         for result in ds.iter_rows():
             r = _unpack(result["row"])
             write_outcomes(r["outcomes"], writer, summary)
-            if cache is not None and r["new_captions"]:
+            if cache is not None:  # the actors looked captions up; the driver counts and stores them
+                cache.hits += r["caption_hits"]
+                cache.misses += r["caption_misses"]
                 cache.put(item for item in r["new_captions"] if cache.get(item[0], item[1]) is None)
             for line in r["unreadable"]:
                 if line not in summary.unreadable:

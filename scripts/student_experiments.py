@@ -14,7 +14,8 @@ Needs (made once; commands in each recipe's header):
 Arms (``--only``): ``<student>_<data>`` with student ``cnn`` (ResNet-10-T) or ``vit`` (4-block SPT + LSA ViT)
 and data ``sip`` (10 real shots of draw d + their img2img variants + txt2img), ``real`` (the 10 shots alone,
 same KD recipe and steps), ``datafree`` (txt2img only, no real image; run seed d); ``vit_sip_plain`` is
-``vit_sip`` with SPT and LSA switched off (the ablation).
+``vit_sip`` with SPT and LSA switched off (the ablation); ``vit_sip_lanczos5`` is ``vit_sip`` with its crops resized
+by a Lanczos-5 kernel instead of the model's bicubic.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ ARMS = {
     "vit_datafree": ("fmnist_student_vit_datafree.yaml", []),
     "vit_sip_plain": ("fmnist_student_vit_sip.yaml",
                       ["student.kwargs={embed_dim: 128, depth: 4, num_heads: 4, spt: false, lsa: false}"]),
+    "vit_sip_lanczos5": ("fmnist_student_vit_sip.yaml", ["data.interpolation=lanczos5"]),
 }
 
 
 # (with, without): the differences the issue asks for, paired by data draw
-PAIRS = [("cnn_sip", "cnn_real"), ("vit_sip", "vit_real"), ("vit_sip", "vit_sip_plain")]
+PAIRS = [("cnn_sip", "cnn_real"), ("vit_sip", "vit_real"), ("vit_sip", "vit_sip_plain"),
+         ("vit_sip_lanczos5", "vit_sip")]
 
 
 def command(arm: str, draw: int, args) -> tuple[list[str], Path]:

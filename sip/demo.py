@@ -43,13 +43,13 @@ class DemoRecipe:
     shots: int = 10
     seed: int = 0
     per_image: int = 10
-    per_class: int = 200
+    per_class: int = 100
     strength: float = 0.5
     guidance_scale: float = 4.0
     txt2img_guidance: float = 3.0  # lower guidance: more varied images; the teacher labels them anyway
     steps: int = 20
     teacher: str = "resnet10t"
-    teacher_images: int = 20000
+    teacher_images: int = 14000
     teacher_epochs: int = 3
     student: str = "resnet10t"
     student_epochs: int = 8

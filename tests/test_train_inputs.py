@@ -27,3 +27,37 @@ def test_dataloader_workers_give_the_same_batches(tmp_path):
     view.set_epoch(2)
     assert not torch.equal(torch.cat([b["image"] for b in torch.utils.data.DataLoader(view, batch_size=10)]),
                            batches[0])
+
+
+def _record(ds, index, rng):
+    return {"index": index, "draw": rng.random(), "torch": float(torch.rand(()))}
+
+
+def test_processes_split_the_epoch_and_a_resume_under_another_count_loses_and_repeats_nothing():
+    """Items are numbered by their place in the epoch's global order: two processes take alternate places with
+    the augmentation one process would give them; after k steps of 2 processes (2·k·batch items), one process
+    resumes at that global offset and the epoch ends with every item exactly once, each as in a one-process run."""
+    images, batch = list(range(23)), 3
+    one = inputs_mod.EpochView(images, _record, seed=5, repeat=2)
+    one.set_epoch(4)
+    reference = {int(one.positions[k]): one[k] for k in range(len(one))}
+    assert len(reference) == 46 and sorted(r["index"] for r in reference.values()) == sorted(images * 2)
+
+    ranks = [inputs_mod.EpochView(images, _record, seed=5, repeat=2, rank=r, world=2) for r in (0, 1)]
+    for v in ranks:
+        v.set_epoch(4)
+    assert [v.epoch_length for v in ranks] == [23, 23] and len(ranks[0]) == len(ranks[1])
+    k = 2  # steps each process took before the kill
+    taken = [v.positions[k_] for v in ranks for k_ in range(k * batch)]
+    assert sorted(taken) == list(range(2 * k * batch))  # together, the first 2·k·batch places
+    for v in ranks:
+        for k_ in range(k * batch):
+            assert v[k_] == reference[int(v.positions[k_])]  # the one-process augmentation of that place
+
+    one.set_epoch(4, start=2 * k * batch)  # the resume, one process
+    rest = [int(p) for p in one.positions]
+    assert sorted(taken + rest) == list(range(46))  # nothing lost, nothing repeated
+    assert all(one[j] == reference[p] for j, p in enumerate(rest))
+
+    odd = inputs_mod.EpochView(list(range(7)), _record, seed=5, world=2, rank=1)
+    assert odd.epoch_length == 3 and len(odd) == 3  # the tail cut to a multiple of the process count

@@ -174,16 +174,19 @@ def seed_everything(seed: int) -> None:
 class EpochView(torch.utils.data.Dataset):
     """A shuffled, repeated, per-process view of one epoch of ``images``, with seeded items.
 
-    Item ``k`` of epoch ``e`` is ``make_item(images, index, rng)`` with Python/NumPy/torch global RNGs
-    (and ``rng``) seeded from ``(seed, e, k)``: the same item gets the same augmentation on every run,
-    with any number of DataLoader workers, and after a resume in the middle of the epoch.
+    Item ``g`` of epoch ``e`` (its position in the epoch's global order) is ``make_item(images, index, rng)``
+    with Python/NumPy/torch global RNGs (and ``rng``) seeded from ``(seed, e, g)``: the same item gets the same
+    augmentation on every run, with any number of DataLoader workers, any number of processes, and after a
+    resume in the middle of the epoch, even under another process count. Process ``rank`` of ``world`` takes
+    positions ``start + rank``, ``start + rank + world``, …; with several processes the epoch's tail is cut to
+    a multiple of ``world`` (every rank takes the same number of steps, as ``DistributedSampler(drop_last=True)``).
 
     Args:
         images: a dataset with ``__len__`` (and optionally ``set_epoch``).
         make_item (Callable): ``(images, index, rng: random.Random) -> dict`` of tensors / numbers.
         seed (int): run seed.
         repeat (int, optional): passes over ``images`` per epoch. Defaults to 1.
-        rank, world (int, optional): this process's share (``order[rank::world]``). Defaults to 0, 1.
+        rank, world (int, optional): this process's share. Defaults to 0, 1.
     """
 
     def __init__(self, images: Any, make_item: Callable, seed: int, repeat: int = 1, rank: int = 0, world: int = 1):
@@ -192,27 +195,32 @@ class EpochView(torch.utils.data.Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Plan ``epoch``; ``start`` skips the first items (a resume inside the epoch)."""
+        """Plan ``epoch``; ``start``: how many items of the epoch's global order all processes together have
+        already taken (a resume inside the epoch, possibly under another process count)."""
         if hasattr(self.images, "set_epoch"):
             self.images.set_epoch(epoch)
         rng = np.random.default_rng(stable_seed("order", self.seed, epoch))
         n = len(self.images)
-        order = np.concatenate([rng.permutation(n) for _ in range(self.repeat)])
-        self.order = order[self.rank :: self.world]
+        self.global_order = np.concatenate([rng.permutation(n) for _ in range(self.repeat)])
         self.epoch, self.start = epoch, start
+        rest = max(len(self.global_order) - start, 0) // self.world
+        self.positions = start + self.rank + self.world * np.arange(rest)
 
     @property
     def epoch_length(self) -> int:
-        return len(self.order)
+        """Items this process takes in a whole epoch."""
+        return len(self.global_order) // self.world
 
     def __len__(self) -> int:
-        return len(self.order) - self.start
+        return len(self.positions)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        k += self.start
-        s = stable_seed("item", self.seed, self.epoch, self.rank, k)
+        g = int(self.positions[k])
+        # the 0 stands where the rank stood when items were numbered per process: one-process runs keep
+        # their augmentation streams
+        s = stable_seed("item", self.seed, self.epoch, 0, g)
         seed_everything(s)
-        return self.make_item(self.images, int(self.order[k]), random.Random(s))
+        return self.make_item(self.images, int(self.global_order[g]), random.Random(s))
 
 
 class TransformedImages(torch.utils.data.Dataset):

@@ -76,6 +76,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def rescale_to_world(counters: dict[str, float], scheduler, optimizer, world: int, batch_size: int,
+                     steps_per_epoch: int) -> None:
+    """A checkpoint made by another process count: the items already taken in the epoch stay taken (the
+    view resumes at that global offset), the step counters are restated in this count's steps, and the
+    learning-rate schedule (per step, so its length depends on the count) is moved to the same point."""
+    logger.warning("resuming a run made by %d processes with %d: %d items of epoch %d were taken; the rest of "
+                   "the epoch is split over %d", int(counters["world"]), world, int(counters["epoch_items"]),
+                   int(counters["epoch"]) + 1, world)
+    counters["step_in_epoch"] = float(int(counters["epoch_items"]) // (batch_size * world))
+    counters["global_step"] = counters["epoch"] * steps_per_epoch + counters["step_in_epoch"]
+    counters["world"] = float(world)
+    step = int(counters["global_step"])
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.last_epoch, scheduler._last_lr = step, lrs
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -176,11 +194,18 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
     steps_per_epoch = n_epoch // bs if drop_last else 1
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
+    world = accelerator.num_processes
+    # epoch_items: items of the current epoch all processes together have taken (the resume offset);
+    # world: the process count that took them
     counters = {"epoch": 0.0, "step_in_epoch": 0.0, "global_step": 0.0, "best_top1": -1.0, "best_epoch": 0.0,
-                "train_time_s": 0.0, "train_images": 0.0}
+                "train_time_s": 0.0, "train_images": 0.0, "epoch_items": 0.0, "world": float(world)}
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        counters.update(load_checkpoint(run_dir, model, optimizer, scheduler))
+        saved = load_checkpoint(run_dir, model, optimizer, scheduler)
+        saved.setdefault("epoch_items", saved.get("step_in_epoch", 0.0) * bs * saved.get("world", 1.0))
+        counters.update(saved)
+        if int(counters["world"]) != world:
+            rescale_to_world(counters, scheduler, optimizer, world, bs, steps_per_epoch)
         rewrite_metrics(metrics_path, int(counters["epoch"]))
         logger.info("resuming %s at epoch %d step %d", run_dir, counters["epoch"], counters["global_step"])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -204,8 +229,8 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
     start_epoch = int(counters["epoch"])
     for epoch in range(start_epoch, optim.epochs):
         # 7a. one epoch of training
-        skip = int(counters["step_in_epoch"]) * bs
-        train_view.set_epoch(epoch, start=skip)
+        steps_before = int(counters["step_in_epoch"])
+        train_view.set_epoch(epoch, start=int(counters["epoch_items"]))
         loader = torch.utils.data.DataLoader(train_view, batch_size=bs, shuffle=False, drop_last=drop_last,
                                              num_workers=data.num_workers)
         model.train()
@@ -245,6 +270,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                 labelled += n
             counters["global_step"] += 1
             counters["step_in_epoch"] += 1
+            counters["epoch_items"] += n * world
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if (run.checkpoint_every_steps and counters["global_step"] % run.checkpoint_every_steps == 0
                     and counters["step_in_epoch"] < steps_per_epoch):
@@ -256,7 +282,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                 t_mark, seen_mark = time.perf_counter(), seen
         epoch_time = time.perf_counter() - t0
         if nonfinite:
-            steps_done = int(counters["step_in_epoch"]) - skip // bs
+            steps_done = int(counters["step_in_epoch"]) - steps_before
             logger.warning("epoch %d: %d of %d steps had non-finite gradients and were skipped",
                            epoch + 1, nonfinite, steps_done)
             if nonfinite == steps_done:
@@ -267,7 +293,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         counters["train_time_s"] += time.perf_counter() - t_mark
         counters["train_images"] += seen - seen_mark
         counters["epoch"] = epoch + 1
-        counters["step_in_epoch"] = 0
+        counters["step_in_epoch"] = counters["epoch_items"] = 0
 
         # 7b. evaluation, metrics line, checkpoint
         line: dict[str, Any] = {"epoch": epoch + 1, "step": int(counters["global_step"]),

@@ -147,7 +147,7 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path], run_d
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: list[str] | None = None,
              progress: bool = True) -> str:
     """Run the demo into ``output`` and return a short text summary (the accuracy table)."""
-    t0 = time.time()
+    t0 = time.perf_counter()
     recipe = load_config(DemoRecipe, None, (QUICK if quick else []) + list(overrides or []))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,27 +156,26 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: l
 
     def stage(name: str):
         print(f"\n== {name}", flush=True)
-        timings[name] = time.time()
 
     stage("1/4 SIP augmentation (caption → prompt → img2img → dataset) and txt2img")
-    t = time.time()
+    t = time.perf_counter()
     summary = _augment(recipe, out / "augmented", progress)
     print(summary.line(), flush=True)
     synth = _synth(recipe, out / "synthetic", progress)
     print(synth.line(), flush=True)
-    timings["generate"] = time.time() - t
+    timings["generate"] = time.perf_counter() - t
 
     stage("2/4 teacher")
-    t = time.time()
+    t = time.perf_counter()
     teacher = _train_teacher(recipe, out / "train" / "teacher")
-    timings["teacher"] = time.time() - t
+    timings["teacher"] = time.perf_counter() - t
 
     stage("3/4 students: the same KD recipe on 10 real shots, with and without sip data")
-    t = time.time()
+    t = time.perf_counter()
     teacher_dir = out / "train" / "teacher"
     real_only = _distill(recipe, teacher_dir, [], out / "train" / "student-real")
     with_sip = _distill(recipe, teacher_dir, [out / "augmented", out / "synthetic"], out / "train" / "student-real+sip")
-    timings["students"] = time.time() - t
+    timings["students"] = time.perf_counter() - t
 
     runs = [
         {"name": "teacher", "data": f"Fashion-MNIST 0-{recipe.teacher_images - 1}", **_pick(teacher)},
@@ -198,7 +197,7 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: l
     except ImportError:
         pass
     table = "\n".join(f"  {r['name']:<18} top-1 {r.get('top1', float('nan')):6.2f}%   ({r['data']})" for r in runs)
-    return (f"\nsip demo finished in {time.time() - t0:.0f}s. Test accuracy on the 10k Fashion-MNIST test set:\n"
+    return (f"\nsip demo finished in {time.perf_counter() - t0:.0f}s. Test accuracy on the 10k Fashion-MNIST test set:\n"
             f"{table}\nEverything is in {out.resolve()}" + (f"\nReport: {report}" if report else ""))
 
 

@@ -58,7 +58,7 @@ def test_run_folder_has_config_metrics_and_safetensors(tmp_path):
     assert metrics["steps"] == 3 * (30 * 2 // 10) and metrics["eval_samples"] == 50
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
-    assert all({"eval_top1", "eval_top5", "train_loss", "lr"} <= set(x) for x in lines)
+    assert all({"eval_top1", "eval_top5", "train_loss", "lr", "data_time_s", "eval_time_s"} <= set(x) for x in lines)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["name"] == "test_vit" and saved["data"]["real"]["shots"] == 3
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:

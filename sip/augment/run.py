@@ -220,7 +220,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         from sip.scale.ray_engine import run_augment_ray
 
         return run_augment_ray(recipe)
-    t0 = time.time()
+    t0 = time.perf_counter()
     # 1. check inputs before any model is loaded
     launch = launch or detect_launch()
     shard = generation_shard(recipe.shard, launch)
@@ -287,7 +287,7 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         summary.unreadable.append(f"{skipped.path}: {skipped.reason}")
     summary.complete = writer.finish()
     summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 
@@ -346,7 +346,7 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
         from sip.scale.ray_engine import run_synth_ray
 
         return run_synth_ray(recipe)
-    t0 = time.time()
+    t0 = time.perf_counter()
     launch = launch or detect_launch()
     shard = generation_shard(recipe.shard, launch)
     classes = synth_classes(recipe)
@@ -381,5 +381,5 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
                        writer, image_filter, summary, progress)
     bar.close()
     summary.complete = writer.finish()
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary

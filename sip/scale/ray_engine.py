@@ -229,7 +229,7 @@ def run_synth_ray(recipe: Any):
     from sip.data.bank import DatasetWriter
     from sip.ids import synthetic_id
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     ray = require_ray()
     classes = synth_classes(recipe)
     if not classes:
@@ -250,7 +250,7 @@ def run_synth_ray(recipe: Any):
     finally:
         if started:
             ray.shutdown()
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 
@@ -265,7 +265,7 @@ def run_augment_ray(recipe: Any):
     from sip.data.sources import open_source
     from sip.ids import variant_id
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     ray = require_ray()
     source = open_source(recipe.source)
     if len(source) == 0:
@@ -294,7 +294,7 @@ def run_augment_ray(recipe: Any):
     finally:
         if started:
             ray.shutdown()
-    summary.seconds = time.time() - t0
+    summary.seconds = time.perf_counter() - t0
     return summary
 
 

@@ -237,10 +237,11 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         loss_sum = correct = seen = labelled = 0.0
         term_sums: dict[str, float] = {}
         nonfinite = 0
-        t0 = t_mark = time.perf_counter()
-        seen_mark = 0.0
+        t0 = t_mark = t_ready = time.perf_counter()
+        seen_mark = data_wait = 0.0
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", leave=False, disable=not progress)
         for batch in bar:
+            data_wait += time.perf_counter() - t_ready  # the loop waiting for this batch (loading, augmenting)
             torch.manual_seed(stable_seed("step", run.seed, int(counters["global_step"])))
             with accelerator.autocast():
                 terms, logits, labels = step_fn(model, batch, epoch, int(counters["step_in_epoch"]))
@@ -275,11 +276,12 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
             if (run.checkpoint_every_steps and counters["global_step"] % run.checkpoint_every_steps == 0
                     and counters["step_in_epoch"] < steps_per_epoch):
                 counters["train_time_s"] += time.perf_counter() - t_mark
-                counters["train_images"] += seen - seen_mark
+                counters["train_images"] += (seen - seen_mark) * world
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
                                      {**model_meta, "epoch": epoch}, counters)
                 t_mark, seen_mark = time.perf_counter(), seen
+            t_ready = time.perf_counter()
         epoch_time = time.perf_counter() - t0
         if nonfinite:
             steps_done = int(counters["step_in_epoch"]) - steps_before
@@ -291,7 +293,7 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
                     f"{accelerator.mixed_precision}); lower optim.lr, set optim.grad_clip, or rerun with "
                     f"--set run.precision=fp32. The last checkpoint in {run_dir} is untouched.")
         counters["train_time_s"] += time.perf_counter() - t_mark
-        counters["train_images"] += seen - seen_mark
+        counters["train_images"] += (seen - seen_mark) * world
         counters["epoch"] = epoch + 1
         counters["step_in_epoch"] = counters["epoch_items"] = 0
 
@@ -299,14 +301,17 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         line: dict[str, Any] = {"epoch": epoch + 1, "step": int(counters["global_step"]),
                                 "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
                                 "epoch_time_s": round(epoch_time, 3), "nonfinite_steps": nonfinite,
-                                "train_images_per_s": round(seen / max(epoch_time, 1e-9), 2)}
+                                "train_images_per_s": round(seen * world / max(epoch_time, 1e-9), 2),
+                                "data_time_s": round(data_wait, 3)}
         if list(term_sums) != ["loss"]:
             line.update({f"train_{name}": v / max(seen, 1) for name, v in term_sums.items()})
         if labelled:
             line["train_top1"] = 100.0 * correct / labelled
         is_last = epoch + 1 == optim.epochs
         if is_last or (epoch + 1) % run.eval_every == 0:
+            t_eval = time.perf_counter()
             result = evaluate(model, eval_loader(eval_full if is_last else eval_subset), accelerator, progress)
+            line["eval_time_s"] = round(time.perf_counter() - t_eval, 3)
             line.update({f"eval_{k}": v for k, v in result.items() if k != "samples"})
             last_eval = result
             if result["top1"] > counters["best_top1"]:

@@ -57,16 +57,10 @@ class DDPRun:
     steps_per_epoch: int  # per process
     epoch_s: float  # the epoch reported (the faster of epochs 2+ when there are several)
     epochs_s: list[float]
-    images_per_s_metrics: float  # metrics.jsonl's train_images_per_s of that epoch (see metrics_global)
+    images_per_s_metrics: float  # metrics.jsonl's train_images_per_s of that epoch (all processes' images)
     eval_samples: int
-    data_time_s: float | None = None  # of that epoch: the loop waiting for batches (None: sip did not record it)
-    eval_time_s: float | None = None  # every evaluation of the run (None: sip did not record it)
-
-    @property
-    def metrics_global(self) -> bool:
-        """Whether ``images_per_s_metrics`` counts every process's images: sip writes ``data_time_s`` since
-        it does; before, train_images_per_s counted rank 0's images only."""
-        return self.data_time_s is not None
+    data_time_s: float  # of that epoch: the loop waiting for batches
+    eval_time_s: float  # every evaluation of the run
 
     @property
     def global_images(self) -> int:
@@ -86,10 +80,9 @@ def read_ddp_run(lnch: Launch, out: Path) -> DDPRun:
     epochs = [float(x["epoch_time_s"]) for x in lines]
     pick = min(range(1, len(lines)), key=lambda i: epochs[i]) if len(lines) > 1 else 0  # epoch 1 warms up
     evals = [float(x["eval_time_s"]) for x in lines if "eval_time_s" in x]
-    data = lines[pick].get("data_time_s")
-    return DDPRun(lnch, int(final.get("processes", 1)), int(config["data"]["batch_size"]), int(lines[0]["step"]),
-                  epochs[pick], epochs, float(lines[pick]["train_images_per_s"]), int(final.get("eval_samples", 0)),
-                  None if data is None else float(data), sum(evals) if evals else None)
+    return DDPRun(lnch, int(final["processes"]), int(config["data"]["batch_size"]), int(lines[0]["step"]),
+                  epochs[pick], epochs, float(lines[pick]["train_images_per_s"]), int(final["eval_samples"]),
+                  float(lines[pick]["data_time_s"]), sum(evals))
 
 
 def run_ddp(args: argparse.Namespace, root: Path) -> dict[str, DDPRun]:
@@ -119,21 +112,18 @@ def run_ddp(args: argparse.Namespace, root: Path) -> dict[str, DDPRun]:
 def report_ddp(args: argparse.Namespace, runs: dict[str, DDPRun]) -> dict:
     """Print the table and its notes; return each configuration's numbers by mode."""
     one = runs["one"]
-    new_sip = all(r.metrics_global for r in runs.values())
-    scope = "global" if new_sip else "rank 0"
     print("\n| configuration | processes (final_metrics) | processes seen | batch/process | steps/process "
-          f"| images/epoch | epoch s | data wait s | images/s (global) | metrics train_images_per_s ({scope}) "
+          "| images/epoch | epoch s | data wait s | images/s (global) | metrics train_images_per_s (global) "
           "| efficiency | wall s | outside the epoch s | eval s | eval samples | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     summary: dict = {}
     for mode, r in runs.items():
         eff = r.global_rate / (args.processes * one.global_rate) if mode != "one" else None
         outside = r.launch.wall_s - sum(r.epochs_s)
-        data = "" if r.data_time_s is None else f"{r.data_time_s:.2f}"
-        evals = "" if r.eval_time_s is None else f"{r.eval_time_s:.2f}"
         print(f"| {r.launch.name} | {r.processes} | {len(r.launch.workers)} | {r.batch} | {r.steps_per_epoch} "
-              f"| {r.global_images} | {r.epoch_s:.2f} | {data} | {r.global_rate:.1f} | {r.images_per_s_metrics:.1f} "
-              f"| {cell(eff)} | {r.launch.wall_s:.1f} | {outside:.1f} | {evals} | {r.eval_samples} "
+              f"| {r.global_images} | {r.epoch_s:.2f} | {r.data_time_s:.2f} | {r.global_rate:.1f} "
+              f"| {r.images_per_s_metrics:.1f} | {cell(eff)} | {r.launch.wall_s:.1f} | {outside:.1f} "
+              f"| {r.eval_time_s:.2f} | {r.eval_samples} "
               f"| {r.launch.cpu_s:.1f} |")
         summary[mode] = {"processes": r.processes, "processes_seen": len(r.launch.workers), "batch": r.batch,
                          "steps_per_epoch": r.steps_per_epoch, "images_per_epoch": r.global_images,
@@ -146,21 +136,12 @@ def report_ddp(args: argparse.Namespace, runs: dict[str, DDPRun]) -> dict:
         print(f"- WARNING: asked torchrun for {args.processes} processes; final_metrics.json says {two.processes}, "
               f"{len(two.launch.workers)} sip processes seen")
     which = "the faster of epochs 2+" if args.epochs > 1 else "the one epoch"
-    if new_sip:
-        print(f"- epoch s: metrics.jsonl epoch_time_s ({which}): data loading and steps (forward, backward, gradient "
-              "all-reduce, optimiser) together; data wait s: the part of it the loop waited for batches "
-              "(data_time_s); eval s: evaluation after the epoch, every evaluated epoch (eval_time_s)")
-    else:
-        print(f"- epoch s: metrics.jsonl epoch_time_s ({which}): data loading and steps (forward, backward, gradient "
-              "all-reduce, optimiser) together; this sip records no split between them and no evaluation time "
-              "(data wait s, eval s blank)")
+    print(f"- epoch s: metrics.jsonl epoch_time_s ({which}): data loading and steps (forward, backward, gradient "
+          "all-reduce, optimiser) together; data wait s: the part of it the loop waited for batches "
+          "(data_time_s); eval s: evaluation after the epoch, every evaluated epoch (eval_time_s)")
     print("- outside the epoch: wall clock minus every epoch_time_s: interpreter and imports, data and model set-up, "
           "the process group, evaluation, checkpoints and final weights")
-    if new_sip:
-        print("- images/s (global) = steps/process × batch/process × processes / epoch s; metrics.jsonl's "
-              "train_images_per_s is the same global rate, as sip computes it")
-    else:
-        print(f"- images/s (global) = steps/process × batch/process × processes / epoch s; metrics.jsonl's "
-              f"train_images_per_s counts rank 0's images only (×{args.processes} for the global rate)")
+    print("- images/s (global) = steps/process × batch/process × processes / epoch s; metrics.jsonl's "
+          "train_images_per_s is the same global rate, as sip computes it")
     print(f"- the global batch is {args.processes} × the per-process batch under torchrun, at the same optim.lr")
     return summary

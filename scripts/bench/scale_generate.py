@@ -60,9 +60,11 @@ def digests(out: Path) -> dict[str, str]:
 
 
 def metadata_rows(out: Path) -> list[str]:
-    path = out / "train" / "metadata.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-    return sorted(json.dumps({k: v for k, v in r.items() if k != "created"}, sort_keys=True) for r in rows)
+    """The dataset's metadata rows (sip's reader: merged file and shard files), without timestamps."""
+    from sip.data.readers import read_metadata
+
+    return sorted(json.dumps({k: v for k, v in r.items() if k != "created"}, sort_keys=True)
+                  for r in read_metadata(out))
 
 
 def compare_outputs(one: Path, other: Path) -> dict:

@@ -202,7 +202,7 @@ class EpochView(torch.utils.data.Dataset):
         rng = np.random.default_rng(stable_seed("order", self.seed, epoch))
         n = len(self.images)
         self.global_order = np.concatenate([rng.permutation(n) for _ in range(self.repeat)])
-        self.epoch, self.start = epoch, start
+        self.epoch = epoch
         rest = max(len(self.global_order) - start, 0) // self.world
         self.positions = start + self.rank + self.world * np.arange(rest)
 

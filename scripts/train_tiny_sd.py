@@ -17,6 +17,7 @@ Phases, each resumable from the work folder (rerun the same command after a kill
      ``--decoder-from FOLDER`` this phase alone runs on an already saved pipeline:
          python scripts/train_tiny_sd.py --decoder-from sip/models/fmnist-tiny-sd --out sip/models/fmnist-tiny-sd
   6. export: StableDiffusionPipeline.save_pretrained (safetensors) with a DDIM scheduler.
+  7. with ``--lcm-out DIR``: scripts/train_tiny_lcm.py distils the saved pipeline into a few-step LCM one.
 
 Leakage guard: only training images 0..49999 are used; few-shot experiments draw from 50000..59999.
 """
@@ -54,6 +55,8 @@ def parse_args():
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--decoder-from", default=None,
                    help="a saved pipeline folder: fine-tune its VAE decoder only, save the pipeline to --out")
+    p.add_argument("--lcm-out", default=None, help="then distil the saved pipeline into a few-step (LCM) one here")
+    p.add_argument("--lcm-steps", type=int, default=1500, help="scripts/train_tiny_lcm.py --steps")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--caption-size", type=int, default=96, help="captioner input size (224 native)")
     p.add_argument("--num-merges", type=int, default=6000, help="BPE merges kept in the tokenizer")
@@ -386,6 +389,11 @@ def main():
     pipe.save_pretrained(args.out, safe_serialization=True)
     (Path(args.out) / "training_args.json").write_text(json.dumps(vars(args), indent=2))
     print(f"saved pipeline to {args.out}")
+    if args.lcm_out:  # 7. few-step model: latent consistency distillation of the pipeline just saved
+        from train_tiny_lcm import distill, parse_args as lcm_args
+
+        distill(lcm_args(["--teacher", args.out, "--out", args.lcm_out, "--steps", str(args.lcm_steps),
+                          "--work", str(work / "lcm"), "--threads", str(args.threads), "--seed", str(args.seed)]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ diffusers Stable Diffusion family checkpoint loaded by :func:`sip.models.diffusi
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +19,8 @@ from PIL import Image
 
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
-from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, load_tiny_vae, resolve_scheduler
+from sip.models.diffusion import (DEFAULT_SD_MODEL, few_step_advice, load_diffusion_pipeline, load_tiny_vae,
+                                  resolve_scheduler, runs_cfg)
 from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, cpu_has_amx, resolve_device, resolve_precision
 
 
@@ -167,6 +170,8 @@ class DiffusionGenerator:
         # feature caching and token merging patch the UNet for the length of each call only (_unet_speedups)
         if config.cache_interval > 1:
             check_cacheable(pipe.unet)
+        if advice := few_step_advice(pipe, config.steps, config.guidance_scale):
+            warnings.warn(advice, stacklevel=2)
         if config.token_merge_ratio > 0 and not merge_targets(pipe.unet)[1]:
             raise ValueError(f"generate.token_merge_ratio > 0 but this {type(pipe.unet).__name__} has no self-attention "
                              f"to merge tokens in; set generate.token_merge_ratio: 0")
@@ -237,6 +242,9 @@ class DiffusionGenerator:
         """
         strength, guidance_scale, steps = self.sampling(strength, guidance_scale, steps)
         kw = {"strength": strength, "guidance_scale": guidance_scale, "steps": steps}
+        if int(steps * strength) < 1:  # diffusers would fail deep in the scheduler with a shape error
+            raise ValueError(f"img2img runs int(steps × strength) denoising steps: none at steps={steps}, strength="
+                             f"{strength}; set generate.steps >= {math.ceil(1 / strength)}")
         # 1. check inputs
         if not (len(images) == len(prompts) == len(seeds)):
             raise ValueError(f"images, prompts and seeds must align, got {len(images)}, {len(prompts)}, {len(seeds)}")
@@ -249,7 +257,7 @@ class DiffusionGenerator:
         # 2. fit sources to the generation size
         fitted = [fit_image(im, self.size, self.config.resize) for im in images]
         generators = self._generators(seeds)
-        guided = guidance_scale > 1
+        guided = runs_cfg(self.pipe.unet, guidance_scale)
         negatives = [negative_prompt] * len(prompts) if guided else None
         with self._autocast(), self._unet_speedups():
             if not self._fast:
@@ -323,7 +331,7 @@ class DiffusionGenerator:
             return [im for i in range(len(prompts))
                     for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt,
                                             guidance_scale=guidance_scale, steps=steps)]
-        guided = guidance_scale > 1
+        guided = runs_cfg(self.pipe.unet, guidance_scale)
         with self._autocast(), self._unet_speedups():
             if self._fast:  # each distinct prompt encoded once
                 prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)

@@ -181,6 +181,28 @@ def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img",
     return pipe.to(resolve_device(device))
 
 
+def runs_cfg(unet: Any, guidance_scale: float) -> bool:
+    """Whether a pipeline runs classifier-free guidance (a second, unconditional UNet branch) at this scale.
+
+    Not when the scale is <= 1, nor for a UNet that takes the scale as an input (LCM checkpoints: a guidance
+    embedding, ``time_cond_proj_dim``): diffusers feeds it the scale and runs one branch.
+    """
+    return guidance_scale > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
+
+
+def few_step_advice(pipe: Any, steps: int, guidance_scale: float) -> str | None:
+    """A hint when a few-step model (LCMScheduler; guidance baked into its UNet) is run like a 30-step one."""
+    if type(pipe.scheduler).__name__ != "LCMScheduler":
+        return None
+    baked = getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    if steps > 8 or (baked and guidance_scale > 1):
+        return (f"{type(pipe.scheduler).__name__} samples in 1-8 steps"
+                + (" with guidance_scale 1 (this UNet has its guidance baked in)" if baked else "")
+                + f"; got steps={steps}, guidance_scale={guidance_scale}: set generate.steps: 4"
+                + (", generate.guidance_scale: 1" if baked else ""))
+    return None
+
+
 def load_tiny_vae(name: str, dtype: str = "float32", device: str = "auto") -> Any:
     """An ``AutoencoderTiny`` (TAESD family) from a hub id or folder, e.g. ``madebyollin/taesd``."""
     from diffusers import AutoencoderTiny

@@ -64,6 +64,7 @@ from scripts.bench.img2img_runs import (
 from scripts.bench.machine import count_flops, cpu_flags, matmul_peak
 from scripts.bench.unet_speedups import bench_unet_speedups
 from sip.augment.loop import Job
+from sip.models.diffusion import SHIPPED_MODELS_DIR
 from sip.runtime import cpu_has_amx
 
 
@@ -270,6 +271,22 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
             "sd15_denoising_steps": int(steps * args.strength)}
 
 
+def bench_quality_section(args: argparse.Namespace) -> dict:
+    from scripts.bench.quality_curve import HEADER, bench_quality, equal_quality
+
+    lcm = args.lcm_model if Path(args.lcm_model, "model_index.json").is_file() else None
+    print(f"\n## quality against speed on the shipped model (judged as python -m scripts.eval; few-step model: "
+          f"{lcm or 'none: run scripts/train_tiny_lcm.py'})\n{HEADER}", flush=True)
+    q = args.quick
+    rows = bench_quality(resolve_tiny_model(args.model), lcm, 20 if q else args.quality_sources,
+                         4 if q else args.quality_per_class)
+    best = equal_quality(rows)
+    print(f"fastest within 1 point of {best['reference']} on both measures: {best['best_at_equal_quality']}, "
+          f"{best['speedup_at_equal_quality']:.2f}x its images/s (img2img {best['speedup_img2img']:.2f}x, "
+          f"txt2img {best['speedup_txt2img']:.2f}x)")
+    return {"quality_rows": rows, **best}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -287,6 +304,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--per-image", type=int, default=2, help="variants per source")
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quality", action="store_true",
+                        help="also judge quality against speed on the shipped model (scripts/bench/quality_curve.py)")
+    parser.add_argument("--lcm-model", default=str(SHIPPED_MODELS_DIR / "fmnist-tiny-lcm"),
+                        help="the few-step model of scripts/train_tiny_lcm.py for --quality")
+    parser.add_argument("--quality-sources", type=int, default=200, help="img2img sources (2 variants each)")
+    parser.add_argument("--quality-per-class", type=int, default=40, help="txt2img images per class")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return parser.parse_args()
@@ -317,6 +340,8 @@ def main() -> None:
         summary.update(bench_tiny(args, peaks))
     if not args.skip_sd15:
         summary.update(bench_sd15(args, peaks, work))
+    if args.quality:
+        summary.update(bench_quality_section(args))
     shutil.rmtree(work, ignore_errors=True)
     diffs = [v for k, v in summary.items() if k in ("max_abs_diff_tiny", "max_abs_diff_sd15")]
     load1 = os.getloadavg()

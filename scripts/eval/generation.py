@@ -49,11 +49,12 @@ class SipGeneration:
         model_id (str): recorded as the generator's model.
         cfg (EvalConfig): steps, batch size, precision.
         progress (bool): show a progress bar per call.
+        **generate: further ``GenerateConfig`` settings (e.g. ``cache_interval``).
     """
 
-    def __init__(self, pipe: Any, model_id: str, cfg: EvalConfig, progress: bool):
+    def __init__(self, pipe: Any, model_id: str, cfg: EvalConfig, progress: bool, **generate: Any):
         config = GenerateConfig(model=model_id, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                precision=cfg.precision)  # type: ignore[arg-type]
+                                precision=cfg.precision, **generate)  # type: ignore[arg-type]
         self.generator = DiffusionGenerator(pipe, config, model_id)
         prompt_config = PromptConfig(label_names=dict(FASHION_MNIST_READABLE),
                                      max_tokens=self.generator.max_prompt_tokens,

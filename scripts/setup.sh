@@ -28,7 +28,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch and torchvision must be a matching pair; on this project's machines pip is capped at this
   # pair and finds it on local disk. Elsewhere pip resolves the same versions from PyPI.
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  # ray: Ray Data for `--engine ray` and its slow tests (tests/test_scale_ray.py -m slow)
-  .venv/bin/pip install -q -e ".[test,ray]"
+  # ray: Ray Data for `--engine ray` and its slow tests (tests/test_scale_ray.py -m slow);
+  # lora: peft, for `generate.lora` (LCM-LoRA, style LoRAs) and its tests (tests/test_few_step.py)
+  .venv/bin/pip install -q -e ".[test,ray,lora]"
   echo "$want" > "$stamp"
 fi

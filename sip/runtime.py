@@ -94,3 +94,12 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """A device as recorded in run.json: 'cuda (<name>)' or 'cpu (<threads>, <ISA>[+AMX])'."""
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    amx = "+AMX" if cpu_has_amx() else ""
+    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}{amx})"

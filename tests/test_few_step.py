@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -210,3 +211,61 @@ def test_img2img_with_no_denoising_step_is_a_clear_error(tiny_sd_img2img):
     with pytest.raises(ValueError, match=r"none at steps=1, strength=0.5; set generate.steps >= 2"):
         gen.img2img([source_image()], ["a photo of a coat"], [0], strength=0.5)
     assert len(gen.img2img([source_image()], ["a photo of a coat"], [0], strength=0.5, steps=2)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRAs (an LCM-LoRA on a hub SD checkpoint; here a tiny random LoRA of the tiny SD's attention)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_sd_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_" in name:  # lora_B starts at zero: a LoRA that changes nothing would test nothing
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    out = tmp_path_factory.mktemp("tiny-lora")
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
+    return out
+
+
+def test_a_lora_is_fused_at_its_scale_and_recorded(tiny_sd_dir, tiny_lora):
+    from sip.models.diffusion import load_diffusion_pipeline
+
+    base = dict(model=str(tiny_sd_dir), steps=4, guidance_scale=1, device="cpu")
+    args = ([source_image()], ["a photo of a coat"], [7])
+    plain = DiffusionGenerator.from_config(GenerateConfig(**base)).img2img(*args)[0]
+    fused_gen = DiffusionGenerator.from_config(GenerateConfig(**base, lora=str(tiny_lora)))
+    fused = fused_gen.img2img(*args)[0]
+    assert fused.tobytes() != plain.tobytes()
+    assert fused_gen.settings()["lora"] == str(tiny_lora) and "lora" not in DiffusionGenerator.from_config(
+        GenerateConfig(**base)).settings()
+    # the same LoRA as live adapter layers (diffusers' unfused path) gives the same image
+    pipe = load_diffusion_pipeline(str(tiny_sd_dir), "img2img", device="cpu")
+    pipe.load_lora_weights(str(tiny_lora))
+    live = DiffusionGenerator(pipe, GenerateConfig(**base)).img2img(*args)[0]
+    diff = np.abs(np.asarray(live, dtype=int) - np.asarray(fused, dtype=int))
+    assert diff.max() <= 2
+    # scale 0 fuses nothing: the base model's bytes
+    zero = DiffusionGenerator.from_config(GenerateConfig(**base, lora=str(tiny_lora), lora_scale=0.0)).img2img(*args)
+    assert zero[0].tobytes() == plain.tobytes()
+
+
+def test_a_missing_lora_names_the_path(tiny_sd_dir, tmp_path):
+    pytest.importorskip("peft")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), lora=str(tmp_path / "nope"),
+                                                      device="cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds 0 .safetensors files"):
+        DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), lora=str(tmp_path / "empty"),
+                                                      device="cpu"))

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from sip.augment.generate import describe_device
+from sip.runtime import describe_device
 from sip.models.diffusion import DEFAULT_SD_MODEL, load_diffusion_pipeline, looks_like_path
 
 from .classifier import classify

@@ -19,9 +19,9 @@ from PIL import Image
 
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
-from sip.models.diffusion import (DEFAULT_SD_MODEL, few_step_advice, load_diffusion_pipeline, load_tiny_vae,
-                                  resolve_scheduler, runs_cfg)
-from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, cpu_has_amx, resolve_device, resolve_precision
+from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, load_diffusion_pipeline,
+                                  load_lora, load_tiny_vae, resolve_scheduler, runs_cfg)
+from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class GenerateConfig:
             SDXL). The decoder is most of the non-UNet time (scripts/bench_generate.py); TAESD is
             ~100x cheaper than SD's VAE decoder at slightly softer detail. img2img still encodes the
             sources with the full VAE. null: the checkpoint's VAE.
+        lora: a LoRA (hub id, folder or ``.safetensors`` file) fused into the model at ``lora_scale``: an LCM-LoRA
+            (``latent-consistency/lcm-lora-sdv1-5`` with ``scheduler: LCMScheduler``, 4 steps, guidance 1) or a
+            style LoRA. Needs ``pip install 'sip[lora]'`` (peft). null: none.
         compile: ``torch.compile`` the UNet on first use (one-off compile time, then faster steps on a
             GPU; diffusers reports ~1.2-1.5x for SD-class UNets on recent NVIDIA GPUs). On a CPU it
             needs a C++ compiler, and compiling took 140 s even for a tiny test UNet here: for long
@@ -91,6 +94,8 @@ class GenerateConfig:
     batch_invariant: bool = False
     channels_last: bool = False
     tiny_vae: str | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
     compile: bool = False
     cache_interval: int = 1
     token_merge_ratio: float = 0.0
@@ -110,6 +115,8 @@ class GenerateConfig:
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         check_speedup_settings(self.cache_interval, self.token_merge_ratio, self.compile)
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
 
 
 def fit_image(image: Image.Image, size: int | None, mode: str, multiple: int = 8) -> Image.Image:
@@ -179,8 +186,8 @@ class DiffusionGenerator:
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
         """Load ``config.model`` (hub id or folder) and build the generator."""
-        pipe = prepare_pipeline(load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device,
-                                                        config.scheduler), config)
+        pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
+        pipe = prepare_pipeline(load_lora(pipe, config.lora, config.lora_scale) if config.lora else pipe, config)
         tiny = load_tiny_vae(config.tiny_vae, config.dtype, config.device) if config.tiny_vae else None
         return cls(pipe, config, tiny_vae=tiny)
 
@@ -223,6 +230,8 @@ class DiffusionGenerator:
             settings["cache_interval"] = self.config.cache_interval
         if self.config.token_merge_ratio > 0:
             settings["token_merge_ratio"] = self.config.token_merge_ratio
+        if self.config.lora:
+            settings.update(lora=self.config.lora, lora_scale=self.config.lora_scale)
         return settings
 
     @torch.inference_mode()
@@ -385,27 +394,3 @@ def supports_fast_path(pipe: Any) -> bool:
             and "pooled_prompt_embeds" not in call and "prompt_2" not in encode
             and hasattr(pipe, "image_processor") and getattr(pipe, "vae", None) is not None
             and int(getattr(pipe.vae.config, "latent_channels", 0)) == 4)
-
-
-@torch.no_grad()
-def check_decoder_fits(vae: Any, decoder_vae: Any) -> None:
-    """A replacement decoder must take the VAE's latents and give images of the VAE's size."""
-    channels = int(vae.config.latent_channels)
-    if int(decoder_vae.config.latent_channels) != channels:
-        raise ValueError(f"tiny_vae takes {decoder_vae.config.latent_channels}-channel latents but the model's VAE "
-                         f"makes {channels}-channel ones; use the tiny VAE trained for this model family "
-                         f"(madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
-    param = next(decoder_vae.parameters())
-    z = torch.zeros(1, channels, 2, 2, device=param.device, dtype=param.dtype)
-    scales = [int(m.decode(z.to(next(m.parameters()).dtype)).sample.shape[-1]) // 2 for m in (vae, decoder_vae)]
-    if scales[0] != scales[1]:
-        raise ValueError(f"tiny_vae upsamples latents {scales[1]}x but the model's VAE {scales[0]}x; use the tiny "
-                         f"VAE trained for this model family")
-
-
-def describe_device(device: torch.device | str) -> str:
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    amx = "+AMX" if cpu_has_amx() else ""
-    return f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}{amx})"

@@ -60,7 +60,7 @@ def variant_record(*, source: str | None, source_hash: str | None, variant: int,
 
 def generator_info(generator: Any) -> dict[str, Any]:
     """What ``run.json`` says of the generator: model, scheduler, device, bf16, generation size."""
-    from sip.augment.generate import describe_device
+    from sip.runtime import describe_device
 
     return {"model": generator.model_id, "scheduler": type(generator.pipe.scheduler).__name__,
             "device": describe_device(generator.device), "bf16_autocast": generator.bf16,

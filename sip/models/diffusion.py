@@ -1,4 +1,4 @@
-"""Diffusion models from a hub id or a local folder: diffusers pipelines, tiny VAEs, schedulers, and
+"""Diffusion models from a hub id or a local folder: diffusers pipelines, tiny VAEs, LoRAs, schedulers, and
 the offline CLIP tokenizer that backs sip's shipped model.
 
 Stages never load models themselves; they take what these functions return. Every loader accepts a
@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sip.runtime import resolve_device, resolve_dtype
 
@@ -181,6 +183,22 @@ def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img",
     return pipe.to(resolve_device(device))
 
 
+@torch.no_grad()
+def check_decoder_fits(vae: Any, decoder_vae: Any) -> None:
+    """A replacement decoder must take the VAE's latents and give images of the VAE's size."""
+    channels = int(vae.config.latent_channels)
+    if int(decoder_vae.config.latent_channels) != channels:
+        raise ValueError(f"tiny_vae takes {decoder_vae.config.latent_channels}-channel latents but the model's VAE "
+                         f"makes {channels}-channel ones; use the tiny VAE trained for this model family "
+                         f"(madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)")
+    param = next(decoder_vae.parameters())
+    z = torch.zeros(1, channels, 2, 2, device=param.device, dtype=param.dtype)
+    scales = [int(m.decode(z.to(next(m.parameters()).dtype)).sample.shape[-1]) // 2 for m in (vae, decoder_vae)]
+    if scales[0] != scales[1]:
+        raise ValueError(f"tiny_vae upsamples latents {scales[1]}x but the model's VAE {scales[0]}x; use the tiny "
+                         f"VAE trained for this model family")
+
+
 def runs_cfg(unet: Any, guidance_scale: float) -> bool:
     """Whether a pipeline runs classifier-free guidance (a second, unconditional UNet branch) at this scale.
 
@@ -201,6 +219,37 @@ def few_step_advice(pipe: Any, steps: int, guidance_scale: float) -> str | None:
                 + f"; got steps={steps}, guidance_scale={guidance_scale}: set generate.steps: 4"
                 + (", generate.guidance_scale: 1" if baked else ""))
     return None
+
+
+def load_lora(pipe: Any, name: str, scale: float = 1.0) -> Any:
+    """Load LoRA weights (an LCM-LoRA, a style LoRA) into ``pipe`` and fuse them at ``scale``, in place.
+
+    Fused, a LoRA costs nothing per step. ``name``: a hub id (``latent-consistency/lcm-lora-sdv1-5``), a folder
+    holding one ``*.safetensors`` LoRA file (diffusers' ``save_lora_weights`` layout), or that file.
+    """
+    try:
+        import peft  # noqa: F401  (diffusers loads LoRAs through peft)
+    except ImportError as e:
+        raise ImportError("generate.lora needs peft: pip install 'sip[lora]'") from e
+    path = Path(name).expanduser()
+    kwargs: dict[str, Any] = {}
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"LoRA folder {path} holds {len(files)} .safetensors files, not one; pass the "
+                                    f"file itself (generate.lora: {path}/<name>.safetensors)")
+        path = files[0]
+    if path.is_file():
+        source, kwargs = str(path.parent), {"weight_name": path.name}
+    elif looks_like_path(name) or name.count("/") > 1:
+        raise FileNotFoundError(f"LoRA {path} does not exist; pass a .safetensors LoRA file, a folder holding one, or "
+                                f"a hub id such as latent-consistency/lcm-lora-sdv1-5")
+    else:
+        source = check_model_source(name, "LoRA")
+    pipe.load_lora_weights(source, **kwargs)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    return pipe
 
 
 def load_tiny_vae(name: str, dtype: str = "float32", device: str = "auto") -> Any:

@@ -204,6 +204,9 @@ def test_a_few_step_model_run_like_a_30_step_one_gets_a_hint(tiny_sd_dir):
     with pytest.warns(UserWarning, match="generate.steps: 4, generate.guidance_scale: 1"):
         DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), scheduler="LCMScheduler", steps=30,
                                                       guidance_scale=4, device="cpu"))
+    with pytest.warns(UserWarning, match="set generate.cache_interval: 1"):
+        DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), scheduler="LCMScheduler", steps=8,
+                                                      guidance_scale=1, cache_interval=2, device="cpu"))
 
 
 def test_img2img_with_no_denoising_step_is_a_clear_error(tiny_sd_img2img):

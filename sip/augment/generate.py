@@ -177,7 +177,7 @@ class DiffusionGenerator:
         # feature caching and token merging patch the UNet for the length of each call only (_unet_speedups)
         if config.cache_interval > 1:
             check_cacheable(pipe.unet)
-        if advice := few_step_advice(pipe, config.steps, config.guidance_scale):
+        if advice := few_step_advice(pipe, config.steps, config.guidance_scale, config.cache_interval):
             warnings.warn(advice, stacklevel=2)
         if config.token_merge_ratio > 0 and not merge_targets(pipe.unet)[1]:
             raise ValueError(f"generate.token_merge_ratio > 0 but this {type(pipe.unet).__name__} has no self-attention "

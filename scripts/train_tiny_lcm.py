@@ -25,6 +25,7 @@ written to a temporary folder and moved into place at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -74,12 +75,17 @@ def parse_args(argv=None):
 # the consistency function and the teacher's solver
 # --------------------------------------------------------------------------------------------------
 
-def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """c_skip(t), c_out(t) exactly as ``LCMScheduler.get_scalings_for_boundary_condition_discrete``:
-    c_skip(0) = 1 and c_out(0) = 0, so the consistency function is the identity at t = 0."""
-    s = t.double() * timestep_scaling
-    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-    c_out = s / (s**2 + sigma_data**2) ** 0.5
+@functools.lru_cache(maxsize=4)
+def _lcm_scheduler(timestep_scaling: float):
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(timestep_scaling=timestep_scaling)
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0):
+    """c_skip(t), c_out(t) of ``LCMScheduler.get_scalings_for_boundary_condition_discrete`` (the scheduler's own
+    formula, per sample): c_skip(0) = 1 and c_out(0) = 0, so the consistency function is the identity at t = 0."""
+    c_skip, c_out = _lcm_scheduler(timestep_scaling).get_scalings_for_boundary_condition_discrete(t.double())
     return c_skip.float().view(-1, 1, 1, 1), c_out.float().view(-1, 1, 1, 1)
 
 

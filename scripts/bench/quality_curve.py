@@ -11,7 +11,6 @@ A way's UNet evaluations per image count every sample the UNet sees (classifier-
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,25 +40,9 @@ def ways(steps_curve=(1, 2, 4, 8)) -> list[Way]:
     return out
 
 
-class UNetSamples:
-    """Counts the samples the UNet evaluates (batch rows over all calls)."""
-
-    def __init__(self, unet):
-        self.n = 0
-        self.handle = unet.register_forward_pre_hook(self._count)
-
-    def _count(self, _module, args):
-        self.n += int(args[0].shape[0])
-
-    def close(self):
-        self.handle.remove()
-
-
 def bench_quality(ddim_model: str, lcm_model: str | None, sources: int = 200, per_class: int = 40,
                   batch_size: int = 128, progress: bool = False, only: list[str] | None = None) -> list[dict]:
     """Judge every way; returns one row per way (measures, images/s, UNet evaluations per image)."""
-    import torch
-
     from scripts.eval.classifier import classify
     from scripts.eval.config import CLASSES, EvalConfig
     from scripts.eval.data import balanced_sources, fashion_mnist_32, to_grey, to_pil
@@ -68,6 +51,8 @@ def bench_quality(ddim_model: str, lcm_model: str | None, sources: int = 200, pe
     from scripts.eval.measures import share
     from sip.ids import fashion_mnist_id
     from sip.models.diffusion import load_diffusion_pipeline
+
+    from .machine import StageTimer
 
     cfg = EvalConfig(batch_size=batch_size, precision="fp32")
     train_grey, train_labels = fashion_mnist_32("train")
@@ -78,29 +63,32 @@ def bench_quality(ddim_model: str, lcm_model: str | None, sources: int = 200, pe
     labels = test_labels[idx]
     ids = [fashion_mnist_id("test", i) for i in idx]
     captions = Captions(cfg.caption_size, REPO / ".cache" / "eval_tiny_sd_captions.jsonl")(images)
-    rows = []
+    rows, pipes = [], {}
     for way in ways():
         if only and way.name not in only:
             continue
         model = ddim_model if way.model == "ddim" else lcm_model
         if model is None:
             continue
-        pipe = load_diffusion_pipeline(model, "img2img", "float32", "cpu", way.scheduler)
+        # one pipeline per (model, scheduler), shared by its ways: speed-ups patch the UNet per call only
+        key = (model, way.scheduler)
+        if key not in pipes:
+            pipes[key] = load_diffusion_pipeline(model, "img2img", "float32", "cpu", way.scheduler)
+        pipe = pipes[key]
         gen = SipGeneration(pipe, model, EvalConfig(steps=way.steps, batch_size=batch_size, precision="fp32"),
                             progress, cache_interval=way.cache_interval, guidance_scale=way.guidance)
-        count = UNetSamples(gen.generator.pipe.unet)
+        count = StageTimer({"unet": pipe.unet})
         t0 = time.perf_counter()
         # img2img at strength 0.5 runs int(steps × 0.5) steps: a 1-step schedule is run as 2 (one evaluation)
-        gen.generator.config = dataclasses.replace(gen.generator.config, steps=max(way.steps, 2))
-        rgb = gen.img2img(images, labels.tolist(), captions, ids, 2, 0.5, way.guidance, cfg.seed, way.name)
-        gen.generator.config = dataclasses.replace(gen.generator.config, steps=way.steps)
-        t_img, n_img, u_img = time.perf_counter() - t0, len(rgb), count.n
+        rgb = gen.img2img(images, labels.tolist(), captions, ids, 2, 0.5, way.guidance, cfg.seed, way.name,
+                          steps=max(way.steps, 2))
+        t_img, n_img, u_img = time.perf_counter() - t0, len(rgb), count.samples["unet"]
         pred, _ = classify(judge, to_grey(rgb))
         preservation = share(pred, np.repeat(labels, 2))
         t0 = time.perf_counter()
         rgb, y = gen.text2img(per_class, way.guidance, cfg.seed, way.name)
-        t_txt, n_txt, u_txt = time.perf_counter() - t0, len(rgb), count.n - u_img
-        count.close()
+        t_txt, n_txt, u_txt = time.perf_counter() - t0, len(rgb), count.samples["unet"] - u_img
+        count.remove()
         pred, _ = classify(judge, to_grey(rgb))
         rows.append({"way": way.name, "steps": way.steps, "guidance": way.guidance, "scheduler":
                      type(pipe.scheduler).__name__, "cache_interval": way.cache_interval,
@@ -110,8 +98,6 @@ def bench_quality(ddim_model: str, lcm_model: str | None, sources: int = 200, pe
                      "images_per_s": (n_img + n_txt) / (t_img + t_txt), "images": n_img + n_txt,
                      "prompt_example": gen.builder(CLASSES[int(labels[0])], captions[0])})
         print(format_row(rows[-1]), flush=True)
-        del pipe, gen
-        torch.set_grad_enabled(True)
     return rows
 
 

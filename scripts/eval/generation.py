@@ -66,9 +66,10 @@ class SipGeneration:
 
     def img2img(self, sources: Sequence[Image.Image], labels: Sequence[int], captions: Sequence[str] | None,
                 source_ids: Sequence[str], variants: int, strength: float, guidance: float, seed: int,
-                desc: str) -> np.ndarray:
+                desc: str, steps: int | None = None) -> np.ndarray:
         """``variants`` redraws of each source under (label, caption) → RGB uint8 [N·variants, 32, 32, 3],
-        source-major (the variants of source i are rows i·variants … i·variants + variants − 1)."""
+        source-major (the variants of source i are rows i·variants … i·variants + variants − 1); ``steps``: the
+        generator's own when None."""
 
         def job(i: int, v: int) -> Job:
             label = CLASSES[labels[i]]
@@ -78,7 +79,8 @@ class SipGeneration:
 
         def generate(batch: Sequence[Job]) -> list[Image.Image]:
             return self.generator.img2img([j.payload for j in batch], [j.prompt for j in batch],
-                                          [j.seed for j in batch], strength=strength, guidance_scale=guidance)
+                                          [j.seed for j in batch], strength=strength, guidance_scale=guidance,
+                                          steps=steps)
 
         return self._run([job(i, v) for i in range(len(sources)) for v in range(variants)], generate, desc)
 

@@ -199,13 +199,18 @@ def check_decoder_fits(vae: Any, decoder_vae: Any) -> None:
                          f"VAE trained for this model family")
 
 
+def has_guidance_embedding(unet: Any) -> bool:
+    """A UNet that takes the guidance scale as an input (LCM checkpoints: ``time_cond_proj_dim``)."""
+    return getattr(unet.config, "time_cond_proj_dim", None) is not None
+
+
 def runs_cfg(unet: Any, guidance_scale: float) -> bool:
     """Whether a pipeline runs classifier-free guidance (a second, unconditional UNet branch) at this scale.
 
     Not when the scale is <= 1, nor for a UNet that takes the scale as an input (LCM checkpoints: a guidance
     embedding, ``time_cond_proj_dim``): diffusers feeds it the scale and runs one branch.
     """
-    return guidance_scale > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
+    return guidance_scale > 1 and not has_guidance_embedding(unet)
 
 
 def few_step_advice(pipe: Any, steps: int, guidance_scale: float, cache_interval: int = 1) -> str | None:
@@ -216,7 +221,7 @@ def few_step_advice(pipe: Any, steps: int, guidance_scale: float, cache_interval
         return ("generate.cache_interval > 1 with a few-step LCMScheduler model: with 1-8 steps no step's features "
                 "are close enough to the next one's to reuse (it costs ~30 points of label preservation on the "
                 "shipped model); set generate.cache_interval: 1")
-    baked = getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    baked = not has_guidance_embedding(pipe.unet)
     if steps > 8 or (baked and guidance_scale > 1):
         return (f"{type(pipe.scheduler).__name__} samples in 1-8 steps"
                 + (" with guidance_scale 1 (this UNet has its guidance baked in)" if baked else "")

@@ -261,9 +261,12 @@ def export(pipe, unet, args) -> Path:
     (tmp / "training_args.json").write_text(json.dumps(record, indent=2))
     if (out / "README.md").is_file():  # the model card (measured quality) is written by hand: keep it
         shutil.copy2(out / "README.md", tmp / "README.md")
-    if out.exists():
-        shutil.rmtree(out)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():  # moved aside, not deleted, until the new one is in place
+        out.replace(old)
     tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"saved the few-step pipeline to {out}")
     return out
 

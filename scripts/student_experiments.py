@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -76,6 +77,8 @@ def run_one(arm: str, draw: int, args) -> dict:
     print("sip " + shlex.join(cli), flush=True)
     t0 = time.time()
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):  # a frozen checkout (git worktree) runs its own sip, not the editable install
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)

@@ -62,7 +62,7 @@ from scripts.bench.img2img_runs import (
     sip_img2img,
 )
 from scripts.bench.machine import count_flops, cpu_flags, matmul_peak
-from scripts.bench.unet_speedups import bench_unet_speedups
+from scripts.bench.unet_speedups import bench_few_step, bench_unet_speedups, bench_work_options
 from sip.augment.loop import Job
 from sip.models.diffusion import SHIPPED_MODELS_DIR
 from sip.runtime import cpu_has_amx
@@ -203,7 +203,7 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     t0 = time.time()
     pipe = build_sd15(work)
     size = args.sd15_size or (128 if q else 256)
-    steps = args.sd15_steps or (4 if q else 10)
+    steps = args.sd15_steps or (4 if q else 20)
     settings = {"strength": args.strength, "guidance_scale": args.guidance, "steps": steps,
                 "per_image": args.per_image}
     jobs = photo_jobs(args.sd15_sources or (1 if q else 2), args.per_image, size, pipe)
@@ -232,6 +232,10 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     if not args.no_profile:
         profile_sip(pipe, jobs, settings, size, sd["best"])
     tiny_vae = run_tiny_vae(pipe, jobs, settings, size, "", sd["best"], sd["naive"])
+    work_runs = bench_work_options(pipe, jobs, settings, size, [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])],
+                                   sd["naive"])
+    work_runs.update(bench_few_step(pipe, jobs, settings, size, [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])],
+                                    sd["naive"]))
     fraction = sd["best_stage"]["unet_peak_fraction"]
     met = "met" if sd["speedup"] >= 4 else "NOT met"
     print("\nverdict (sd15):")
@@ -239,6 +243,14 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
           f"{100 * bounds['unet_share_naive']:.0f}% of naive's time and sip runs the same UNet FLOPs, so "
           f"the ceiling at naive's UNet speed is {bounds['bound_amdahl']:.2f}x and at 100% of peak "
           f"{bounds['bound_unet_at_peak']:.2f}x")
+    same = work_runs["sd15_work_same_precision_x"]
+    print(f"  same precision (fp32 both): {sd['speedup_same_precision']:.2f}x with the exact images; with "
+          f"{work_runs['sd15_work_same_precision_way']} {same:.2f}x (target >= 4x: {'met' if same >= 4 else 'NOT met'}); "
+          f"fastest of all: {work_runs['sd15_work_best_way']} {work_runs['sd15_work_best_x']:.2f}x; few-step "
+          f"(LCMScheduler 8 steps, guidance 1) fp32 {work_runs['sd15_lcm8_fp32_x']:.2f}x")
+    fp32_fraction = sd["best_fp32_stage"]["unet_peak_fraction"]
+    print(f"  UNet of sip's best fp32 run at {100 * fp32_fraction:.1f}% of the fp32 matmul peak (target >= 50%: "
+          f"{'met' if fp32_fraction >= 0.5 else 'NOT met'})")
     print(f"  with generate.tiny_vae (a TAESD decoder; other images): {tiny_vae['speedup_vs_naive']:.2f}x naive "
           f"({'meets' if tiny_vae['speedup_vs_naive'] >= 4 else 'below'} the 4x target)")
     print(f"  UNet at {100 * fraction:.1f}% of the {sd['best'].precision} matmul peak (target >= 50%): "
@@ -253,7 +265,7 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     print("  closing the rest needs fewer UNet FLOPs per image (fewer steps or a few-step scheduler such "
           "as LCM/Turbo, guidance <= 1 to halve the batch, lower resolution, a smaller UNet) or hardware "
           "with bf16/fp16 matrix units (AMX, GPU); a tiny VAE decoder only trims the non-UNet share")
-    return {"speedup_vs_naive_sd15": sd["speedup"],
+    return {**work_runs, "speedup_vs_naive_sd15": sd["speedup"],
             "speedup_vs_naive_sd15_tiny_vae": tiny_vae["speedup_vs_naive"],
             "speedup_vs_naive_sd15_same_precision": sd["speedup_same_precision"],
             "sd15_best_precision": sd["best"].precision,
@@ -261,6 +273,7 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
             "sd15_images_per_s_sip": sd["best"].rate,
             "sd15_images_per_s_naive": sd["naive"].rate, "unet_peak_fraction": fraction,
             "unet_peak_fraction_naive": sd["naive_stage"]["unet_peak_fraction"],
+            "unet_peak_fraction_fp32": sd["best_fp32_stage"]["unet_peak_fraction"],
             "max_abs_diff_sd15": sd["max_abs_diff"],
             "max_abs_diff_bf16_sd15": sd.get("max_abs_diff_bf16"),
             "sd15_bf16_vs_fp32": sd.get("bf16_vs_fp32"),
@@ -300,7 +313,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sd15-sources", type=int, default=None, help="photos (default 2, quick 1)")
     parser.add_argument("--sd15-size", type=int, default=None, help="pixels (default 256, quick 128)")
     parser.add_argument("--sd15-steps", type=int, default=None,
-                        help="schedule steps; img2img runs steps × strength of them (default 10, quick 4)")
+                        help="schedule steps; img2img runs steps × strength of them (default 20: 10 denoising steps, where feature caching has neighbours to reuse; quick 4)")
     parser.add_argument("--per-image", type=int, default=2, help="variants per source")
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--guidance", type=float, default=4.0)

@@ -46,7 +46,8 @@ def print_runs(label: str, result: dict, flops: dict, peaks: dict) -> dict:
            "speedup_cpu_time": best.cpu_rate / naive.cpu_rate,
            "speedup_same_precision": best32.rate / naive.rate,
            "max_abs_diff": max(r.extra["diff"][0] for r in fp32),
-           "best_stage": stage_row(best, flops, peaks), "naive_stage": stage_row(naive, flops, peaks)}
+           "best_stage": stage_row(best, flops, peaks), "best_fp32_stage": stage_row(best32, flops, peaks),
+           "naive_stage": stage_row(naive, flops, peaks)}
     if bf16:
         b = max(bf16, key=lambda r: r.rate)
         twin = max((r for r in fp32 if r.batch_size == b.batch_size and r.channels_last == b.channels_last),

@@ -65,15 +65,16 @@ def contiguous(pipe) -> None:
 
 
 def make_generator(pipe, settings: dict, size: int, batch_size: int, channels_last: bool, precision: str,
-                   tiny_vae=None):
-    """A fresh :class:`DiffusionGenerator` (empty prompt cache) over ``pipe`` with these settings."""
+                   tiny_vae=None, **options):
+    """A fresh :class:`DiffusionGenerator` (empty prompt cache) over ``pipe`` with these settings; ``options``
+    are further :class:`GenerateConfig` fields (``cache_interval``, ``token_merge_ratio``)."""
     from sip.augment.generate import DiffusionGenerator, GenerateConfig, prepare_pipeline
 
     contiguous(pipe)
     config = GenerateConfig(model="bench", strength=settings["strength"],
                             guidance_scale=settings["guidance_scale"], steps=settings["steps"],
                             batch_size=batch_size, resolution=size, precision=precision,
-                            channels_last=channels_last, device="cpu")
+                            channels_last=channels_last, device="cpu", **options)
     return DiffusionGenerator(prepare_pipeline(pipe, config), config, model_id="bench", tiny_vae=tiny_vae)
 
 
@@ -84,17 +85,20 @@ def sip_img2img(generator, batch: list[Job], negative_prompt: str) -> list:
 
 
 def run_sip(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: str, label: str,
-            batch_size: int, channels_last: bool, precision: str, warmup: bool, tiny_vae=None) -> RunResult:
-    """sip's img2img stage: ``DiffusionGenerator.img2img`` on sip's batch grid of the jobs."""
+            batch_size: int, channels_last: bool, precision: str, warmup: bool, tiny_vae=None,
+            **options) -> RunResult:
+    """sip's img2img stage: ``DiffusionGenerator.img2img`` on sip's batch grid of the jobs (``options``: more
+    :class:`GenerateConfig` fields, as in :func:`make_generator`)."""
     if warmup:  # oneDNN builds its kernels for each new shape once; keep that out of the timing
         warm = make_generator(pipe, {**settings, "steps": 2, "strength": 0.5}, size, batch_size,
                               channels_last, precision)
         sip_img2img(warm, jobs[:batch_size], negative_prompt)
-    generator = make_generator(pipe, settings, size, batch_size, channels_last, precision, tiny_vae)
+    generator = make_generator(pipe, settings, size, batch_size, channels_last, precision, tiny_vae, **options)
     timer = StageTimer(networks(pipe))
     images = []
     c0, t0 = time.process_time(), time.perf_counter()
-    with tqdm(total=len(jobs), desc=f"{label} sip b{batch_size}{' cl' if channels_last else ''} {precision}",
+    tag = "".join(f" {k[:5]}={v}" for k, v in options.items())
+    with tqdm(total=len(jobs), desc=f"{label} sip b{batch_size}{' cl' if channels_last else ''} {precision}{tag}",
               unit="img", file=sys.stderr, leave=False) as bar:
         for batch in batch_grid(jobs, batch_size):
             images += sip_img2img(generator, batch, negative_prompt)
@@ -102,7 +106,7 @@ def run_sip(pipe, jobs: list[Job], settings: dict, size: int, negative_prompt: s
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     timer.remove()
     contiguous(pipe)
-    return RunResult("sip", images, seconds, cpu, timer, batch_size, channels_last, precision)
+    return RunResult("sip", images, seconds, cpu, timer, batch_size, channels_last, precision, extra=dict(options))
 
 
 def max_abs_diff(a: list, b: list) -> tuple[int, int, int]:

@@ -88,3 +88,83 @@ def bench_unet_speedups(pipe, jobs: list[Job], settings: dict, size: int, batch_
           f"different seed moves the exact images by {seed_diff:.2f} on average)")
     out[f"{label}_speedups_seed_mean_diff"] = seed_diff
     return out
+
+
+WORK_OPTIONS = [(2, 0.5), (3, 0.0), (3, 0.5), (5, 0.5)]  # (cache_interval, token_merge_ratio) tried on the SD1.5 model
+
+
+def bench_work_options(pipe, jobs: list[Job], settings: dict, size: int, exact: list, naive, label: str = "sd15"):
+    """sip's best settings again with DeepCache and ToMe on, against naive at the same precision.
+
+    ``exact`` lists sip's runs without them (one per precision: the fastest of each); each is rerun with every
+    pair of :data:`WORK_OPTIONS` on the same jobs. Prints a table; returns the fastest fp32 and overall rows.
+    """
+    from .img2img_runs import run_sip
+
+    print(f"\n## {label}: sip's best settings with fewer UNet FLOPs per image (generate.cache_interval, "
+          f"generate.token_merge_ratio), same steps, seeds and images; naive = one diffusers call per image, fp32")
+    header = (f"{'prec':>5} {'batch':>5} {'ch-last':>7} {'cache':>5} {'ToMe':>5} {'img/s':>8} {'x naive':>7} "
+              f"{'x off':>6} {'full UNet':>9} {'mean|d|':>7}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for base in exact:
+        print(f"{base.precision:>5} {base.batch_size:>5} {base.channels_last!s:>7} {1:>5} {0.0:>5.2f} "
+              f"{base.rate:>8.3f} {base.rate / naive.rate:>7.2f} {1.0:>6.2f} {'all':>9} {0.0:>7.2f}", flush=True)
+        for interval, ratio in WORK_OPTIONS:
+            full = [0]
+            hook = pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *a: full.__setitem__(0, full[0] + 1))
+            r = run_sip(pipe, jobs[: len(base.images)], settings, size, "", label, base.batch_size,
+                        base.channels_last, base.precision, warmup=False, cache_interval=interval,
+                        token_merge_ratio=ratio)
+            hook.remove()
+            mean, calls = _diff(r.images, base.images)[0], f"{full[0]}/{r.timer.calls['unet']}"
+            print(f"{r.precision:>5} {r.batch_size:>5} {r.channels_last!s:>7} {interval:>5} {ratio:>5.2f} "
+                  f"{r.rate:>8.3f} {r.rate / naive.rate:>7.2f} {r.rate / base.rate:>6.2f} "
+                  f"{calls:>9} {mean:>7.2f}",
+                  flush=True)
+            rows.append((r, mean))
+    print("(x off = over the same setting with both off; full UNet = UNet calls that ran every block; mean|d| = "
+          "mean difference from that setting's exact images, grey levels. Their quality at equal steps was judged on "
+          "the shipped model (--quality: DDIM 30 + DeepCache 3 within 1.2 points); this model has random weights)")
+    fp32 = [(r, d) for r, d in rows if r.precision == "fp32"]
+    best32, best = max(fp32, key=lambda x: x[0].rate), max(rows, key=lambda x: x[0].rate)
+    return {f"{label}_work_same_precision_x": best32[0].rate / naive.rate,
+            f"{label}_work_same_precision_way": f"cache {best32[0].extra['cache_interval']}, ToMe "
+                                                 f"{best32[0].extra['token_merge_ratio']}",
+            f"{label}_work_same_precision_mean_diff": best32[1],
+            f"{label}_work_best_x": best[0].rate / naive.rate,
+            f"{label}_work_best_way": f"{best[0].precision}, cache {best[0].extra['cache_interval']}, ToMe "
+                                      f"{best[0].extra['token_merge_ratio']}"}
+
+
+def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list, naive, steps: int = 8,
+                   label: str = "sd15") -> dict:
+    """What an LCM-LoRA or LCM-checkpoint user runs (``generate.scheduler: LCMScheduler``, ``steps`` schedule steps
+    × the same strength, guidance 1: one UNet branch) at each of sip's best settings in ``exact``: images/s only.
+
+    This UNet has random weights, so the images say nothing here; on the shipped model the same sampler at 8 steps
+    is within 1 point of 30-step DDIM on both quality measures (``--quality``)."""
+    from diffusers import LCMScheduler
+
+    from .img2img_runs import run_sip
+
+    few = {**settings, "steps": steps, "guidance_scale": 1.0}
+    evals = int(steps * settings["strength"])
+    naive_evals = int(settings["steps"] * settings["strength"]) * (2 if settings["guidance_scale"] > 1 else 1)
+    print(f"\n## {label}: few-step sampling, LCMScheduler {steps} steps × strength {settings['strength']}, guidance 1 "
+          f"= {evals} UNet evaluations per image (naive: {naive_evals}); speed only (random weights)")
+    out = {}
+    original = pipe.scheduler
+    pipe.scheduler = LCMScheduler.from_config(original.config)
+    try:
+        for base in exact:
+            r = run_sip(pipe, jobs[: len(base.images)], few, size, "", f"{label} lcm", base.batch_size,
+                        base.channels_last, base.precision, warmup=False)
+            print(f"{base.precision:>5} batch {base.batch_size}: {r.rate:.3f} img/s = {r.rate / naive.rate:.2f}x naive "
+                  f"(fp32, {settings['steps']} steps), {r.rate / base.rate:.2f}x sip's {base.precision} at "
+                  f"{settings['steps']} steps", flush=True)
+            out[f"{label}_lcm{steps}_{base.precision}_x"] = r.rate / naive.rate
+    finally:
+        pipe.scheduler = original
+    return out

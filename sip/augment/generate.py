@@ -21,6 +21,7 @@ from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
 from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, load_diffusion_pipeline,
                                   load_lora, load_tiny_vae, resolve_scheduler, runs_cfg)
+from sip.models.kdeformer import kdeformer_config
 from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, resolve_precision
 
 
@@ -75,6 +76,9 @@ class GenerateConfig:
         token_merge_ratio: ToMe for SD (:mod:`sip.augment.token_merge`): share of tokens merged in the
             highest-resolution self-attentions, [0, 0.75]; 0 = off (exact). Pays on SD-size latents
             (0.75x UNet time at 0.5, SD 1.5 at 256 px), not on the shipped model's 8x8 latents.
+        attention: "exact" or "kdeformer": KDEformer's estimate (:mod:`sip.models.kdeformer`) in UNet
+            self-attentions of >= ``kdeformer.min_tokens`` tokens; approximate (scripts/bench_attention.py).
+        kdeformer: its budget and hashing (num_samples, block_size, n_hashes, seed, min_tokens).
     """
 
     model: str = DEFAULT_SD_MODEL
@@ -99,6 +103,8 @@ class GenerateConfig:
     compile: bool = False
     cache_interval: int = 1
     token_merge_ratio: float = 0.0
+    attention: str = "exact"
+    kdeformer: dict | None = None
 
     def __post_init__(self):
         if not 0.0 < self.strength <= 1.0:
@@ -115,6 +121,7 @@ class GenerateConfig:
         if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         check_speedup_settings(self.cache_interval, self.token_merge_ratio, self.compile)
+        kdeformer_config(self.attention, self.kdeformer, "generate")
         if not math.isfinite(self.lora_scale):
             raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
 
@@ -363,7 +370,7 @@ def prepare_pipeline(pipe: Any, config: GenerateConfig) -> Any:
 
     Args:
         pipe: a diffusers Stable Diffusion family pipeline.
-        config (GenerateConfig): reads ``channels_last`` and ``compile``.
+        config (GenerateConfig): reads ``channels_last``, ``attention`` / ``kdeformer`` and ``compile``.
 
     Returns:
         the same pipeline.
@@ -371,6 +378,10 @@ def prepare_pipeline(pipe: Any, config: GenerateConfig) -> Any:
     if config.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    if (kde := kdeformer_config(config.attention, config.kdeformer, "generate")) is not None:
+        from sip.models.kdeformer_layers import use_kdeformer_in_unet  # imports timm: only when asked
+
+        use_kdeformer_in_unet(pipe.unet, kde)
     if config.compile and getattr(pipe.unet, "_compiled_call_impl", None) is None:
         pipe.unet.compile()
     return pipe

@@ -22,8 +22,9 @@ Cost per head: ``O(N · (block_size + num_samples) · d)`` plus an ``O(N log N)`
 When ``block_size + num_samples`` reaches ``N`` the estimator would do no less work than exact
 attention, so exact attention is used (``exact result when the budget covers every column``).
 
-This module is the estimator (:func:`kdeformer_attention`); the ViT attention layer and the diffusers
-attention processor that use it are the next step of issue 15. Exact attention stays the default.
+This module is the estimator (:func:`kdeformer_attention`); :mod:`sip.models.kdeformer_layers` puts it in
+timm ViTs (``model.attention: kdeformer``) and diffusers UNets (``generate.attention: kdeformer``). Exact
+attention stays the default.
 """
 
 from __future__ import annotations
@@ -61,6 +62,32 @@ class KDEformerConfig:
                 raise ValueError(f"kdeformer.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_hashes > 30:
             raise ValueError(f"kdeformer.n_hashes must be <= 30, got {self.n_hashes}")
+
+
+ATTENTION_CHOICES = ("exact", "kdeformer")
+
+
+def kdeformer_config(attention: str, settings: dict | None, where: str) -> KDEformerConfig | None:
+    """The :class:`KDEformerConfig` a recipe asks for, or None for exact attention.
+
+    Args:
+        attention (str): ``exact`` or ``kdeformer`` (the recipe's ``<where>.attention``).
+        settings (dict, optional): the recipe's ``<where>.kdeformer`` (num_samples, block_size, n_hashes, seed,
+            min_tokens); empty = the defaults.
+        where (str): the recipe section, named in errors (``generate``, ``model``, ``student``).
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"{where}.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    settings = dict(settings or {})
+    if attention == "exact":
+        if settings:
+            raise ValueError(f"{where}.kdeformer is set but {where}.attention is exact; set {where}.attention: kdeformer "
+                             f"or remove {where}.kdeformer")
+        return None
+    known = set(KDEformerConfig.__dataclass_fields__)
+    if unknown := sorted(set(settings) - known):
+        raise ValueError(f"{where}.kdeformer has unknown keys {unknown}; known: {sorted(known)}")
+    return KDEformerConfig(**settings)
 
 
 def _gray_to_rank(bits: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from sip.data.sources import open_source
 from sip.ids import stable_seed
 from sip.models.checkpoints import load_checkpoint_file, load_weights
 from sip.models.classifiers import create_model
+from sip.models.kdeformer import kdeformer_config
+from sip.models.kdeformer_layers import use_kdeformer_in_vit
 from sip.train.recipe import DataSection, ModelSection
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,6 +59,11 @@ def build_model(section: ModelSection, num_classes: int, img_size: int | None) -
     if section.checkpoint:
         state, _meta = load_checkpoint_file(section.checkpoint)
         load_weights(model, state, section.checkpoint)
+    if (kde := kdeformer_config(section.attention, section.kdeformer, "model")) is not None:
+        if not use_kdeformer_in_vit(model, kde):  # same weights: the swap changes the forward only
+            raise ValueError(f"model.attention: kdeformer but {section.name!r} has no timm Attention layer to swap "
+                             f"(sip's LSA ViTs and convolutional models keep their own); use a timm ViT / DeiT or "
+                             f"model.attention: exact")
     return model, kwargs
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from sip.data.mixing import MixConfig
 from sip.data.sources import SourceConfig
+from sip.models.kdeformer import kdeformer_config
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The recipe
@@ -84,8 +85,11 @@ class ModelSection:
     pretrained: bool = False  # timm's pretrained weights (needs the hub or its cache)
     checkpoint: str | None = None  # start from these weights: a sip run folder or a .safetensors file
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other create_model argument (embed_dim, depth, ...)
+    attention: str = "exact"  # or kdeformer: KDEformer's estimate in every timm Attention layer (long sequences)
+    kdeformer: dict[str, Any] = field(default_factory=dict)  # its num_samples, block_size, n_hashes, seed, min_tokens
 
     def __post_init__(self):
+        kdeformer_config(self.attention, self.kdeformer, "model")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
         reserved = {"num_classes", "in_chans", "img_size", "patch_size", "drop_rate", "drop_path_rate", "pretrained"}

@@ -232,10 +232,9 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     if not args.no_profile:
         profile_sip(pipe, jobs, settings, size, sd["best"])
     tiny_vae = run_tiny_vae(pipe, jobs, settings, size, "", sd["best"], sd["naive"])
-    work_runs = bench_work_options(pipe, jobs, settings, size, [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])],
-                                   sd["naive"])
-    work_runs.update(bench_few_step(pipe, jobs, settings, size, [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])],
-                                    sd["naive"]))
+    exact = [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])]  # sip's fastest run of each precision
+    work_runs = bench_work_options(pipe, jobs, settings, size, exact, sd["naive"])
+    work_runs.update(bench_few_step(pipe, jobs, settings, size, exact, sd["naive"]))
     fraction = sd["best_stage"]["unet_peak_fraction"]
     met = "met" if sd["speedup"] >= 4 else "NOT met"
     print("\nverdict (sd15):")

@@ -244,7 +244,8 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
           f"{bounds['bound_unet_at_peak']:.2f}x")
     same = work_runs["sd15_work_same_precision_x"]
     print(f"  same precision (fp32 both): {sd['speedup_same_precision']:.2f}x with the exact images; with "
-          f"{work_runs['sd15_work_same_precision_way']} {same:.2f}x (target >= 4x: {'met' if same >= 4 else 'NOT met'}); "
+          f"{work_runs['sd15_work_same_precision_way']} {same:.2f}x "
+          f"(target >= 4x: {'met' if same >= 4 else 'NOT met'}); "
           f"fastest of all: {work_runs['sd15_work_best_way']} {work_runs['sd15_work_best_x']:.2f}x; few-step "
           f"(LCMScheduler 8 steps, guidance 1) fp32 {work_runs['sd15_lcm8_fp32_x']:.2f}x")
     fp32_fraction = sd["best_fp32_stage"]["unet_peak_fraction"]
@@ -312,7 +313,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sd15-sources", type=int, default=None, help="photos (default 2, quick 1)")
     parser.add_argument("--sd15-size", type=int, default=None, help="pixels (default 256, quick 128)")
     parser.add_argument("--sd15-steps", type=int, default=None,
-                        help="schedule steps; img2img runs steps × strength of them (default 20: 10 denoising steps, where feature caching has neighbours to reuse; quick 4)")
+                        help="schedule steps; img2img runs steps × strength of them (default 20: 10 denoising "
+                             "steps, where feature caching has neighbours to reuse; quick 4)")
     parser.add_argument("--per-image", type=int, default=2, help="variants per source")
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--guidance", type=float, default=4.0)

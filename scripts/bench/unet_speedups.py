@@ -10,33 +10,25 @@ import numpy as np
 
 from sip.augment.loop import Job, batch_grid
 
-from .img2img_runs import contiguous, sip_img2img
+from .img2img_runs import contiguous, make_generator, sip_img2img
 from .machine import StageTimer, networks
 
 GRID = [(1, 0.0), (2, 0.0), (3, 0.0), (1, 0.5), (2, 0.5), (3, 0.5)]  # (cache_interval, token_merge_ratio)
 
 
-def _generator(pipe, settings: dict, size: int, batch_size: int, interval: int, ratio: float):
-    from sip.augment.generate import DiffusionGenerator, GenerateConfig
-
-    config = GenerateConfig(model="bench", strength=settings["strength"],
-                            guidance_scale=settings["guidance_scale"], steps=settings["steps"], batch_size=batch_size, resolution=size, precision="fp32",
-                            device="cpu", cache_interval=interval, token_merge_ratio=ratio)
-    return DiffusionGenerator(pipe, config, model_id="bench")
+def full_block(unet):
+    """The module only a full UNet call reaches: a DeepCache call stops before the mid block's first resnet, so
+    its StageTimer ``calls`` count the calls that ran every block."""
+    return unet.mid_block.resnets[0]
 
 
 def _run(generator, jobs: list[Job], batch_size: int) -> tuple[list, float, StageTimer]:
-    timer = StageTimer(networks(generator.pipe))
-    full = [0]  # full UNet calls: a cache call does not reach the mid block's resnet
-    deep = generator.pipe.unet.mid_block.resnets[0].register_forward_hook(
-        lambda *a: full.__setitem__(0, full[0] + 1))
+    timer = StageTimer({**networks(generator.pipe), "unet_full": full_block(generator.pipe.unet)})
     images, t0 = [], time.perf_counter()
     for batch in batch_grid(jobs, batch_size):
         images += sip_img2img(generator, batch, "")
     seconds = time.perf_counter() - t0
-    deep.remove()
     timer.remove()
-    timer.calls["unet_full"] = full[0]
     return images, seconds, timer
 
 
@@ -59,7 +51,9 @@ def bench_unet_speedups(pipe, jobs: list[Job], settings: dict, size: int, batch_
     print(f"\n## {label}: feature caching (DeepCache) and token merging (ToMe), {len(jobs)} images, batch "
           f"{batch_size}, fp32, {int(settings['steps'] * settings['strength'])} denoising steps, best of {rounds} "
           f"rounds", flush=True)
-    gens = {opt: _generator(pipe, settings, size, batch_size, *opt) for opt in GRID}
+    gens = {(interval, ratio): make_generator(pipe, settings, size, batch_size, False, "fp32",
+                                              cache_interval=interval, token_merge_ratio=ratio)
+            for interval, ratio in GRID}
     _run(gens[GRID[0]], jobs[:batch_size], batch_size)  # warm-up: oneDNN's kernels for these shapes
     best: dict = {}
     for _ in range(rounds):
@@ -112,13 +106,12 @@ def bench_work_options(pipe, jobs: list[Job], settings: dict, size: int, exact: 
         print(f"{base.precision:>5} {base.batch_size:>5} {base.channels_last!s:>7} {1:>5} {0.0:>5.2f} "
               f"{base.rate:>8.3f} {base.rate / naive.rate:>7.2f} {1.0:>6.2f} {'all':>9} {0.0:>7.2f}", flush=True)
         for interval, ratio in WORK_OPTIONS:
-            full = [0]
-            hook = pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *a: full.__setitem__(0, full[0] + 1))
+            full = StageTimer({"unet": full_block(pipe.unet)})
             r = run_sip(pipe, jobs[: len(base.images)], settings, size, "", label, base.batch_size,
                         base.channels_last, base.precision, warmup=False, cache_interval=interval,
                         token_merge_ratio=ratio)
-            hook.remove()
-            mean, calls = _diff(r.images, base.images)[0], f"{full[0]}/{r.timer.calls['unet']}"
+            full.remove()
+            mean, calls = _diff(r.images, base.images)[0], f"{full.calls['unet']}/{r.timer.calls['unet']}"
             print(f"{r.precision:>5} {r.batch_size:>5} {r.channels_last!s:>7} {interval:>5} {ratio:>5.2f} "
                   f"{r.rate:>8.3f} {r.rate / naive.rate:>7.2f} {r.rate / base.rate:>6.2f} "
                   f"{calls:>9} {mean:>7.2f}",
@@ -152,8 +145,8 @@ def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list
     few = {**settings, "steps": steps, "guidance_scale": 1.0}
     evals = int(steps * settings["strength"])
     naive_evals = int(settings["steps"] * settings["strength"]) * (2 if settings["guidance_scale"] > 1 else 1)
-    print(f"\n## {label}: few-step sampling, LCMScheduler {steps} steps × strength {settings['strength']}, guidance 1 "
-          f"= {evals} UNet evaluations per image (naive: {naive_evals}); speed only (random weights)")
+    print(f"\n## {label}: few-step sampling, LCMScheduler {steps} steps × strength {settings['strength']}, "
+          f"guidance 1 = {evals} UNet evaluations per image (naive: {naive_evals}); speed only (random weights)")
     out = {}
     original = pipe.scheduler
     pipe.scheduler = LCMScheduler.from_config(original.config)
@@ -161,9 +154,9 @@ def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list
         for base in exact:
             r = run_sip(pipe, jobs[: len(base.images)], few, size, "", f"{label} lcm", base.batch_size,
                         base.channels_last, base.precision, warmup=False)
-            print(f"{base.precision:>5} batch {base.batch_size}: {r.rate:.3f} img/s = {r.rate / naive.rate:.2f}x naive "
-                  f"(fp32, {settings['steps']} steps), {r.rate / base.rate:.2f}x sip's {base.precision} at "
-                  f"{settings['steps']} steps", flush=True)
+            print(f"{base.precision:>5} batch {base.batch_size}: {r.rate:.3f} img/s = "
+                  f"{r.rate / naive.rate:.2f}x naive (fp32, {settings['steps']} steps), "
+                  f"{r.rate / base.rate:.2f}x sip's {base.precision} at {settings['steps']} steps", flush=True)
             out[f"{label}_lcm{steps}_{base.precision}_x"] = r.rate / naive.rate
     finally:
         pipe.scheduler = original

@@ -81,8 +81,8 @@ def kdeformer_config(attention: str, settings: dict | None, where: str) -> KDEfo
     settings = dict(settings or {})
     if attention == "exact":
         if settings:
-            raise ValueError(f"{where}.kdeformer is set but {where}.attention is exact; set {where}.attention: kdeformer "
-                             f"or remove {where}.kdeformer")
+            raise ValueError(f"{where}.kdeformer is set but {where}.attention is exact; set "
+                             f"{where}.attention: kdeformer or remove {where}.kdeformer")
         return None
     known = set(KDEformerConfig.__dataclass_fields__)
     if unknown := sorted(set(settings) - known):

@@ -58,6 +58,32 @@ def test_one_block_holding_every_key_is_exact_inside_the_estimator():
     assert torch.allclose(num / den, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
 
 
+def _masked_exact(q, k, v, scale=None):
+    n = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~torch.eye(n, dtype=torch.bool), scale=scale)
+
+
+def test_exclude_self_masks_the_diagonal_in_every_path():
+    """Locality Self-Attention's diagonal mask: the exact fallback, the exact block part and the sampled
+    part all leave out each query's own key, even when that key would dominate its row."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 128, 16, generator=g)
+    q, v = 3.0 * k, torch.randn(1, 2, 128, 16, generator=g)  # self-scores ~ 3 * 16 / 4 = 12: dominant
+    masked, unmasked = _masked_exact(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    covered = KDEformerConfig(num_samples=100, block_size=64, min_tokens=0)  # fallback
+    assert torch.allclose(kdeformer_attention(q, k, v, covered, exclude_self=True), masked, atol=1e-5)
+    num, den, _ = kde_attention_parts(q, k, v, KDEformerConfig(num_samples=4, block_size=128), exclude_self=True)
+    assert torch.allclose(num / den, masked, atol=1e-5)  # one block holds every key
+    sampled = KDEformerConfig(num_samples=20000, block_size=1, min_tokens=0)  # nearly all weight sampled
+    num, den, _ = kde_attention_parts(q, k, v, sampled, exclude_self=True)
+    err = lambda a: ((a - masked).norm() / masked.norm()).item()  # noqa: E731
+    assert err(num / den) < 0.15 and err(unmasked) > 0.5
+    num, den, _ = kde_attention_parts(q, k, v, sampled)  # the same samples without the mask: the diagonal leaks
+    assert err(num / den) > 0.5
+    with pytest.raises(ValueError, match="exclude_self needs self-attention"):
+        kdeformer_attention(q, k[:, :, :64], v[:, :, :64], sampled, exclude_self=True)
+
+
 def test_deterministic_under_a_seed_and_another_seed_differs():
     q, k, v = _peaked(1024)
     cfg = KDEformerConfig(num_samples=64, block_size=64, min_tokens=0)

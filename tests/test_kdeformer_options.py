@@ -65,12 +65,40 @@ def test_model_attention_kdeformer_swaps_timm_vit_attention_with_the_same_weight
     assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
 
 
-def test_model_attention_kdeformer_on_a_model_without_timm_attention_is_a_clear_error():
+def test_model_attention_kdeformer_swaps_sip_lsa_attention_and_keeps_its_outputs_below_the_threshold():
+    from sip.models.kdeformer_layers import KDEformerLocalitySelfAttention
     from sip.train.inputs import build_model
 
-    section = ModelSection(name="sip_vit_spt_lsa_tiny", patch_size=4, attention="kdeformer",
-                           kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
-    with pytest.raises(ValueError, match="has no timm Attention layer"):
+    kw = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    exact, _ = build_model(ModelSection(name="sip_vit_spt_lsa_tiny", patch_size=2, kwargs=kw), 5, 32)
+    with torch.no_grad():  # a trained-looking temperature (not the initial timm scale)
+        for m in exact.modules():
+            if hasattr(m, "log_temperature"):
+                m.log_temperature.fill_(-1.0)
+    state = exact.state_dict()
+    x = torch.randn(2, 3, 32, 32)  # 16 x 16 patches + 1 class token = 257 tokens
+    outputs = {}
+    for name, settings in (("below", {"min_tokens": 1024}), ("above", {"num_samples": 32, "block_size": 32,
+                                                                      "min_tokens": 0})):
+        section = ModelSection(name="sip_vit_spt_lsa_tiny", patch_size=2, kwargs=kw, attention="kdeformer",
+                               kdeformer=settings)
+        kde, _ = build_model(section, 5, 32)
+        kde.load_state_dict(state)
+        assert sum(isinstance(m, KDEformerLocalitySelfAttention) for m in kde.modules()) == 2
+        with torch.no_grad():
+            outputs[name] = kde.eval()(x)
+    with torch.no_grad():
+        ref = exact.eval()(x)
+    assert torch.allclose(outputs["below"], ref, atol=1e-5)  # exact path keeps LSA's mask and temperature
+    assert torch.isfinite(outputs["above"]).all() and not torch.allclose(outputs["above"], ref)
+
+
+def test_model_attention_kdeformer_on_a_model_without_attention_is_a_clear_error():
+    from sip.train.inputs import build_model
+
+    section = ModelSection(name="resnet10t", attention="kdeformer")
+    with pytest.raises(ValueError, match="has no attention layer to swap"):
         build_model(section, 10, 28)
     with pytest.raises(ValueError, match="model.attention must be one of"):
         ModelSection(attention="kde")

@@ -111,7 +111,8 @@ def _generator(config: KDEformerConfig, device: torch.device, salt: str) -> torc
 
 
 def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KDEformerConfig,
-                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None):
+                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                        exclude_self: bool = False):
     """The estimator's numerator, normaliser and per-query shift, in the queries' original order.
 
     ``out = num / den``; ``den · exp(shift)`` estimates ``D_i = Σ_j exp(q_i·k_j · scale)``.
@@ -121,6 +122,8 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
         config (KDEformerConfig): budget, hashing, seed.
         key_padding_mask (torch.Tensor, optional): ``(B, M)`` bool, True for keys to keep.
         scale (float, optional): score scale. Defaults to ``d ** -0.5``.
+        exclude_self (bool): self-attention with the diagonal masked (query ``i`` never sees key ``i``, as
+            in Locality Self-Attention); needs ``N == M``.
 
     Returns:
         tuple: ``num (B, H, N, d_v)``, ``den (B, H, N, 1)``, ``shift (B, H, N, 1)``.
@@ -148,6 +151,10 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     vmask = F.pad(valid_s, (0, pad_k), value=False).view(b, h, nb, 1, kb)
     s_block = (qb @ kbk.transpose(-2, -1)) * scale
     s_block = s_block.masked_fill(~vmask, float("-inf"))
+    if exclude_self:  # the diagonal: sorted query and sorted key with the same original index
+        q_id = F.pad(qo, (0, pad_q), value=-1).view(b, h, nb, bs, 1)
+        k_id = F.pad(ko, (0, pad_k), value=-2).view(b, h, nb, 1, kb)
+        s_block = s_block.masked_fill(q_id == k_id, float("-inf"))
     # 3. sampled part: keys by value norm mixed with uniform, over valid keys only
     vn = vs.float().pow(2).sum(-1)
     probs = (vn + vn.mean(-1, keepdim=True)).masked_fill(~valid_s, 0.0)
@@ -161,7 +168,9 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     q_block = torch.arange(n, device=dev) // bs  # block of each sorted query
     k_block = idx // kb  # block of each sampled (sorted) key
     inside = q_block[None, None, :, None] == k_block[:, :, None, :]
-    s_smp = s_smp.masked_fill(inside, float("-inf"))  # already counted exactly in the block part
+    if exclude_self:
+        inside = inside | (qo[..., :, None] == ko.gather(2, idx)[..., None, :])
+    s_smp = s_smp.masked_fill(inside, float("-inf"))  # already counted exactly in the block part (or the diagonal)
     # 4. combine with one shift per query
     blk_max = s_block.amax(-1).reshape(b, h, nb * bs)[..., :n]
     shift = torch.maximum(blk_max, s_smp.amax(-1)).unsqueeze(-1)
@@ -188,7 +197,8 @@ def estimate_normaliser(q: torch.Tensor, k: torch.Tensor, config: KDEformerConfi
 
 
 def kdeformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KDEformerConfig = KDEformerConfig(),
-                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                        key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                        exclude_self: bool = False) -> torch.Tensor:
     """Approximate ``softmax(q kᵀ · scale) v`` for ``(B, H, N, d)`` tensors (exact below the budget).
 
     Args:
@@ -196,13 +206,19 @@ def kdeformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
         config (KDEformerConfig): sample budget, block size, hashing, seed. Defaults to the defaults.
         key_padding_mask (torch.Tensor, optional): ``(B, M)`` bool, True where a key may be attended.
         scale (float, optional): defaults to ``d ** -0.5``.
+        exclude_self (bool): mask the diagonal (query ``i`` never attends key ``i``; Locality Self-Attention).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be (batch, heads, tokens, dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    m = k.shape[-2]
-    if q.shape[-2] < config.min_tokens or config.num_samples + config.block_size >= m:
+    n, m = q.shape[-2], k.shape[-2]
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self needs self-attention (as many queries as keys), got {n} queries, {m} keys")
+    if n < config.min_tokens or config.num_samples + config.block_size >= m:
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if exclude_self:
+            eye = torch.eye(n, dtype=torch.bool, device=q.device)
+            mask = ~eye if mask is None else mask & ~eye
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    num, den, _ = kde_attention_parts(q, k, v, config, key_padding_mask, scale)
+    num, den, _ = kde_attention_parts(q, k, v, config, key_padding_mask, scale, exclude_self)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)

@@ -13,6 +13,7 @@ import torch
 from timm.layers import Attention
 
 from sip.models.kdeformer import KDEformerConfig, kdeformer_attention
+from sip.models.vit_small_data import LocalitySelfAttention
 
 
 class KDEformerAttention(Attention):
@@ -43,18 +44,42 @@ class KDEformerAttention(Attention):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
+class KDEformerLocalitySelfAttention(LocalitySelfAttention):
+    """Locality Self-Attention (learned temperature, diagonal masked) with KDEformer's estimate: the
+    temperature scales the queries and the estimator excludes each query's own key."""
+
+    def __init__(self, dim: int, num_heads: int = 8, kdeformer: KDEformerConfig | dict | None = None, **kwargs):
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        if isinstance(kdeformer, dict):
+            kdeformer = KDEformerConfig(**kdeformer)
+        self.kdeformer = kdeformer or KDEformerConfig()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("KDEformerLocalitySelfAttention supports unmasked bidirectional attention only")
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = kdeformer_attention(q * self.temperature.to(q.dtype), k, v, self.kdeformer, scale=1.0, exclude_self=True)
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+_SWAPS = {Attention: KDEformerAttention, LocalitySelfAttention: KDEformerLocalitySelfAttention}
+
+
 def use_kdeformer_in_vit(model: torch.nn.Module, config: KDEformerConfig) -> int:
-    """Swap every timm ``Attention`` of a trained ViT for a :class:`KDEformerAttention` with the same
-    weights (for evaluating a model trained with exact attention); layers swapped before get the new
-    config. Returns how many layers use ``config`` now."""
+    """Swap every timm ``Attention`` (and sip's Locality Self-Attention) of a trained ViT for its KDEformer
+    version with the same weights (for evaluating a model trained with exact attention); layers swapped
+    before get the new config. Returns how many layers use ``config`` now."""
     swapped = 0
     for module in model.modules():
         for name, child in list(module.named_children()):
-            if isinstance(child, KDEformerAttention):
+            if isinstance(child, (KDEformerAttention, KDEformerLocalitySelfAttention)):
                 child.kdeformer = config
                 swapped += 1
-            elif type(child) is Attention:
-                new = KDEformerAttention.__new__(KDEformerAttention)
+            elif type(child) in _SWAPS:
+                new = _SWAPS[type(child)].__new__(_SWAPS[type(child)])
                 new.__dict__.update(child.__dict__)
                 new.kdeformer = config
                 setattr(module, name, new)

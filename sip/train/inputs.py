@@ -61,8 +61,8 @@ def build_model(section: ModelSection, num_classes: int, img_size: int | None) -
         load_weights(model, state, section.checkpoint)
     if (kde := kdeformer_config(section.attention, section.kdeformer, "model")) is not None:
         if not use_kdeformer_in_vit(model, kde):  # same weights: the swap changes the forward only
-            raise ValueError(f"model.attention: kdeformer but {section.name!r} has no timm Attention layer to swap "
-                             f"(sip's LSA ViTs and convolutional models keep their own); use a timm ViT / DeiT or "
+            raise ValueError(f"model.attention: kdeformer but {section.name!r} has no attention layer to swap "
+                             f"(timm Attention or sip's Locality Self-Attention); use a ViT / DeiT or "
                              f"model.attention: exact")
     return model, kwargs
 

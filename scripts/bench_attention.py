@@ -71,13 +71,14 @@ def attention_table(lengths, budgets, repeats: int) -> list[dict]:
         for n in lengths:
             q, k, v = make_inputs(kind, n)
             t_exact, exact = timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-            for samples, block in budgets:
-                cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0)
+            for samples, block, shared in budgets:
+                cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, shared_samples=shared)
                 t_kde, approx = timed(lambda: kdeformer_attention(q, k, v, cfg), repeats)
-                row = {"inputs": kind, "tokens": n, "samples": samples, "block": block, "exact_s": t_exact,
-                       "kde_s": t_kde, "speedup": t_exact / t_kde, **errors(approx, exact, v)}
+                row = {"inputs": kind, "tokens": n, "samples": samples, "block": block, "shared": shared,
+                       "exact_s": t_exact, "kde_s": t_kde, "speedup": t_exact / t_kde, **errors(approx, exact, v)}
                 rows.append(row)
-                print(f"{kind:8s} N={n:6d} S={samples:5d} b={block:4d}  exact {t_exact * 1e3:8.1f} ms  "
+                print(f"{kind:8s} N={n:6d} S={samples:5d} b={block:4d} {'shared' if shared else 'blocks'}  "
+                      f"exact {t_exact * 1e3:8.1f} ms  "
                       f"kde {t_kde * 1e3:8.1f} ms  ×{row['speedup']:5.2f}  rel_fro {row['rel_fro']:.3f}  "
                       f"rel_spec {row['rel_spec']:.3f}  err/‖V‖ {row['spec_over_V']:.4f}", flush=True)
     return rows
@@ -120,16 +121,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
-    budgets = [(256, 128), (1024, 256)]
+    # (samples, block, one shared sample set): the default per-block sampling at two budgets, and the first
+    # version's shared samples at the small budget (same cost, larger spectral error)
+    budgets = [(256, 128, False), (512, 128, False), (256, 128, True)]
     rows = attention_table(lengths, budgets, 1 if args.quick else 3)
     if args.profile:
-        profile_kde(lengths[-1], *budgets[0])
+        profile_kde(lengths[-1], *budgets[0][:2])
     summary = {"threads": torch.get_num_threads()}
     longest = [r for r in rows if r["tokens"] == lengths[-1]]
     for r in longest:
-        summary[f"{r['inputs']}_N{r['tokens']}_S{r['samples']}"] = {k: round(r[k], 4) for k in
+        summary[f"{r['inputs']}_N{r['tokens']}_S{r['samples']}{'_shared' if r['shared'] else ''}"] = {k: round(r[k], 4) for k in
                                                                     ("speedup", "rel_fro", "rel_spec", "spec_over_V")}
-    cross = [r["tokens"] for r in rows if r["inputs"] == "peaked" and r["samples"] == budgets[0][0] and r["speedup"] > 1]
+    cross = [r["tokens"] for r in rows if r["inputs"] == "peaked" and r["samples"] == budgets[0][0]
+             and not r["shared"] and r["speedup"] > 1]
     summary["crossover_tokens_at_S256"] = min(cross) if cross else None
     if args.unet:
         cfg = KDEformerConfig(num_samples=256, block_size=128, min_tokens=2048)

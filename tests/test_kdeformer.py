@@ -84,6 +84,22 @@ def test_exclude_self_masks_the_diagonal_in_every_path():
         kdeformer_attention(q, k[:, :, :64], v[:, :, :64], sampled, exclude_self=True)
 
 
+def test_per_block_samples_spread_the_error_instead_of_stacking_it_in_one_direction():
+    """Diffuse attention (i.i.d. q, k, v): one shared sample set gives every query the same error, a
+    rank-one error matrix whose spectral norm is ~√(d/S)·‖V‖; independent samples per block shrink it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 2048, 64, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+
+    def spectral_error(shared: bool) -> float:
+        cfg = KDEformerConfig(num_samples=64, block_size=64, min_tokens=0, shared_samples=shared)
+        diff = kdeformer_attention(q, k, v, cfg) - exact
+        return (torch.linalg.matrix_norm(diff[0, 0], ord=2) / torch.linalg.matrix_norm(v[0, 0], ord=2)).item()
+
+    shared, per_block = spectral_error(True), spectral_error(False)
+    assert per_block < 0.5 * shared, (per_block, shared)
+
+
 def test_deterministic_under_a_seed_and_another_seed_differs():
     q, k, v = _peaked(1024)
     cfg = KDEformerConfig(num_samples=64, block_size=64, min_tokens=0)

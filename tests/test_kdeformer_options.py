@@ -109,3 +109,26 @@ def test_kdeformer_config_reads_the_recipe_keys():
     assert kdeformer_config("kdeformer", {}, "model") == KDEformerConfig()
     assert kdeformer_config("kdeformer", {"num_samples": 64, "seed": 3}, "generate") == KDEformerConfig(
         num_samples=64, seed=3)
+
+
+def test_eval_script_compares_on_copies_and_leaves_the_trained_model_exact():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.eval_kdeformer_vit import compare, token_count
+    from sip.models.classifiers import create_model
+    from sip.models.vit_small_data import LocalitySelfAttention
+
+    torch.manual_seed(0)
+    model = create_model("sip_vit_spt_lsa_tiny", {"num_classes": 4, "img_size": 16, "patch_size": 2,
+                                                  "embed_dim": 32, "depth": 1, "num_heads": 2}).eval()
+    assert token_count(model) == 65
+    batches = [{"image": torch.randn(8, 3, 16, 16), "label": torch.randint(0, 4, (8,))} for _ in range(2)]
+    rows = compare(model, batches, [(16, 8)])
+    with torch.no_grad():
+        logits = torch.cat([model(b["image"]) for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert rows[0]["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    assert rows[1]["logit_rel_diff"] > 0 and rows[1]["drop"] == pytest.approx(rows[0]["top1"] - rows[1]["top1"])
+    assert sum(type(m) is LocalitySelfAttention for m in model.modules()) == 1  # the swap happened on a copy

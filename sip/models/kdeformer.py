@@ -116,6 +116,14 @@ def _generator(config: KDEformerConfig, device: torch.device, salt: str) -> torc
     return g
 
 
+def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, h, idx[b, h, j]]`` for ``t (B, H, M, D)``, ``idx (B, H, K)`` → ``(B, H, K, D)``: one
+    ``index_select`` of whole rows (much faster on CPU than ``gather`` with an expanded index)."""
+    b, h, m, dd = t.shape
+    offsets = (torch.arange(b * h, device=t.device) * m).view(b, h, 1)
+    return t.reshape(b * h * m, dd).index_select(0, (idx + offsets).reshape(-1)).view(b, h, -1, dd)
+
+
 def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KDEformerConfig,
                         key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                         exclude_self: bool = False):
@@ -143,9 +151,7 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     # 1. sort queries and keys by LSH bucket (shared projections so similar q and k land together)
     proj = torch.randn(d, config.n_hashes, generator=_generator(config, dev, "proj"), device=dev).to(dtype)
     qo, ko = lsh_order(q, proj), lsh_order(k, proj)
-    qs = q.gather(2, qo[..., None].expand(-1, -1, -1, d))
-    ks = k.gather(2, ko[..., None].expand(-1, -1, -1, d))
-    vs = v.gather(2, ko[..., None].expand(-1, -1, -1, v.shape[-1]))
+    qs, ks, vs = _take_rows(q * scale, qo), _take_rows(k, ko), _take_rows(v, ko)  # scale folded into q once
     valid = torch.ones(b, 1, m, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask[:, None]
     valid_s = valid.expand(b, h, m).gather(2, ko)
     # 2. exact block-diagonal part: query block i × key block i (keys split into nb equal-as-possible blocks)
@@ -155,8 +161,9 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     kbk = F.pad(ks, (0, 0, 0, pad_k)).view(b, h, nb, kb, d)
     vbk = F.pad(vs, (0, 0, 0, pad_k)).view(b, h, nb, kb, v.shape[-1])
     vmask = F.pad(valid_s, (0, pad_k), value=False).view(b, h, nb, 1, kb)
-    s_block = (qb @ kbk.transpose(-2, -1)) * scale
-    s_block = s_block.masked_fill(~vmask, float("-inf"))
+    s_block = qb @ kbk.transpose(-2, -1)
+    if key_padding_mask is not None or pad_k:
+        s_block = s_block.masked_fill(~vmask, float("-inf"))
     q_id = F.pad(qo, (0, pad_q), value=-1).view(b, h, nb, bs, 1)  # original index of each sorted query
     if exclude_self:  # the diagonal: sorted query and sorted key with the same original index
         k_id = F.pad(ko, (0, pad_k), value=-2).view(b, h, nb, 1, kb)
@@ -170,27 +177,27 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     groups, s = (1 if config.shared_samples else nb), config.num_samples
     idx = torch.multinomial(probs.reshape(-1, m), groups * s, replacement=True,
                             generator=_generator(config, dev, f"samples-{n}-{m}")).view(b, h, groups * s)
-    k_smp = ks.gather(2, idx[..., None].expand(-1, -1, -1, d)).view(b, h, groups, s, d)
-    v_smp = vs.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).view(b, h, groups, s, -1)
+    k_smp = _take_rows(ks, idx).view(b, h, groups, s, d)
+    v_smp = _take_rows(vs, idx).view(b, h, groups, s, -1)
     w_smp = (1.0 / (s * probs.gather(2, idx))).view(b, h, groups, 1, s)
-    s_smp = (qb @ k_smp.transpose(-2, -1)) * scale  # (B, H, nb, bs, S)
+    # a sample inside the query's own block is already counted exactly: weight 0 (its score is also in that
+    # block, so it may stay in the shift's maximum)
     inside = (idx.view(b, h, groups, 1, s) // kb) == torch.arange(nb, device=dev).view(nb, 1, 1)
-    if exclude_self:
-        inside = inside | (q_id == ko.gather(2, idx).view(b, h, groups, 1, s))
-    s_smp = s_smp.masked_fill(inside, float("-inf"))  # already counted exactly in the block part (or the diagonal)
+    w_smp = w_smp.masked_fill(inside, 0.0).to(dtype)  # (B, H, G or nb, 1, S): small
+    s_smp = qb @ k_smp.transpose(-2, -1)  # (B, H, nb, bs, S)
+    if exclude_self:  # the query's own key must not even enter the maximum (it may dominate its row)
+        s_smp = s_smp.masked_fill(q_id == ko.gather(2, idx).view(b, h, groups, 1, s), float("-inf"))
     # 4. combine with one shift per query
     shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1)  # (B, H, nb, bs, 1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     e_block = torch.exp(s_block - shift)
-    e_smp = torch.exp(s_smp - shift) * w_smp.to(dtype)
+    e_smp = torch.exp(s_smp - shift) * w_smp
     flat = lambda t: t.reshape(b, h, nb * bs, t.shape[-1])[:, :, :n]  # noqa: E731
     num = flat(e_block @ vbk + e_smp @ v_smp)
     den = flat(e_block.sum(-1, keepdim=True) + e_smp.sum(-1, keepdim=True))
-    shift = flat(shift)
-    # 5. back to the queries' original order
-    inv = torch.argsort(qo, dim=-1)
-    unsort = lambda t: t.gather(2, inv[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-    return unsort(num), unsort(den), unsort(shift)
+    # 5. back to the queries' original order (one row gather for all three)
+    out = _take_rows(torch.cat([num, den, flat(shift)], -1), torch.argsort(qo, dim=-1))
+    return out[..., :-2], out[..., -2:-1], out[..., -1:]
 
 
 def estimate_normaliser(q: torch.Tensor, k: torch.Tensor, config: KDEformerConfig, scale: float | None = None,

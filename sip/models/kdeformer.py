@@ -151,15 +151,19 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     # 1. sort queries and keys by LSH bucket (shared projections so similar q and k land together)
     proj = torch.randn(d, config.n_hashes, generator=_generator(config, dev, "proj"), device=dev).to(dtype)
     qo, ko = lsh_order(q, proj), lsh_order(k, proj)
-    qs, ks, vs = _take_rows(q * scale, qo), _take_rows(k, ko), _take_rows(v, ko)  # scale folded into q once
+    dv = v.shape[-1]
+    qs = _take_rows(q * scale, qo)  # the scale folded into the queries once
+    # keys, values and a ones column side by side: one gather, and one matmul gives numerator and normaliser
+    kv = _take_rows(torch.cat([k, v, torch.ones_like(v[..., :1])], -1), ko)
+    ks, vs = kv[..., :d], kv[..., d:d + dv]
     valid = torch.ones(b, 1, m, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask[:, None]
     valid_s = valid.expand(b, h, m).gather(2, ko)
     # 2. exact block-diagonal part: query block i × key block i (keys split into nb equal-as-possible blocks)
     kb = math.ceil(m / nb)
     pad_q, pad_k = nb * bs - n, nb * kb - m
     qb = F.pad(qs, (0, 0, 0, pad_q)).view(b, h, nb, bs, d)
-    kbk = F.pad(ks, (0, 0, 0, pad_k)).view(b, h, nb, kb, d)
-    vbk = F.pad(vs, (0, 0, 0, pad_k)).view(b, h, nb, kb, v.shape[-1])
+    kvb = F.pad(kv, (0, 0, 0, pad_k)).view(b, h, nb, kb, d + dv + 1)
+    kbk, vbk = kvb[..., :d], kvb[..., d:]
     vmask = F.pad(valid_s, (0, pad_k), value=False).view(b, h, nb, 1, kb)
     s_block = qb @ kbk.transpose(-2, -1)
     if key_padding_mask is not None or pad_k:
@@ -175,29 +179,28 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     probs = (vn + vn.mean(-1, keepdim=True)).masked_fill(~valid_s, 0.0)
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
     groups, s = (1 if config.shared_samples else nb), config.num_samples
-    idx = torch.multinomial(probs.reshape(-1, m), groups * s, replacement=True,
-                            generator=_generator(config, dev, f"samples-{n}-{m}")).view(b, h, groups * s)
-    k_smp = _take_rows(ks, idx).view(b, h, groups, s, d)
-    v_smp = _take_rows(vs, idx).view(b, h, groups, s, -1)
-    w_smp = (1.0 / (s * probs.gather(2, idx))).view(b, h, groups, 1, s)
+    cdf = probs.double().cumsum(-1)
+    cdf = cdf / cdf[..., -1:].clamp_min(1e-300)  # ends at exactly 1: u < 1 never runs past the last valid key
+    u = torch.rand(b, h, groups * s, generator=_generator(config, dev, f"samples-{n}-{m}"), device=dev,
+                   dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)  # inverse-CDF draws, with replacement
+    kv_smp = _take_rows(kv, idx).view(b, h, groups, s, d + dv + 1)
+    w_smp = (1.0 / (s * probs.gather(2, idx))).view(b, h, groups, s, 1)
     # a sample inside the query's own block is already counted exactly: weight 0 (its score is also in that
-    # block, so it may stay in the shift's maximum)
-    inside = (idx.view(b, h, groups, 1, s) // kb) == torch.arange(nb, device=dev).view(nb, 1, 1)
-    w_smp = w_smp.masked_fill(inside, 0.0).to(dtype)  # (B, H, G or nb, 1, S): small
-    s_smp = qb @ k_smp.transpose(-2, -1)  # (B, H, nb, bs, S)
+    # block, so it may stay in the shift's maximum); the weights scale the values and the ones column
+    inside = (idx.view(b, h, groups, s, 1) // kb) == torch.arange(nb, device=dev).view(nb, 1, 1)
+    v_smp = kv_smp[..., d:] * w_smp.masked_fill(inside, 0.0).to(dtype)  # (B, H, nb, S, dv + 1)
+    s_smp = qb @ kv_smp[..., :d].transpose(-2, -1)  # (B, H, nb, bs, S)
     if exclude_self:  # the query's own key must not even enter the maximum (it may dominate its row)
         s_smp = s_smp.masked_fill(q_id == ko.gather(2, idx).view(b, h, groups, 1, s), float("-inf"))
     # 4. combine with one shift per query
     shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1)  # (B, H, nb, bs, 1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    e_block = torch.exp(s_block - shift)
-    e_smp = torch.exp(s_smp - shift) * w_smp
-    flat = lambda t: t.reshape(b, h, nb * bs, t.shape[-1])[:, :, :n]  # noqa: E731
-    num = flat(e_block @ vbk + e_smp @ v_smp)
-    den = flat(e_block.sum(-1, keepdim=True) + e_smp.sum(-1, keepdim=True))
-    # 5. back to the queries' original order (one row gather for all three)
-    out = _take_rows(torch.cat([num, den, flat(shift)], -1), torch.argsort(qo, dim=-1))
-    return out[..., :-2], out[..., -2:-1], out[..., -1:]
+    both = s_block.sub_(shift).exp_() @ vbk + s_smp.sub_(shift).exp_() @ v_smp  # (…, dv + 1): num | den
+    # 5. back to the queries' original order (one row gather for numerator, normaliser and shift)
+    out = _take_rows(torch.cat([both, shift], -1).reshape(b, h, nb * bs, dv + 2)[:, :, :n],
+                     torch.argsort(qo, dim=-1))
+    return out[..., :dv], out[..., dv:dv + 1], out[..., dv + 1:]
 
 
 def estimate_normaliser(q: torch.Tensor, k: torch.Tensor, config: KDEformerConfig, scale: float | None = None,

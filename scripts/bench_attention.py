@@ -56,6 +56,19 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
     return best, out
 
 
+def timed_together(fns: list, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Best wall time of each function, the repeats interleaved (exact, way 1, way 2, …, exact, …) so a
+    slow spell of this shared VM hits every way alike; and each function's output."""
+    outs = [fn() for fn in fns]  # warm-up
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best, outs
+
+
 def errors(approx: torch.Tensor, exact: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
     diff = approx - exact
     fro = (diff.norm() / exact.norm()).item()
@@ -70,10 +83,13 @@ def attention_table(lengths, budgets, repeats: int) -> list[dict]:
     for kind in ("peaked", "diffuse"):
         for n in lengths:
             q, k, v = make_inputs(kind, n)
-            t_exact, exact = timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-            for samples, block, shared in budgets:
-                cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, shared_samples=shared)
-                t_kde, approx = timed(lambda: kdeformer_attention(q, k, v, cfg), repeats)
+            cfgs = [KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, shared_samples=shared)
+                    for samples, block, shared in budgets]
+            fns = [lambda: F.scaled_dot_product_attention(q, k, v)]
+            fns += [lambda cfg=cfg: kdeformer_attention(q, k, v, cfg) for cfg in cfgs]
+            times, outs = timed_together(fns, repeats)
+            t_exact, exact = times[0], outs[0]
+            for (samples, block, shared), t_kde, approx in zip(budgets, times[1:], outs[1:]):
                 row = {"inputs": kind, "tokens": n, "samples": samples, "block": block, "shared": shared,
                        "exact_s": t_exact, "kde_s": t_kde, "speedup": t_exact / t_kde, **errors(approx, exact, v)}
                 rows.append(row)
@@ -121,17 +137,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384]
-    # (samples, block, one shared sample set): the default per-block sampling at two budgets, and the first
+    # (samples, block, one shared sample set): the default per-block sampling at three budgets, and the first
     # version's shared samples at the small budget (same cost, larger spectral error)
-    budgets = [(256, 128, False), (512, 128, False), (256, 128, True)]
-    rows = attention_table(lengths, budgets, 1 if args.quick else 3)
+    budgets = [(256, 128, False), (384, 128, False), (512, 128, False), (256, 128, True)]
+    rows = attention_table(lengths, budgets, 1 if args.quick else 5)
     if args.profile:
         profile_kde(lengths[-1], *budgets[0][:2])
     summary = {"threads": torch.get_num_threads()}
     longest = [r for r in rows if r["tokens"] == lengths[-1]]
     for r in longest:
-        summary[f"{r['inputs']}_N{r['tokens']}_S{r['samples']}{'_shared' if r['shared'] else ''}"] = {k: round(r[k], 4) for k in
-                                                                    ("speedup", "rel_fro", "rel_spec", "spec_over_V")}
+        key = f"{r['inputs']}_N{r['tokens']}_S{r['samples']}{'_shared' if r['shared'] else ''}"
+        summary[key] = {k: round(r[k], 4) for k in ("speedup", "rel_fro", "rel_spec", "spec_over_V")}
+    for kind in ("peaked", "diffuse"):  # the issue's target: >= 4x at the longest length with error <= 0.1
+        ok = [r for r in longest if r["inputs"] == kind and r["spec_over_V"] <= 0.1]
+        best = max(ok, key=lambda r: r["speedup"]) if ok else None
+        met = best is not None and best["speedup"] >= 4
+        print(f"target {kind} N={lengths[-1]}: >= 4x with err/‖V‖ <= 0.1: "
+              + (f"fastest such budget S={best['samples']} ×{best['speedup']:.2f} ({'met' if met else 'missed'})"
+                 if best else "no budget reaches err/‖V‖ <= 0.1 (missed)"))
+        summary[f"target_{kind}"] = {"met": met, "samples": best and best["samples"],
+                                     "speedup": best and round(best["speedup"], 3)}
     cross = [r["tokens"] for r in rows if r["inputs"] == "peaked" and r["samples"] == budgets[0][0]
              and not r["shared"] and r["speedup"] > 1]
     summary["crossover_tokens_at_S256"] = min(cross) if cross else None

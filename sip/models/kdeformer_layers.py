@@ -16,7 +16,25 @@ from sip.models.kdeformer import KDEformerConfig, kdeformer_attention
 from sip.models.vit_small_data import LocalitySelfAttention
 
 
-class KDEformerAttention(Attention):
+def _as_config(kdeformer: KDEformerConfig | dict | None) -> KDEformerConfig:
+    return KDEformerConfig(**kdeformer) if isinstance(kdeformer, dict) else kdeformer or KDEformerConfig()
+
+
+class _KDEformerForward:
+    """The forward both KDEformer layers share (timm's: qkv, q/k norms, attention, norm, projection), with
+    the attention itself left to ``_attend``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(f"{type(self).__name__} supports unmasked bidirectional attention only")
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = self._attend(self.q_norm(q), self.k_norm(k), v)
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class KDEformerAttention(_KDEformerForward, Attention):
     """timm ``Attention`` whose softmax attention is KDEformer's estimate (ViT ``attn_layer``).
 
     Args:
@@ -29,40 +47,24 @@ class KDEformerAttention(Attention):
     def __init__(self, dim: int, num_heads: int = 8, kdeformer: KDEformerConfig | dict | None = None, **kwargs):
         kwargs.pop("depth", None)
         super().__init__(dim, num_heads=num_heads, **kwargs)
-        if isinstance(kdeformer, dict):
-            kdeformer = KDEformerConfig(**kdeformer)
-        self.kdeformer = kdeformer or KDEformerConfig()
+        self.kdeformer = _as_config(kdeformer)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("KDEformerAttention supports unmasked bidirectional attention only")
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = kdeformer_attention(q, k, v, self.kdeformer, scale=self.scale)
-        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kdeformer_attention(q, k, v, self.kdeformer, scale=self.scale)
 
 
-class KDEformerLocalitySelfAttention(LocalitySelfAttention):
+class KDEformerLocalitySelfAttention(_KDEformerForward, LocalitySelfAttention):
     """Locality Self-Attention (learned temperature, diagonal masked) with KDEformer's estimate: the
-    temperature scales the queries and the estimator excludes each query's own key."""
+    temperature scales the queries and the estimator excludes each query's own key. Arguments as
+    :class:`KDEformerAttention`."""
 
     def __init__(self, dim: int, num_heads: int = 8, kdeformer: KDEformerConfig | dict | None = None, **kwargs):
         super().__init__(dim, num_heads=num_heads, **kwargs)
-        if isinstance(kdeformer, dict):
-            kdeformer = KDEformerConfig(**kdeformer)
-        self.kdeformer = kdeformer or KDEformerConfig()
+        self.kdeformer = _as_config(kdeformer)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("KDEformerLocalitySelfAttention supports unmasked bidirectional attention only")
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = kdeformer_attention(q * self.temperature.to(q.dtype), k, v, self.kdeformer, scale=1.0, exclude_self=True)
-        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kdeformer_attention(q * self.temperature.to(q.dtype), k, v, self.kdeformer, scale=1.0,
+                                   exclude_self=True)
 
 
 _SWAPS = {Attention: KDEformerAttention, LocalitySelfAttention: KDEformerLocalitySelfAttention}

@@ -7,8 +7,10 @@ sip: ``DiffusionGenerator.img2img`` in batches (each distinct source VAE-encoded
 variants, each distinct prompt encoded once, batched UNet/VAE), over a sweep of its options
 (batch size, ``channels_last``, precision fp32 / bf16 autocast). On the shipped model it also runs
 ``generate.cache_interval`` 1/2/3 × ``generate.token_merge_ratio`` 0/0.5 side by side
-(``scripts/bench/unet_speedups.py``: images/s and how far each moves the images). Both paths use the same pipeline
-object, the same sources, prompts, per-image seeds, steps, strength and guidance.
+(``scripts/bench/unet_speedups.py``: images/s and how far each moves the images); on the SD 1.5 model, sip's
+fastest settings again with DeepCache / ToMe, with few-step sampling, and with bf16 *weights* (``generate.dtype:
+bfloat16``) against bf16 autocast. Both paths use the same pipeline object, the same sources, prompts, per-image
+seeds, steps, strength and guidance.
 
 Two models:
 
@@ -62,7 +64,12 @@ from scripts.bench.img2img_runs import (
     sip_img2img,
 )
 from scripts.bench.machine import count_flops, cpu_flags, matmul_peak
-from scripts.bench.unet_speedups import bench_few_step, bench_unet_speedups, bench_work_options
+from scripts.bench.unet_speedups import (
+    bench_bf16_weights,
+    bench_few_step,
+    bench_unet_speedups,
+    bench_work_options,
+)
 from sip.augment.loop import Job
 from sip.models.diffusion import SHIPPED_MODELS_DIR
 from sip.runtime import cpu_has_amx
@@ -235,6 +242,8 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     exact = [sd["best_fp32"], *([sd["bf16"]] if "bf16" in sd else [])]  # sip's fastest run of each precision
     work_runs = bench_work_options(pipe, jobs, settings, size, exact, sd["naive"])
     work_runs.update(bench_few_step(pipe, jobs, settings, size, exact, sd["naive"]))
+    if "bf16" in sd:  # the "bf16 weights vs autocast", at sip's fastest bf16 setting
+        work_runs.update(bench_bf16_weights(pipe, jobs, settings, size, sd["bf16"], sd["naive"], flops, peaks))
     fraction = sd["best_stage"]["unet_peak_fraction"]
     met = "met" if sd["speedup"] >= 4 else "NOT met"
     print("\nverdict (sd15):")

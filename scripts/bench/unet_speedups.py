@@ -161,3 +161,34 @@ def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list
     finally:
         pipe.scheduler = original
     return out
+
+
+def bench_bf16_weights(pipe, jobs: list[Job], settings: dict, size: int, autocast_run, naive, flops: dict,
+                       peaks: dict, label: str = "sd15") -> dict:
+    """bf16 weights (``generate.dtype: bfloat16``: every network stored in bf16, no autocast, so no per-call casts
+    of fp32 weights) against sip's bf16-autocast run ``autocast_run`` at the same batch and memory format, on the
+    same jobs: images/s and the UNet's FLOP/s as a fraction of the bf16 matmul peak."""
+    import copy
+
+    import torch
+
+    from .img2img_report import stage_row
+    from .img2img_runs import run_sip
+
+    twin = copy.deepcopy(pipe).to(torch.bfloat16)
+    try:
+        r = run_sip(twin, jobs[: len(autocast_run.images)], settings, size, "", f"{label} bf16 weights",
+                    autocast_run.batch_size, autocast_run.channels_last, "fp32", warmup=True)
+    finally:
+        del twin
+    r.precision = "bf16"  # measured against the bf16 peak
+    a, w = stage_row(autocast_run, flops, peaks), stage_row(r, flops, peaks)
+    mean = _diff(r.images, autocast_run.images)[0]
+    print(f"\n## {label}: bf16 weights vs bf16 autocast (batch {r.batch_size}, channels_last={r.channels_last})")
+    for name, run, s in (("autocast", autocast_run, a), ("weights", r, w)):
+        print(f"  bf16 {name:<8} {run.rate:.3f} img/s = {run.rate / naive.rate:.2f}x naive; UNet "
+              f"{s['unet_gflops']:.1f} GFLOP/s = {100 * s['unet_peak_fraction']:.1f}% of the bf16 peak", flush=True)
+    print(f"  (bf16 weights / autocast: {r.rate / autocast_run.rate:.2f}x the images/s; the images differ by "
+          f"{mean:.2f} grey levels on average: the weights themselves are rounded to bf16)")
+    return {f"{label}_bf16_weights_x": r.rate / naive.rate, f"{label}_bf16_weights_vs_autocast": r.rate /
+            autocast_run.rate, f"{label}_bf16_weights_unet_peak_fraction": w["unet_peak_fraction"]}

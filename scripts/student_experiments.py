@@ -5,6 +5,7 @@ Markdown table of full-test-set top-1 (mean ± std over data draws) and, last, o
 
     python scripts/student_experiments.py --jobs 2                        # every arm, draws 0 1 2
     python scripts/student_experiments.py --only cnn_sip cnn_real --draws 0 1
+    python scripts/student_experiments.py --report --only vit_sip vit_real   # finished runs only, start none
 
 Needs (made once; commands in each recipe's header):
     runs/fmnist_teacher_strong      sip train pipelines/fmnist_teacher_strong.yaml
@@ -69,11 +70,14 @@ def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
     return cli, out
 
 
-def run_one(arm: str, draw: int, args) -> dict:
+def run_one(arm: str, draw: int, args) -> dict | None:
     cli, out = command(arm, draw, args)
     done = out / "final_metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if args.report:
+        print(f"  {arm} draw {draw}: not finished ({out})", flush=True)
+        return None
     print("sip " + shlex.join(cli), flush=True)
     t0 = time.time()
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--synthetic", default="runs/fmnist-synth-1k")
     p.add_argument("--augmented", default="runs/fmnist-aug", help="prefix: <prefix>-<draw> per data draw")
     p.add_argument("--set", action="append", default=[], help="an override for every run")
+    p.add_argument("--report", action="store_true", help="tabulate the finished runs only; start none")
     args = p.parse_args()
 
     work = [(arm, d) for d in args.draws for arm in args.only]
@@ -111,22 +116,27 @@ def main() -> None:
         results = dict(zip(work, pool.map(lambda w: run_one(*w, args), work)))
     rows, summary = [], {}
     for arm in args.only:
-        tops = [results[(arm, d)]["top1"] for d in args.draws]
-        summary[arm] = {"mean": round(statistics.mean(tops), 2), "runs": [round(t, 2) for t in tops],
+        draws = [d for d in args.draws if results[(arm, d)]]
+        tops = [results[(arm, d)]["top1"] for d in draws]
+        if not tops:
+            continue
+        summary[arm] = {"mean": round(statistics.mean(tops), 2), "runs": [round(t, 2) for t in tops], "draws": draws,
                         "std": round(statistics.stdev(tops), 2) if len(tops) > 1 else None}
-        rows.append(f"| {arm} | {mean_std(tops)} | {', '.join(f'{t:.2f}' for t in tops)} |")
-    print("\n| arm | test top-1 % (mean ± std) | runs (draw " + " ".join(map(str, args.draws)) + ") |")
+        rows.append(f"| {arm} | {mean_std(tops)} | {', '.join(f'{t:.2f} (d{d})' for t, d in zip(tops, draws))} |")
+    print("\n| arm | test top-1 % (mean ± std) | runs (data draw) |")
     print("|---|---|---|")
     print("\n".join(rows))
     paired = {}
     for a, b in PAIRS:
-        if a in args.only and b in args.only and len(args.draws) > 1:
-            diffs = [results[(a, d)]["top1"] - results[(b, d)]["top1"] for d in args.draws]
+        both = [d for d in args.draws if a in args.only and b in args.only and results[(a, d)] and results[(b, d)]]
+        if len(both) > 1:
+            diffs = [results[(a, d)]["top1"] - results[(b, d)]["top1"] for d in both]
             mean, std = statistics.mean(diffs), statistics.stdev(diffs)
             se = std / len(diffs) ** 0.5
             paired[f"{a} - {b}"] = {"diffs": [round(x, 2) for x in diffs], "mean": round(mean, 2), "std": round(std, 2),
                                     "se": round(se, 2), "mean_over_se": round(mean / se, 2) if se else None}
-            print(f"{a} - {b}, paired by draw: {', '.join(f'{x:+.2f}' for x in diffs)}; mean {mean:+.2f}, "
+            print(f"{a} - {b}, paired by draw ({' '.join(map(str, both))}): {', '.join(f'{x:+.2f}' for x in diffs)}; "
+                  f"mean {mean:+.2f}, "
                   f"std {std:.2f}, standard error {se:.2f} (mean = {mean / se if se else float('inf'):.1f} SE)")
     print(json.dumps({**summary, "paired": paired}))
 

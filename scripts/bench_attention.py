@@ -46,16 +46,6 @@ def make_inputs(kind: str, n: int, d: int = 64, heads: int = 2, seed: int = 0):
     return q, k, torch.randn(1, heads, n, d, generator=g)
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def timed_together(fns: list, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
     """Best wall time of each function, the repeats interleaved (exact, way 1, way 2, …, exact, …) so a
     slow spell of this shared VM hits every way alike; and each function's output."""
@@ -67,6 +57,11 @@ def timed_together(fns: list, repeats: int) -> tuple[list[float], list[torch.Ten
             outs[i] = fn()
             best[i] = min(best[i], time.perf_counter() - t)
     return best, outs
+
+
+def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
+    (best,), (out,) = timed_together([fn], repeats)
+    return best, out
 
 
 def errors(approx: torch.Tensor, exact: torch.Tensor, v: torch.Tensor) -> dict[str, float]:

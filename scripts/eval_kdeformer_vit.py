@@ -29,12 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sip.config import from_dict, read_yaml  # noqa: E402
-from sip.data.mixing import RealImages  # noqa: E402
-from sip.data.sources import open_source  # noqa: E402
 from sip.models.checkpoints import load_classifier  # noqa: E402
 from sip.models.kdeformer import KDEformerConfig  # noqa: E402
 from sip.models.kdeformer_layers import use_kdeformer_in_vit  # noqa: E402
-from sip.train.inputs import TransformedImages, build_transforms  # noqa: E402
+from sip.train.inputs import TransformedImages, build_eval_images, build_transforms  # noqa: E402
 from sip.train.loop import merge_heads  # noqa: E402
 from sip.train.recipe import DataSection  # noqa: E402
 
@@ -56,10 +54,10 @@ def token_count(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Logits and labels over ``loader`` and the seconds the forward passes took."""
+def predict(model: torch.nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Logits and labels over ``batches`` and the seconds the forward passes took."""
     logits, labels, seconds = [], [], 0.0
-    for batch in loader:
+    for batch in batches:
         t = time.perf_counter()
         logits.append(merge_heads(model(batch["image"])).float())
         seconds += time.perf_counter() - t
@@ -67,9 +65,9 @@ def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor,
     return torch.cat(logits), torch.cat(labels), seconds
 
 
-def compare(model: torch.nn.Module, loader, budgets: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+def compare(model: torch.nn.Module, batches, budgets: list[tuple[int, int]], seed: int = 0) -> list[dict]:
     """Exact attention, then each KDEformer budget on a copy of ``model`` with the same weights."""
-    exact, labels, t_exact = predict(model, loader)
+    exact, labels, t_exact = predict(model, batches)
     top1 = lambda logits: 100.0 * (logits.argmax(1) == labels).float().mean().item()  # noqa: E731
     rows = [{"attention": "exact", "top1": top1(exact), "drop": 0.0, "agree": 100.0, "logit_rel_diff": 0.0,
              "seconds": t_exact}]
@@ -78,7 +76,7 @@ def compare(model: torch.nn.Module, loader, budgets: list[tuple[int, int]], seed
         cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, seed=seed)
         if not use_kdeformer_in_vit(kde_model, cfg):
             raise ValueError("the model has no attention layer KDEformer can replace")
-        approx, _, t_kde = predict(kde_model, loader)
+        approx, _, t_kde = predict(kde_model, batches)
         rows.append({"attention": f"kdeformer S={samples} b={block}", "top1": top1(approx),
                      "drop": top1(exact) - top1(approx),
                      "agree": 100.0 * (approx.argmax(1) == exact.argmax(1)).float().mean().item(),
@@ -109,17 +107,19 @@ def main() -> None:
             sys.exit(f"budget {samples}/{block} covers all {tokens} tokens (KDEformer would be exact attention); "
                      f"pick S + b < {tokens}")
     data = from_dict(DataSection, read_yaml(config_path).get("data", {}), source=str(config_path), prefix="data")
-    images = RealImages(open_source(data.eval))
+    images = build_eval_images(data)
     _, eval_tf = build_transforms(meta["input_config"], data)
     picked = range(min(args.samples, len(images))) if args.samples else None
-    loader = torch.utils.data.DataLoader(TransformedImages(images, eval_tf, picked), batch_size=args.batch_size)
-    print(f"{run}: {meta['timm_name']}, {tokens} tokens, {len(loader.dataset)} held-out images, "
+    dataset = TransformedImages(images, eval_tf, picked)
+    # decoded and transformed once: every way (exact, each budget) runs on the same tensors
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size))
+    print(f"{run}: {meta['timm_name']}, {tokens} tokens, {len(dataset)} held-out images, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
-    rows = compare(model, loader, args.budgets, args.seed)
+    rows = compare(model, batches, args.budgets, args.seed)
     for r in rows:
         print(f"{r['attention']:24s} top-1 {r['top1']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agree']:6.2f}%  "
               f"logit diff {r['logit_rel_diff']:.3f}  {r['seconds']:6.1f} s")
-    print(json.dumps({"run": str(run), "model": meta["timm_name"], "tokens": tokens, "images": len(loader.dataset),
+    print(json.dumps({"run": str(run), "model": meta["timm_name"], "tokens": tokens, "images": len(dataset),
                       "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                for r in rows]}))
 

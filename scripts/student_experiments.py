@@ -127,8 +127,8 @@ def main() -> None:
     print("|---|---|---|")
     print("\n".join(rows))
     paired = {}
-    for a, b in PAIRS:
-        both = [d for d in args.draws if a in args.only and b in args.only and results[(a, d)] and results[(b, d)]]
+    for a, b in (pair for pair in PAIRS if set(pair) <= set(args.only)):
+        both = [d for d in args.draws if results[(a, d)] and results[(b, d)]]
         if len(both) > 1:
             diffs = [results[(a, d)]["top1"] - results[(b, d)]["top1"] for d in both]
             mean, std = statistics.mean(diffs), statistics.stdev(diffs)

@@ -176,11 +176,8 @@ def bench_bf16_weights(pipe, jobs: list[Job], settings: dict, size: int, autocas
     from .img2img_runs import run_sip
 
     twin = copy.deepcopy(pipe).to(torch.bfloat16)
-    try:
-        r = run_sip(twin, jobs[: len(autocast_run.images)], settings, size, "", f"{label} bf16 weights",
-                    autocast_run.batch_size, autocast_run.channels_last, "fp32", warmup=True)
-    finally:
-        del twin
+    r = run_sip(twin, jobs[: len(autocast_run.images)], settings, size, "", f"{label} bf16 weights",
+                autocast_run.batch_size, autocast_run.channels_last, "fp32", warmup=True)
     r.precision = "bf16"  # measured against the bf16 peak
     a, w = stage_row(autocast_run, flops, peaks), stage_row(r, flops, peaks)
     mean = _diff(r.images, autocast_run.images)[0]

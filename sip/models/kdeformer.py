@@ -155,7 +155,6 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     qs = _take_rows(q * scale, qo)  # the scale folded into the queries once
     # keys, values and a ones column side by side: one gather, and one matmul gives numerator and normaliser
     kv = _take_rows(torch.cat([k, v, torch.ones_like(v[..., :1])], -1), ko)
-    ks, vs = kv[..., :d], kv[..., d:d + dv]
     valid = torch.ones(b, 1, m, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask[:, None]
     valid_s = valid.expand(b, h, m).gather(2, ko)
     # 2. exact block-diagonal part: query block i × key block i (keys split into nb equal-as-possible blocks)
@@ -175,7 +174,7 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     # 3. sampled part: keys by value norm mixed with uniform, over valid keys only. Each query block draws its
     #    own keys (G = nb groups): the blocks' errors are then independent, so they do not add up along one
     #    direction (with one shared sample set, G = 1, the spectral error grows like √(d / S) instead of 1 / √S)
-    vn = vs.float().pow(2).sum(-1)
+    vn = kv[..., d:d + dv].float().pow(2).sum(-1)
     probs = (vn + vn.mean(-1, keepdim=True)).masked_fill(~valid_s, 0.0)
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
     groups, s = (1 if config.shared_samples else nb), config.num_samples

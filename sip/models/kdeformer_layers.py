@@ -77,7 +77,7 @@ def use_kdeformer_in_vit(model: torch.nn.Module, config: KDEformerConfig) -> int
     swapped = 0
     for module in model.modules():
         for name, child in list(module.named_children()):
-            if isinstance(child, (KDEformerAttention, KDEformerLocalitySelfAttention)):
+            if isinstance(child, _KDEformerForward):
                 child.kdeformer = config
                 swapped += 1
             elif type(child) in _SWAPS:

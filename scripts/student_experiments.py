@@ -6,6 +6,8 @@ Markdown table of full-test-set top-1 (mean ± std over data draws) and, last, o
     python scripts/student_experiments.py --jobs 2                        # every arm, draws 0 1 2
     python scripts/student_experiments.py --only cnn_sip cnn_real --draws 0 1
     python scripts/student_experiments.py --report --only vit_sip vit_real   # finished runs only, start none
+    python scripts/student_experiments.py --only vit_sip --init-from runs/students_80 --out runs/students_80r \
+        --set optim.epochs=30 --set optim.lr=0.0007                     # a warm restart of every finished run
 
 Needs (made once; commands in each recipe's header):
     runs/fmnist_teacher_strong      sip train pipelines/fmnist_teacher_strong.yaml
@@ -17,6 +19,10 @@ and data ``sip`` (10 real shots of draw d + their img2img variants + txt2img), `
 same KD recipe and steps), ``datafree`` (txt2img only, no real image; run seed d); ``vit_sip_plain`` is
 ``vit_sip`` with SPT and LSA switched off (the ablation); ``vit_sip_lanczos5`` is ``vit_sip`` with its crops resized
 by a Lanczos-5 kernel instead of the model's bicubic.
+
+``--init-from DIR`` is a warm restart (SGDR, Loshchilov & Hutter 2017), as the teachers' ``*_restart`` recipes: each
+run starts from the finished weights of the same arm and draw under DIR and trains a second cosine cycle (set its
+length and peak with ``--set optim.epochs=… --set optim.lr=…``) on new augmentation draws (run seed 100 + draw).
 """
 
 from __future__ import annotations
@@ -55,7 +61,15 @@ PAIRS = [("cnn_sip", "cnn_real"), ("vit_sip", "vit_real"), ("vit_sip", "vit_sip_
 def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
     recipe, extra = ARMS[arm]
     out = args.out / f"{arm}_d{draw}"
-    sets = [f"teachers=[{{checkpoint: {args.teacher}}}]", f"run.seed={draw}", "run.threads=1", "run.progress=false",
+    seed = draw
+    if args.init_from is not None:
+        start = args.init_from / f"{arm}_d{draw}"
+        if not (start / "final_metrics.json").is_file():
+            raise SystemExit(f"--init-from: {start} holds no finished run of {arm} draw {draw}; finish it first "
+                             f"(the same command without --init-from, --out {args.init_from})")
+        extra = [*extra, f"student.checkpoint={start}"]
+        seed = 100 + draw  # new augmentation draws for the second cycle
+    sets = [f"teachers=[{{checkpoint: {args.teacher}}}]", f"run.seed={seed}", "run.threads=1", "run.progress=false",
             *extra]
     if arm.endswith("datafree"):
         sets.append(f"data.synthetic={args.synthetic}")
@@ -108,6 +122,8 @@ def main() -> None:
     p.add_argument("--synthetic", default="runs/fmnist-synth-1k")
     p.add_argument("--augmented", default="runs/fmnist-aug", help="prefix: <prefix>-<draw> per data draw")
     p.add_argument("--set", action="append", default=[], help="an override for every run")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="warm restart: start each run from DIR/<arm>_d<draw> (a finished run of the same arm)")
     p.add_argument("--report", action="store_true", help="tabulate the finished runs only; start none")
     args = p.parse_args()
 

@@ -65,19 +65,23 @@ def predict(model: torch.nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(logits), torch.cat(labels), seconds
 
 
-def compare(model: torch.nn.Module, batches, budgets: list[tuple[int, int]], seed: int = 0) -> list[dict]:
-    """Exact attention, then each KDEformer budget on a copy of ``model`` with the same weights."""
+def compare(model: torch.nn.Module, batches, budgets: list[tuple[int, int]], seed: int = 0,
+            sampling: tuple[str, ...] = ("stratified",)) -> list[dict]:
+    """Exact attention, then each KDEformer budget (× each ``sampling`` way: ``stratified`` or ``iid`` draws)
+    on a copy of ``model`` with the same weights."""
     exact, labels, t_exact = predict(model, batches)
     top1 = lambda logits: 100.0 * (logits.argmax(1) == labels).float().mean().item()  # noqa: E731
     rows = [{"attention": "exact", "top1": top1(exact), "drop": 0.0, "agree": 100.0, "logit_rel_diff": 0.0,
              "seconds": t_exact}]
-    for samples, block in budgets:
+    for (samples, block), way in ((budget, way) for budget in budgets for way in sampling):
         kde_model = copy.deepcopy(model)
-        cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, seed=seed)
+        cfg = KDEformerConfig(num_samples=samples, block_size=block, min_tokens=0, seed=seed,
+                              stratified=way == "stratified")
         if not use_kdeformer_in_vit(kde_model, cfg):
             raise ValueError("the model has no attention layer KDEformer can replace")
         approx, _, t_kde = predict(kde_model, batches)
-        rows.append({"attention": f"kdeformer S={samples} b={block}", "top1": top1(approx),
+        name = f"kdeformer S={samples} b={block}" + (" iid" if way == "iid" else "")
+        rows.append({"attention": name, "top1": top1(approx),
                      "drop": top1(exact) - top1(approx),
                      "agree": 100.0 * (approx.argmax(1) == exact.argmax(1)).float().mean().item(),
                      "logit_rel_diff": ((approx - exact).norm() / exact.norm()).item(), "seconds": t_kde})
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="KDEformer's hashing and sampling seed")
+    parser.add_argument("--sampling", nargs="+", choices=["stratified", "iid"], default=["stratified"],
+                        help="how the S keys are drawn (kdeformer.stratified); both = one row each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,9 +121,9 @@ def main() -> None:
     batches = list(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size))
     print(f"{run}: {meta['timm_name']}, {tokens} tokens, {len(dataset)} held-out images, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
-    rows = compare(model, batches, args.budgets, args.seed)
+    rows = compare(model, batches, args.budgets, args.seed, tuple(args.sampling))
     for r in rows:
-        print(f"{r['attention']:24s} top-1 {r['top1']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agree']:6.2f}%  "
+        print(f"{r['attention']:28s} top-1 {r['top1']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agree']:6.2f}%  "
               f"logit diff {r['logit_rel_diff']:.3f}  {r['seconds']:6.1f} s")
     print(json.dumps({"run": str(run), "model": meta["timm_name"], "tokens": tokens, "images": len(dataset),
                       "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}

@@ -22,11 +22,13 @@ def _peaked(n: int, d: int = 16, seed: int = 0):
     return q, k, torch.randn(1, 2, n, d, generator=g)
 
 
-def test_normaliser_is_unbiased_against_exact_softmax_sums():
+@pytest.mark.parametrize("stratified", [True, False])
+def test_normaliser_is_unbiased_against_exact_softmax_sums(stratified):
     g = torch.Generator().manual_seed(1)
     q, k = 0.5 * torch.randn(1, 1, 200, 8, generator=g), 0.5 * torch.randn(1, 1, 200, 8, generator=g)
     exact = torch.exp(q @ k.transpose(-2, -1) / 8 ** 0.5).sum(-1)
-    ests = torch.stack([estimate_normaliser(q, k, KDEformerConfig(num_samples=16, block_size=16, seed=s, min_tokens=0))
+    ests = torch.stack([estimate_normaliser(q, k, KDEformerConfig(num_samples=16, block_size=16, seed=s, min_tokens=0,
+                                                                  stratified=stratified))
                         for s in range(400)])
     single = ((ests - exact).abs() / exact).mean()
     bias = ((ests.mean(0) - exact).abs() / exact).mean()
@@ -98,6 +100,24 @@ def test_per_block_samples_spread_the_error_instead_of_stacking_it_in_one_direct
 
     shared, per_block = spectral_error(True), spectral_error(False)
     assert per_block < 0.5 * shared, (per_block, shared)
+
+
+def test_stratified_draws_cut_the_error_on_structured_tokens():
+    """Tokens of a few latent factors (as image patches are): keys sorted by LSH bucket sit near similar keys
+    and values, so one draw per S-quantile of the sorted keys covers them evenly, where independent draws
+    repeat some and miss others. Same cost, same seeds; the error over four seeds falls by more than half."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 2, 2048, 2, generator=g)
+    q, k, v = (0.5 * z @ torch.randn(2, 32, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+
+    def error(stratified: bool) -> float:
+        return sum(((kdeformer_attention(q, k, v, KDEformerConfig(num_samples=64, block_size=64, min_tokens=0, seed=s,
+                                                                   stratified=stratified)) - exact).norm()
+                    / exact.norm()).item() for s in range(4)) / 4
+
+    iid, stratified = error(False), error(True)
+    assert stratified < 0.6 * iid, (stratified, iid)
 
 
 def test_deterministic_under_a_seed_and_another_seed_differs():

@@ -53,6 +53,9 @@ class KDEformerConfig:
         min_tokens: shorter sequences use exact attention (the estimator only pays for long ones).
         shared_samples: one sample set for all queries (the first version: same cost, larger spectral error)
             instead of one per query block.
+        stratified: each group's S draws are stratified along the LSH-sorted keys (draw j from the j-th S-quantile
+            of the sampling distribution, so similar keys are not drawn twice while others are missed): still
+            unbiased, never a larger variance than independent draws (false: independent draws).
     """
 
     num_samples: int = 256
@@ -61,6 +64,7 @@ class KDEformerConfig:
     seed: int = 0
     min_tokens: int = 1024
     shared_samples: bool = False
+    stratified: bool = True
 
     def __post_init__(self):
         for name in ("num_samples", "block_size", "n_hashes"):
@@ -182,6 +186,8 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     cdf = cdf / cdf[..., -1:].clamp_min(1e-300)  # ends at exactly 1: u < 1 never runs past the last valid key
     u = torch.rand(b, h, groups * s, generator=_generator(config, dev, f"samples-{n}-{m}"), device=dev,
                    dtype=torch.float64)
+    if config.stratified:  # draw j of each group from [j / S, (j + 1) / S) of the CDF over LSH-sorted keys
+        u = (u.view(b, h, groups, s) + torch.arange(s, device=dev, dtype=torch.float64)).div_(s).view(b, h, -1)
     idx = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)  # inverse-CDF draws, with replacement
     kv_smp = _take_rows(kv, idx).view(b, h, groups, s, d + dv + 1)
     w_smp = (1.0 / (s * probs.gather(2, idx))).view(b, h, groups, s, 1)

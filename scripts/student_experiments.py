@@ -62,12 +62,8 @@ def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
     recipe, extra = ARMS[arm]
     out = args.out / f"{arm}_d{draw}"
     seed = draw
-    if args.init_from is not None:
-        start = args.init_from / f"{arm}_d{draw}"
-        if not (start / "final_metrics.json").is_file():
-            raise SystemExit(f"--init-from: {start} holds no finished run of {arm} draw {draw}; finish it first "
-                             f"(the same command without --init-from, --out {args.init_from})")
-        extra = [*extra, f"student.checkpoint={start}"]
+    if args.init_from is not None:  # run_one checks the start run is finished before launching
+        extra = [*extra, f"student.checkpoint={args.init_from / f'{arm}_d{draw}'}"]
         seed = 100 + draw  # new augmentation draws for the second cycle
     sets = [f"teachers=[{{checkpoint: {args.teacher}}}]", f"run.seed={seed}", "run.threads=1", "run.progress=false",
             *extra]
@@ -92,6 +88,10 @@ def run_one(arm: str, draw: int, args) -> dict | None:
     if args.report:
         print(f"  {arm} draw {draw}: not finished ({out})", flush=True)
         return None
+    start = args.init_from and args.init_from / f"{arm}_d{draw}"
+    if start and not (start / "final_metrics.json").is_file():
+        raise SystemExit(f"--init-from: {start} holds no finished run of {arm} draw {draw}; finish it first "
+                         f"(the same command without --init-from, --out {args.init_from})")
     print("sip " + shlex.join(cli), flush=True)
     t0 = time.time()
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}

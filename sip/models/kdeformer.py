@@ -20,6 +20,9 @@ importance sampling, once the few *heavy* entries of ``A`` are handled exactly. 
    once for all queries costs the same but makes the blocks' errors independent: with one shared set
    the error matrix is nearly rank one and its spectral norm grows like ``√(d / S)·‖V‖`` (measured 0.51
    at S = 256, d = 64, 16k tokens), per block like ``(1 + √(d / blocks)) / √S · ‖V‖`` (0.13).
+   The draws are stratified (``stratified``, the default): draw ``j`` of a block comes from the ``j``-th
+   ``S``-quantile of the sampling distribution over the LSH-sorted keys, so neighbouring (similar) keys are
+   covered evenly instead of some drawn twice and others missed — still unbiased, never a larger variance.
 
 Cost per head: ``O(N · (block_size + num_samples) · d)`` plus an ``O(N log N)`` sort, against ``O(N² d)``.
 When ``block_size + num_samples`` reaches ``N`` the estimator would do no less work than exact
@@ -82,8 +85,8 @@ def kdeformer_config(attention: str, settings: dict | None, where: str) -> KDEfo
 
     Args:
         attention (str): ``exact`` or ``kdeformer`` (the recipe's ``<where>.attention``).
-        settings (dict, optional): the recipe's ``<where>.kdeformer`` (num_samples, block_size, n_hashes, seed,
-            min_tokens); empty = the defaults.
+        settings (dict, optional): the recipe's ``<where>.kdeformer``: any :class:`KDEformerConfig` field
+            (num_samples, block_size, n_hashes, seed, min_tokens, shared_samples, stratified); empty = defaults.
         where (str): the recipe section, named in errors (``generate``, ``model``, ``student``).
     """
     if attention not in ATTENTION_CHOICES:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from sip.augment.loop import Job, batch_grid
 
@@ -131,33 +132,67 @@ def bench_work_options(pipe, jobs: list[Job], settings: dict, size: int, exact: 
                                       f"{best[0].extra['token_merge_ratio']}"}
 
 
+FEW_STEP_EXTRAS = [(8, 0.5, False), (8, 0.5, True), (4, 0.5, False)]  # (LCM steps, ToMe ratio, tiny VAE), fp32
+
+
+def _stages(r) -> str:
+    n, names = len(r.images), ("unet", "vae_decoder", "vae_encoder")
+    rest = r.seconds - sum(r.timer.seconds[k] for k in names)  # a tiny VAE's decoder is not hooked: it is here
+    return ", ".join([*(f"{k} {r.timer.seconds[k] / n:.1f} s" for k in names), f"rest {rest / n:.1f} s"])
+
+
 def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list, naive, steps: int = 8,
                    label: str = "sd15") -> dict:
     """What an LCM-LoRA or LCM-checkpoint user runs (``generate.scheduler: LCMScheduler``, ``steps`` schedule steps
     × the same strength, guidance 1: one UNet branch) at each of sip's best settings in ``exact``: images/s only.
+    At the fp32 setting also each of :data:`FEW_STEP_EXTRAS`: with ``generate.token_merge_ratio`` (ToMe pays on
+    SD-size latents; DeepCache does not mix with few-step sampling, see README), with ``generate.tiny_vae`` (a
+    TAESD-architecture decoder: other images by construction) and at 4 steps; each row's seconds per image in the
+    UNet and the two VAE halves show what is left.
 
     This UNet has random weights, so the images say nothing here; on the shipped model the same sampler at 8 steps
-    is within 1 point of 30-step DDIM on both quality measures (``--quality``)."""
-    from diffusers import LCMScheduler
+    is within 1 point of 30-step DDIM on both quality measures, at 4 steps 2.2 points less preservation
+    (``--quality``)."""
+    from diffusers import AutoencoderTiny, LCMScheduler
 
     from .img2img_runs import run_sip
 
-    few = {**settings, "steps": steps, "guidance_scale": 1.0}
+    def few(n: int) -> dict:
+        return {**settings, "steps": n, "guidance_scale": 1.0}
+
     evals = int(steps * settings["strength"])
     naive_evals = int(settings["steps"] * settings["strength"]) * (2 if settings["guidance_scale"] > 1 else 1)
     print(f"\n## {label}: few-step sampling, LCMScheduler {steps} steps × strength {settings['strength']}, "
           f"guidance 1 = {evals} UNet evaluations per image (naive: {naive_evals}); speed only (random weights)")
+    n = len(naive.images)
+    print(f"naive per image: {_stages(naive)} of {naive.seconds / n:.1f} s")
     out = {}
     original = pipe.scheduler
     pipe.scheduler = LCMScheduler.from_config(original.config)
     try:
         for base in exact:
-            r = run_sip(pipe, jobs[: len(base.images)], few, size, "", f"{label} lcm", base.batch_size,
+            r = run_sip(pipe, jobs[: len(base.images)], few(steps), size, "", f"{label} lcm", base.batch_size,
                         base.channels_last, base.precision, warmup=False)
             print(f"{base.precision:>5} batch {base.batch_size}: {r.rate:.3f} img/s = "
                   f"{r.rate / naive.rate:.2f}x naive (fp32, {settings['steps']} steps), "
-                  f"{r.rate / base.rate:.2f}x sip's {base.precision} at {settings['steps']} steps", flush=True)
+                  f"{r.rate / base.rate:.2f}x sip's {base.precision} at {settings['steps']} steps; {_stages(r)}",
+                  flush=True)
             out[f"{label}_lcm{steps}_{base.precision}_x"] = r.rate / naive.rate
+            if base.precision != "fp32":
+                continue
+            for n_steps, ratio, tiny in FEW_STEP_EXTRAS:
+                torch.manual_seed(0)
+                taesd = AutoencoderTiny().eval() if tiny else None
+                t = run_sip(pipe, jobs[: len(base.images)], few(n_steps), size, "", f"{label} lcm{n_steps}",
+                            base.batch_size, base.channels_last, "fp32", warmup=False, tiny_vae=taesd,
+                            token_merge_ratio=ratio)
+                name = f"LCM {n_steps}{f' + ToMe {ratio:g}' if ratio else ''}{' + tiny VAE' if tiny else ''}"
+                print(f" fp32 {name}: {t.rate:.3f} img/s = {t.rate / naive.rate:.2f}x naive; {_stages(t)}"
+                      + ("" if tiny or n_steps != steps else
+                         f"; mean |d| from LCM {steps} alone {_diff(t.images, r.images)[0]:.2f} grey levels"),
+                      flush=True)
+                out[f"{label}_lcm{n_steps}{'_tome' if ratio else ''}{'_tinyvae' if tiny else ''}_fp32_x"] = \
+                    t.rate / naive.rate
     finally:
         pipe.scheduler = original
     return out

@@ -46,7 +46,9 @@ class GenerateConfig:
         resize: how a source is fitted: "resize" (stretch), "center-crop" (keep aspect, crop), or
             "keep" (keep aspect, round each side to a multiple of 8; one source per batch).
         seed: run seed; every image's seed derives from it, the source id and the variant.
-        dtype: weights dtype ("float32", "bfloat16", "float16"): fp16/bf16 halve memory on GPU.
+        dtype: weights dtype ("float32", "bfloat16", "float16"): fp16/bf16 halve memory on GPU. On an
+            AMX CPU bfloat16 weights ran SD 1.5 at 512 px 1.17x faster than bf16 autocast (no per-call
+            casts of fp32 weights; images 0.9 grey levels apart; scripts/bench_generate.py).
         precision: "auto", "fp32", "bf16". auto: bf16 autocast on CUDA, and on AMX CPUs for a UNet of
             >= 100 M parameters (every Stable Diffusion checkpoint: several times faster there, see
             scripts/bench_generate.py); fp32 for small UNets such as the shipped one (bf16 0.79x) and
@@ -66,10 +68,11 @@ class GenerateConfig:
         lora: a LoRA (hub id, folder or ``.safetensors`` file) fused into the model at ``lora_scale``: an LCM-LoRA
             (``latent-consistency/lcm-lora-sdv1-5`` with ``scheduler: LCMScheduler``, 4 steps, guidance 1) or a
             style LoRA. Needs ``pip install 'sip[lora]'`` (peft). null: none.
-        compile: ``torch.compile`` the UNet on first use (one-off compile time, then faster steps on a
-            GPU; diffusers reports ~1.2-1.5x for SD-class UNets on recent NVIDIA GPUs). On a CPU it
-            needs a C++ compiler, and compiling took 140 s even for a tiny test UNet here: for long
-            GPU runs, not for short CPU jobs.
+        compile: ``torch.compile`` the UNet on first use, with inductor freezing (weights folded as
+            constants, their casts included; prepacked for oneDNN on a CPU). One-off compile time per
+            shape (25-85 s for SD 1.5 on 2 CPU cores), then faster steps: SD 1.5 on an AMX CPU 1.08-1.22x
+            eager in bf16, not in fp32 (0.87-1.07x; scripts/bench_unet_peak.py --compile); diffusers
+            reports ~1.2-1.5x on recent NVIDIA GPUs. Needs a C++ compiler on a CPU: for long jobs.
         cache_interval: DeepCache (:mod:`sip.augment.unet_cache`): the whole UNet every N steps, only its
             shallowest branch between. 1 = off (exact); 2-3 run the shipped model ~1.6-2x faster, images
             moving 1-2 grey levels on average (another seed: ~25).
@@ -383,7 +386,9 @@ def prepare_pipeline(pipe: Any, config: GenerateConfig) -> Any:
 
         use_kdeformer_in_unet(pipe.unet, kde)
     if config.compile and getattr(pipe.unet, "_compiled_call_impl", None) is None:
-        pipe.unet.compile()
+        # freezing: the weights become constants of the compiled graph (their autocast casts folded away,
+        # prepacked for oneDNN on a CPU); generation runs without grad, where freezing applies
+        pipe.unet.compile(options={"freezing": True})
     return pipe
 
 

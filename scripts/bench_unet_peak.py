@@ -83,7 +83,7 @@ def top_attention(unet, x, rounds: int) -> dict:
             "flops": 4.0 * x.shape[0] * heads * tokens * tokens * dim}
 
 
-def make_ways(unet, compile_: bool) -> dict:
+def make_ways(unet, compile_: bool, autotune: bool = False) -> dict:
     """name -> (module, autocast?, dtype of the inputs)."""
     ways = {"fp32": (unet, False, torch.float32)}
     cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
@@ -96,6 +96,10 @@ def make_ways(unet, compile_: bool) -> dict:
         ways["bf16 autocast, compiled"] = (torch.compile(copy.deepcopy(cl), options=frozen), True, torch.float32)
         ways["bf16 weights, compiled"] = (torch.compile(copy.deepcopy(weights), options=frozen), False,
                                           torch.bfloat16)
+    if autotune:  # inductor's own GEMM templates (AMX micro-kernels on a CPU), each shape benchmarked at compile
+        options = {"freezing": True, "max_autotune": True}
+        ways["bf16 weights, max-autotune"] = (torch.compile(copy.deepcopy(weights), options=options), False,
+                                              torch.bfloat16)
     return ways
 
 
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="latents per call before guidance doubles them")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also each way compiled (inductor, freezing)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also bf16 weights compiled with max_autotune (long compile)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -123,7 +129,7 @@ def main() -> None:
     flops = unet_flops(unet, x, t, ctx)
     print(f"# bench_unet_peak: SD1.5-architecture UNet, {args.size} px, {n} latents per call "
           f"({flops / 1e9:.0f} GFLOP), {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
-    ways = make_ways(unet, args.compile)
+    ways = make_ways(unet, args.compile, args.autotune)
     for name, way in ways.items():  # warm-up: oneDNN kernels, and the compile (timed, not counted)
         t0 = time.perf_counter()
         call(way, x, t, ctx)

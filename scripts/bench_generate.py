@@ -52,7 +52,7 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETR
 
 import torch
 
-from scripts.bench.img2img_inputs import build_sd15, fmnist_jobs, photo_jobs, resolve_tiny_model
+from scripts.bench.img2img_inputs import build_sd15, fmnist_jobs, photo_jobs, random_taesd, resolve_tiny_model
 from scripts.bench.img2img_report import breakdown, print_runs
 from scripts.bench.img2img_runs import (
     RunResult,
@@ -63,7 +63,7 @@ from scripts.bench.img2img_runs import (
     run_sip,
     sip_img2img,
 )
-from scripts.bench.machine import count_flops, cpu_flags, matmul_peak
+from scripts.bench.machine import Peaks, count_flops, cpu_flags
 from scripts.bench.unet_speedups import (
     bench_bf16_weights,
     bench_few_step,
@@ -80,10 +80,7 @@ def run_tiny_vae(pipe, jobs: list[Job], settings: dict, size: int, negative_prom
     """sip's best setting again with ``generate.tiny_vae``: an AutoencoderTiny of TAESD's architecture
     (``madebyollin/taesd``, random weights: the cost does not depend on them) decodes the latents. Other
     images than naive's by construction (another decoder), so it is reported beside the table, not in it."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    taesd = AutoencoderTiny().eval()
+    taesd = random_taesd()
     r = run_sip(pipe, jobs, settings, size, negative_prompt, "sd15 tiny_vae", best.batch_size, best.channels_last,
                 best.precision, warmup=False, tiny_vae=taesd)
     rate = r.rate
@@ -144,28 +141,6 @@ def profile_sip(pipe, jobs: list[Job], settings: dict, size: int, best: RunResul
 
 
 # --------------------------------------------------------------------------------------------------
-
-class Peaks(dict):
-    """This CPU's fp32 and bf16 matmul peak in GFLOP/s, measured at the start and again after each section's
-    runs; the higher (less disturbed) measurement counts."""
-
-    def __init__(self, n: int, quick: bool):
-        super().__init__()
-        self.n, self.quick = n, quick
-        self.update(self.measure())
-
-    def measure(self) -> dict[str, float]:
-        q = self.quick
-        return {"fp32": matmul_peak(torch.float32, self.n, 3 if q else 5),
-                "bf16": matmul_peak(torch.bfloat16, self.n, 2 if q else 3)}
-
-    def refresh(self, label: str) -> None:
-        again = self.measure()
-        print(f"matmul peak re-measured after the {label} runs: fp32 {again['fp32']:.1f}, bf16 "
-              f"{again['bf16']:.1f} GFLOP/s; the fractions below use the higher of all measurements")
-        for k in again:
-            self[k] = max(self[k], again[k])
-
 
 def bench_tiny(args: argparse.Namespace, peaks: Peaks) -> dict:
     """The shipped model on Fashion-MNIST: naive, then sip's option sweep; the summary keys."""

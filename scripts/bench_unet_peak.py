@@ -37,30 +37,8 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETR
 
 import torch
 
-from scripts.bench.machine import matmul_peak
-
-
-def build_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()  # SD 1.5's blocks
-
-
-def unet_flops(unet, x, t, ctx) -> float:
-    """FLOPs of one call, attention counted with diffusers' classic ``AttnProcessor`` (explicit bmm, which the
-    counter knows; the CPU SDPA kernel the timed calls use does the same arithmetic but is not registered)."""
-    from diffusers.models.attention_processor import AttnProcessor
-    from torch.utils.flop_counter import FlopCounterMode
-
-    saved = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            unet(x, t, encoder_hidden_states=ctx)
-    finally:
-        unet.set_attn_processor(saved)
-    return float(counter.get_total_flops())
+from scripts.bench.img2img_inputs import sd15_unet
+from scripts.bench.machine import Peaks, unet_flops
 
 
 def top_attention(unet, x, rounds: int) -> dict:
@@ -91,16 +69,16 @@ def make_ways(unet, compile_: bool, autotune: bool = False) -> dict:
     ways["bf16 autocast"] = (cl, True, torch.float32)
     weights = copy.deepcopy(unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
     ways["bf16 weights"] = (weights, False, torch.bfloat16)
+    # torch.compile wraps a module without changing it, so the compiled ways share the eager ways' modules (the
+    # frozen graphs hold their own folded copies of the weights)
     if compile_:  # what generate.compile runs: constant weights folded (casts too) and prepacked for oneDNN
         frozen = {"freezing": True}
-        ways["fp32, compiled"] = (torch.compile(copy.deepcopy(unet), options=frozen), False, torch.float32)
-        ways["bf16 autocast, compiled"] = (torch.compile(copy.deepcopy(cl), options=frozen), True, torch.float32)
-        ways["bf16 weights, compiled"] = (torch.compile(copy.deepcopy(weights), options=frozen), False,
-                                          torch.bfloat16)
+        for name in ("fp32", "bf16 autocast", "bf16 weights"):
+            module, autocast, dtype = ways[name]
+            ways[f"{name}, compiled"] = (torch.compile(module, options=frozen), autocast, dtype)
     if autotune:  # inductor's own GEMM templates (AMX micro-kernels on a CPU), each shape benchmarked at compile
         options = {"freezing": True, "max_autotune": True}
-        ways["bf16 weights, max-autotune"] = (torch.compile(copy.deepcopy(weights), options=options), False,
-                                              torch.bfloat16)
+        ways["bf16 weights, max-autotune"] = (torch.compile(weights, options=options), False, torch.bfloat16)
     return ways
 
 
@@ -124,11 +102,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak0 = {"fp32": matmul_peak(torch.float32, 2048, 5), "bf16": matmul_peak(torch.bfloat16, 2048, 3)}
-    unet = build_unet()
+    peak = Peaks(2048, quick=False)
+    torch.manual_seed(0)
+    unet = sd15_unet()
     side, n = args.size // 8, 2 * args.batch
     x, t, ctx = torch.randn(n, 4, side, side), torch.tensor(500), torch.randn(n, 77, 768)
-    flops = unet_flops(unet, x, t, ctx)
+    flops = float(n * unet_flops(unet, side))
     print(f"# bench_unet_peak: SD1.5-architecture UNet, {args.size} px, {n} latents per call "
           f"({flops / 1e9:.0f} GFLOP), {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
     ways = make_ways(unet, args.compile, args.autotune)
@@ -142,8 +121,7 @@ def main() -> None:
             t0 = time.perf_counter()
             call(way, x, t, ctx)
             best[name] = min(best[name], time.perf_counter() - t0)
-    peak1 = {"fp32": matmul_peak(torch.float32, 2048, 5), "bf16": matmul_peak(torch.bfloat16, 2048, 3)}
-    peak = {k: max(peak0[k], peak1[k]) for k in peak0}
+    peak.refresh("timed")
     print(f"matmul peak (2048² GEMM, best before/after): fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s")
     print(f"{'way':<24} {'s/call':>8} {'GFLOP/s':>8} {'%peak':>6} {'x fp32':>7}")
     out = {}

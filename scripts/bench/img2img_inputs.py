@@ -44,16 +44,32 @@ def resolve_tiny_model(name: str | None) -> str:
                      f"or --skip-tiny)")
 
 
+def sd15_unet():
+    """SD 1.5's UNet architecture with random weights: UNet2DConditionModel's defaults are SD 1.5's blocks
+    (320/640/1280/1280, 2 layers, 8 heads); SD 1.5 sets sample_size 64 (512 px) and cross-attention 768 (CLIP
+    ViT-L/14's width)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+
+
+def random_taesd():
+    """An AutoencoderTiny of TAESD's architecture (``madebyollin/taesd``) with seeded random weights: its cost does
+    not depend on them."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    return AutoencoderTiny().eval()
+
+
 def build_sd15(work: Path, seed: int = 0):
     """A Stable Diffusion 1.5-architecture img2img pipeline with random weights, built in memory."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = offline_clip_tokenizer(work / "clip-tokenizer")  # full 49,408-token CLIP vocabulary
     torch.manual_seed(seed)
-    # UNet2DConditionModel's defaults are SD1.5's blocks (320/640/1280/1280, 2 layers, 8 heads);
-    # SD1.5 sets sample_size 64 (512 px) and cross-attention 768 (CLIP ViT-L/14's width).
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    unet = sd15_unet()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)

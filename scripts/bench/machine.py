@@ -24,6 +24,28 @@ def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
+class Peaks(dict):
+    """This CPU's fp32 and bf16 matmul peak in GFLOP/s (n×n GEMMs), measured at the start and again after each
+    section's runs; the higher (less disturbed) measurement counts."""
+
+    def __init__(self, n: int, quick: bool):
+        super().__init__()
+        self.n, self.quick = n, quick
+        self.update(self.measure())
+
+    def measure(self) -> dict[str, float]:
+        q = self.quick
+        return {"fp32": matmul_peak(torch.float32, self.n, 3 if q else 5),
+                "bf16": matmul_peak(torch.bfloat16, self.n, 2 if q else 3)}
+
+    def refresh(self, label: str) -> None:
+        again = self.measure()
+        print(f"matmul peak re-measured after the {label} runs: fp32 {again['fp32']:.1f}, bf16 "
+              f"{again['bf16']:.1f} GFLOP/s; the fractions below use the higher of all measurements")
+        for k in again:
+            self[k] = max(self[k], again[k])
+
+
 def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -68,37 +90,41 @@ def networks(pipe) -> dict[str, torch.nn.Module]:
 
 
 def count_flops(pipe, size: int) -> dict[str, int]:
-    """FLOPs per sample of each network at generation size ``size`` (FlopCounterMode).
+    """FLOPs per sample of each network at generation size ``size`` (FlopCounterMode; the UNet's with
+    :func:`unet_flops`, attention included)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    Attention is counted with diffusers' classic ``AttnProcessor`` (explicit bmm/baddbmm, which the
-    counter knows); the CPU SDPA kernel the runs use does the same arithmetic but is not registered
-    with the counter.
-    """
+    vae, text = pipe.vae, pipe.text_encoder
+    f = int(pipe.vae_scale_factor)
+    length = int(pipe.tokenizer.model_max_length)
+    out = {"unet": unet_flops(pipe.unet, size // f, length)}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            vae.decoder(torch.randn(1, vae.config.latent_channels, size // f, size // f))
+        out["vae_decoder"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            vae.encoder(torch.randn(1, 3, size, size))
+        out["vae_encoder"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            text(torch.zeros(1, length, dtype=torch.long))
+        out["text_encoder"] = fc.get_total_flops()
+    return out
+
+
+def unet_flops(unet, side: int, length: int = 77) -> int:
+    """FLOPs of one UNet sample on ``side``×``side`` latents (FlopCounterMode), attention counted with diffusers'
+    classic ``AttnProcessor`` (explicit bmm/baddbmm, which the counter knows); the CPU SDPA kernel the runs use does
+    the same arithmetic but is not registered with the counter. The UNet's processors are restored."""
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
-    f = int(pipe.vae_scale_factor)
-    length = int(pipe.tokenizer.model_max_length)
-    latent = torch.randn(1, unet.config.in_channels, size // f, size // f)
+    latent = torch.randn(1, unet.config.in_channels, side, side)
     context = torch.randn(1, length, unet.config.cross_attention_dim)
     saved = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
-    out = {}
     try:
-        with torch.inference_mode():
-            with FlopCounterMode(display=False) as fc:
-                unet(latent, torch.tensor([500]), encoder_hidden_states=context)
-            out["unet"] = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                vae.decoder(torch.randn(1, vae.config.latent_channels, size // f, size // f))
-            out["vae_decoder"] = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                vae.encoder(torch.randn(1, 3, size, size))
-            out["vae_encoder"] = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                text(torch.zeros(1, length, dtype=torch.long))
-            out["text_encoder"] = fc.get_total_flops()
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            unet(latent, torch.tensor([500]), encoder_hidden_states=context)
     finally:
         unet.set_attn_processor(saved)
-    return out
+    return fc.get_total_flops()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from sip.augment.loop import Job, batch_grid
 
@@ -153,8 +152,9 @@ def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list
     This UNet has random weights, so the images say nothing here; on the shipped model the same sampler at 8 steps
     is within 1 point of 30-step DDIM on both quality measures, at 4 steps 2.2 points less preservation
     (``--quality``)."""
-    from diffusers import AutoencoderTiny, LCMScheduler
+    from diffusers import LCMScheduler
 
+    from .img2img_inputs import random_taesd
     from .img2img_runs import run_sip
 
     def few(n: int) -> dict:
@@ -181,10 +181,9 @@ def bench_few_step(pipe, jobs: list[Job], settings: dict, size: int, exact: list
             if base.precision != "fp32":
                 continue
             for n_steps, ratio, tiny in FEW_STEP_EXTRAS:
-                torch.manual_seed(0)
-                taesd = AutoencoderTiny().eval() if tiny else None
                 t = run_sip(pipe, jobs[: len(base.images)], few(n_steps), size, "", f"{label} lcm{n_steps}",
-                            base.batch_size, base.channels_last, "fp32", warmup=False, tiny_vae=taesd,
+                            base.batch_size, base.channels_last, "fp32", warmup=False,
+                            tiny_vae=random_taesd() if tiny else None,
                             token_merge_ratio=ratio)
                 name = f"LCM {n_steps}{f' + ToMe {ratio:g}' if ratio else ''}{' + tiny VAE' if tiny else ''}"
                 print(f" fp32 {name}: {t.rate:.3f} img/s = {t.rate / naive.rate:.2f}x naive; {_stages(t)}"

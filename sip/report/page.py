@@ -110,6 +110,105 @@ def _save_tile(image: Image.Image, path: Path) -> str:
     return path.relative_to(path.parents[2]).as_posix()  # relative to report/
 
 
+def _variant_row(i: int, row: Any, out: Path, slug: str) -> str:
+    """One source's HTML row: the source with its caption, then its variants and their prompts."""
+    cells = []
+    if row.source:
+        if row.source_image is not None:
+            src = _save_tile(row.source_image, out / "images" / slug / f"{i:03d}-source.png")
+            cells.append(f"<figure class='source'><img src='{src}' alt='source'>")
+        else:
+            cells.append("<figure class='source'><div class='note'>source not found</div>")
+        cells.append(f"<figcaption><b>{_esc(row.label)}</b><br>{_esc(row.source)}<br>"
+                     f"<i>caption:</i> {_esc(row.caption)}"
+                     + (f"<br><span class='note'>{_esc(row.source_note)}</span>" if row.source_note else "")
+                     + "</figcaption></figure>")
+    for k, (image, meta) in enumerate(row.variants):
+        tile = _save_tile(image, out / "images" / slug / f"{i:03d}-v{k}.png")
+        caption = f"seed {meta.get('seed')}" + (f", strength {meta['strength']}" if meta.get("strength") else "")
+        if not row.source:
+            caption = f"<b>{_esc(row.label)}</b><br>{_esc(meta.get('prompt'))}<br>{caption}"
+        cells.append(f"<figure><img src='{tile}' alt='variant'><figcaption>{caption}</figcaption></figure>")
+    prompts = list(dict.fromkeys(m.get("prompt") for _, m in row.variants if m.get("prompt")))
+    if row.source and prompts:
+        cells.append("<div class='prompt'><i>prompt:</i> " + "<br>".join(_esc(p) for p in prompts) + "</div>")
+    return "<div class='row'>" + "".join(cells) + "</div>"
+
+
+def _dataset_section(run_dir: Path, datasets_found: list[Path], out: Path, max_sources: int, max_variants: int,
+                     body: list[str], notes: list[str]) -> None:
+    """Append each sip dataset's grid of sources beside their variants to ``body``."""
+    body.append("<h2>Source images and their sip variants</h2>")
+    if not datasets_found:
+        body.append(f"<p class='note'>No sip dataset found (looked for <code>train/metadata.jsonl</code> in "
+                    f"{_esc(run_dir)} and two levels below).</p>")
+        notes.append("no sip dataset")
+    for dataset_dir in datasets_found:
+        rel = dataset_dir.relative_to(run_dir).as_posix() if dataset_dir != run_dir else "."
+        slug = sanitize_label(rel if rel != "." else "dataset")
+        # the run folder may be the dataset itself (`sip report runs/fmnist-aug`): name it by its folder
+        rel = rel if rel != "." else dataset_dir.resolve().name
+        rows, count = grid_rows(dataset_dir, max_sources, max_variants)
+        body.append(f"<h3>{_esc(rel)}</h3><p class='meta'>{_esc(dataset_summary(dataset_dir, count))}</p>")
+        if not rows:
+            body.append("<p class='note'>This dataset lists no images yet.</p>")
+            continue
+        title = (f"{rel}: real images (left) and their sip variants" if any(r.source for r in rows)
+                 else f"{rel}: txt2img images per class")
+        grid_png = plot_grid(rows, out / f"grid-{slug}.png", title)
+        body.append(f"<p><img class='figure' src='{grid_png.name}' alt='grid of sources and variants'></p>")
+        body.append("<details open><summary>Each source with its caption, prompt and variants</summary>")
+        body.extend(_variant_row(i, row, out, slug) for i, row in enumerate(rows))
+        body.append("</details>")
+        missing = sum(1 for r in rows if r.source and r.source_image is None)
+        if missing:
+            notes.append(f"{missing} source images of {rel} not found on this machine")
+
+
+def _curves_section(run_dir: Path, metrics_files: list[Path], out: Path, body: list[str], notes: list[str]) -> None:
+    """Append the training curves (one panel per numeric key, one line per run) to ``body``."""
+    body.append("<h2>Training curves</h2>")
+    runs = read_metric_runs(metrics_files, run_dir)
+    if runs:
+        keys = plot_curves(runs, out / "curves.png")
+        body.append("<p><img class='figure' src='curves.png' alt='training curves'></p>")
+        body.append("<p class='meta'>Runs: " + ", ".join(
+            f"<b>{_esc(n)}</b> (<code>{_esc(p.relative_to(run_dir))}</code>)"
+            for p, n in zip(metrics_files, run_names(metrics_files, run_dir)) if n in runs)
+            + ". Series: " + ", ".join(_esc(k) for k in keys) + ".</p>")
+    else:
+        body.append(f"<p class='note'>No training metrics found (looked for <code>metrics.jsonl</code> with numeric "
+                    f"values in {_esc(run_dir)} and three levels below).</p>")
+        notes.append("no training metrics")
+
+
+def _accuracy_section(run_dir: Path, results: list[dict[str, Any]], results_from: Any, out: Path,
+                      body: list[str], notes: list[str]) -> None:
+    """Append the accuracy table (best per accuracy column in bold) and write ``accuracy.md``."""
+    body.append("<h2>Accuracy of the compared runs</h2>")
+    if not results:
+        body.append(f"<p class='note'>No results found (looked for <code>{_esc(run_dir / 'results.json')}</code> and "
+                    "<code>final_metrics.json</code> next to the metrics files).</p>")
+        notes.append("no accuracy table")
+        return
+    columns = _table_columns(results)
+    best = {}
+    for c in columns:
+        values = [as_number(r.get(c)) for r in results]
+        if re.search(r"top1|top5|acc", c, re.IGNORECASE) and len(results) > 1 and any(v is not None for v in values):
+            best[c] = max(v for v in values if v is not None)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    lines = []
+    for r in results:
+        cells = "".join(
+            ("<td class='best'>" if c in best and as_number(r.get(c)) == best[c] else "<td>")
+            + f"{_esc(_fmt(r.get(c)))}</td>" for c in columns)
+        lines.append(f"<tr>{cells}</tr>")
+    body.append(f"<table class='acc'><tr>{head}</tr>{''.join(lines)}</table>"
+                f"<p class='meta'>From {_esc(results_from)}; best per accuracy column in bold.</p>")
+    (out / "accuracy.md").write_text(markdown_table(results), encoding="utf-8")
+
+
 def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int = 4) -> Path:
     """Write ``RUN_DIR/report/report.html`` and the PNGs it shows; returns the HTML's path.
 
@@ -146,91 +245,11 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     body: list[str] = []
 
     # 3. sources beside their variants
-    body.append("<h2>Source images and their sip variants</h2>")
-    if not datasets_found:
-        body.append(f"<p class='note'>No sip dataset found (looked for <code>train/metadata.jsonl</code> in "
-                    f"{_esc(run_dir)} and two levels below).</p>")
-        notes.append("no sip dataset")
-    for dataset_dir in datasets_found:
-        rel = dataset_dir.relative_to(run_dir).as_posix() if dataset_dir != run_dir else "."
-        slug = sanitize_label(rel if rel != "." else "dataset")
-        # the run folder may be the dataset itself (`sip report runs/fmnist-aug`): name it by its folder
-        rel = rel if rel != "." else dataset_dir.resolve().name
-        rows, count = grid_rows(dataset_dir, max_sources, max_variants)
-        body.append(f"<h3>{_esc(rel)}</h3><p class='meta'>{_esc(dataset_summary(dataset_dir, count))}</p>")
-        if not rows:
-            body.append("<p class='note'>This dataset lists no images yet.</p>")
-            continue
-        title = (f"{rel}: real images (left) and their sip variants" if any(r.source for r in rows)
-                 else f"{rel}: txt2img images per class")
-        grid_png = plot_grid(rows, out / f"grid-{slug}.png", title)
-        body.append(f"<p><img class='figure' src='{grid_png.name}' alt='grid of sources and variants'></p>")
-        body.append("<details open><summary>Each source with its caption, prompt and variants</summary>")
-        for i, row in enumerate(rows):
-            cells = []
-            if row.source:
-                if row.source_image is not None:
-                    src = _save_tile(row.source_image, out / "images" / slug / f"{i:03d}-source.png")
-                    cells.append(f"<figure class='source'><img src='{src}' alt='source'>")
-                else:
-                    cells.append("<figure class='source'><div class='note'>source not found</div>")
-                cells.append(f"<figcaption><b>{_esc(row.label)}</b><br>{_esc(row.source)}<br>"
-                             f"<i>caption:</i> {_esc(row.caption)}"
-                             + (f"<br><span class='note'>{_esc(row.source_note)}</span>" if row.source_note else "")
-                             + "</figcaption></figure>")
-            for k, (image, meta) in enumerate(row.variants):
-                tile = _save_tile(image, out / "images" / slug / f"{i:03d}-v{k}.png")
-                caption = f"seed {meta.get('seed')}" + (f", strength {meta['strength']}" if meta.get("strength") else "")
-                if not row.source:
-                    caption = f"<b>{_esc(row.label)}</b><br>{_esc(meta.get('prompt'))}<br>{caption}"
-                cells.append(f"<figure><img src='{tile}' alt='variant'><figcaption>{caption}</figcaption></figure>")
-            prompts = list(dict.fromkeys(m.get("prompt") for _, m in row.variants if m.get("prompt")))
-            if row.source and prompts:
-                cells.append("<div class='prompt'><i>prompt:</i> " + "<br>".join(_esc(p) for p in prompts) + "</div>")
-            body.append("<div class='row'>" + "".join(cells) + "</div>")
-        body.append("</details>")
-        missing = sum(1 for r in rows if r.source and r.source_image is None)
-        if missing:
-            notes.append(f"{missing} source images of {rel} not found on this machine")
-
+    _dataset_section(run_dir, datasets_found, out, max_sources, max_variants, body, notes)
     # 4. training curves
-    body.append("<h2>Training curves</h2>")
-    runs = read_metric_runs(metrics_files, run_dir)
-    if runs:
-        keys = plot_curves(runs, out / "curves.png")
-        body.append("<p><img class='figure' src='curves.png' alt='training curves'></p>")
-        body.append("<p class='meta'>Runs: " + ", ".join(
-            f"<b>{_esc(n)}</b> (<code>{_esc(p.relative_to(run_dir))}</code>)"
-            for p, n in zip(metrics_files, run_names(metrics_files, run_dir)) if n in runs)
-            + ". Series: " + ", ".join(_esc(k) for k in keys) + ".</p>")
-    else:
-        body.append(f"<p class='note'>No training metrics found (looked for <code>metrics.jsonl</code> with numeric "
-                    f"values in {_esc(run_dir)} and three levels below).</p>")
-        notes.append("no training metrics")
-
+    _curves_section(run_dir, metrics_files, out, body, notes)
     # 5. accuracy table
-    body.append("<h2>Accuracy of the compared runs</h2>")
-    if results:
-        columns = _table_columns(results)
-        best = {}
-        for c in columns:
-            values = [as_number(r.get(c)) for r in results]
-            if re.search(r"top1|top5|acc", c, re.IGNORECASE) and len(results) > 1 and any(v is not None for v in values):
-                best[c] = max(v for v in values if v is not None)
-        head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
-        lines = []
-        for r in results:
-            cells = "".join(
-                ("<td class='best'>" if c in best and as_number(r.get(c)) == best[c] else "<td>")
-                + f"{_esc(_fmt(r.get(c)))}</td>" for c in columns)
-            lines.append(f"<tr>{cells}</tr>")
-        body.append(f"<table class='acc'><tr>{head}</tr>{''.join(lines)}</table>"
-                    f"<p class='meta'>From {_esc(results_from)}; best per accuracy column in bold.</p>")
-        (out / "accuracy.md").write_text(markdown_table(results), encoding="utf-8")
-    else:
-        body.append(f"<p class='note'>No results found (looked for <code>{_esc(run_dir / 'results.json')}</code> and "
-                    "<code>final_metrics.json</code> next to the metrics files).</p>")
-        notes.append("no accuracy table")
+    _accuracy_section(run_dir, results, results_from, out, body, notes)
 
     # 6. the page (written to a temp name, then renamed)
     import sip

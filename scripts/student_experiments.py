@@ -20,6 +20,11 @@ same KD recipe and steps), ``datafree`` (txt2img only, no real image; run seed d
 ``vit_sip`` with SPT and LSA switched off (the ablation); ``vit_sip_lanczos5`` is ``vit_sip`` with its crops resized
 by a Lanczos-5 kernel instead of the model's bicubic.
 
+A finished run folder is reused only when its saved, resolved config equals the requested one (recipe + every
+``--set``, keys that do not change results such as threads left out); a different finished run is refused with the
+differing keys, or redone with ``--rerun``. Paired gains (``PAIRS``) are stated with :mod:`sip.report.stats`: mean,
+standard error, t-based 95% interval and p-value over the draws.
+
 ``--init-from DIR`` is a warm restart (SGDR, Loshchilov & Hutter 2017), as the teachers' ``*_restart`` recipes: each
 run starts from the finished weights of the same arm and draw under DIR and trains a second cosine cycle (set its
 length and peak with ``--set optim.epochs=… --set optim.lr=…``) on new augmentation draws (run seed 100 + draw).
@@ -38,7 +43,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
+from sip.config import load_config, to_dict  # noqa: E402
+from sip.report.stats import paired_comparison  # noqa: E402
 SIP = str(Path(sys.executable).with_name("sip"))
 ARMS = {
     "cnn_sip": ("fmnist_student_cnn_sip.yaml", []),
@@ -80,11 +92,32 @@ def command(arm: str, draw: int, args) -> tuple[list[str], Path]:
     return cli, out
 
 
+def finished_is_requested(cli: list[str], out: Path, rerun: bool) -> bool:
+    """True when ``out`` holds a finished run of exactly the recipe and overrides in ``cli``; False when it
+    holds another one and ``rerun`` is set; raises :class:`scripts.finished_runs.StaleRunError` otherwise."""
+    from sip.distill.run import DistillRecipe
+    from sip.train.run_dir import recipe_changes
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        if rerun:
+            return False
+        raise SystemExit(f"{out} has final_metrics.json but no config.yaml: it cannot be checked against the "
+                         f"requested run; move it away or pass --rerun")
+    overrides = [value for flag, value in zip(cli, cli[1:]) if flag == "--set"]
+    requested = load_config(DistillRecipe, ROOT / cli[1], overrides)
+    changed = recipe_changes(requested, saved)
+    return reuse_or_refuse(out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
+                           flat(to_dict(requested)))
+
+
 def run_one(arm: str, draw: int, args) -> dict | None:
     cli, out = command(arm, draw, args)
     done = out / "final_metrics.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        if finished_is_requested(cli, out, args.rerun):
+            return json.loads(done.read_text())
+        cli += ["--set", "run.resume=false"]  # --rerun: start this folder over
     if args.report:
         print(f"  {arm} draw {draw}: not finished ({out})", flush=True)
         return None
@@ -125,6 +158,8 @@ def main() -> None:
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm restart: start each run from DIR/<arm>_d<draw> (a finished run of the same arm)")
     p.add_argument("--report", action="store_true", help="tabulate the finished runs only; start none")
+    p.add_argument("--rerun", action="store_true",
+                   help="redo a finished run whose saved config differs from the requested one (default: refuse)")
     args = p.parse_args()
 
     work = [(arm, d) for d in args.draws for arm in args.only]
@@ -146,14 +181,10 @@ def main() -> None:
     for a, b in (pair for pair in PAIRS if set(pair) <= set(args.only)):
         both = [d for d in args.draws if results[(a, d)] and results[(b, d)]]
         if len(both) > 1:
-            diffs = [results[(a, d)]["top1"] - results[(b, d)]["top1"] for d in both]
-            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
-            se = std / len(diffs) ** 0.5
-            paired[f"{a} - {b}"] = {"diffs": [round(x, 2) for x in diffs], "mean": round(mean, 2), "std": round(std, 2),
-                                    "se": round(se, 2), "mean_over_se": round(mean / se, 2) if se else None}
-            print(f"{a} - {b}, paired by draw ({' '.join(map(str, both))}): {', '.join(f'{x:+.2f}' for x in diffs)}; "
-                  f"mean {mean:+.2f}, "
-                  f"std {std:.2f}, standard error {se:.2f} (mean = {mean / se if se else float('inf'):.1f} SE)")
+            gain = paired_comparison([results[(a, d)]["top1"] for d in both], [results[(b, d)]["top1"] for d in both])
+            paired[f"{a} - {b}"] = {**gain.to_dict(2), "draws": both}
+            print(f"{a} - {b}, paired by draw ({' '.join(map(str, both))}): "
+                  f"{', '.join(f'{x:+.2f}' for x in gain.diffs)}; {gain.describe(' pt')}")
     print(json.dumps({**summary, "paired": paired}))
 
 

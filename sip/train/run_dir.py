@@ -66,6 +66,20 @@ def _prune(data: Any, known: dict[str, Any], prefix: str = "") -> Any:
     return out
 
 
+def recipe_changes(recipe: Any, saved: str | Path) -> list[str]:
+    """The dotted keys that decide a run's outputs and differ between ``recipe`` and the config saved at ``saved``.
+
+    Keys that do not change results (threads, progress, evaluation batch size, ...) are left out, and unset
+    keys compare equal to their resolved defaults, so an empty list means: the run at ``saved`` is this run.
+
+    Args:
+        recipe: The requested recipe (e.g. a ``TrainRecipe`` or ``DistillRecipe``).
+        saved: A run folder's ``config.yaml``.
+    """
+    old, new = _resume_view(recipe, Path(saved)), _resume_view(recipe)
+    return sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE_KEYS and old.get(k) != new.get(k))
+
+
 def prepare_run_dir(recipe: Any, run_dir: str | Path) -> tuple[Path, bool]:
     """Create ``run_dir``, check a resumed run has the same recipe, and write the resolved config.
 
@@ -78,9 +92,7 @@ def prepare_run_dir(recipe: Any, run_dir: str | Path) -> tuple[Path, bool]:
     resume = recipe.run.resume and has_checkpoint
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
-        old, new = _resume_view(recipe, saved), _resume_view(recipe)
-        changed = sorted(k for k in set(old) | set(new)
-                         if k not in _RESUME_FREE_KEYS and old.get(k) != new.get(k))
+        changed = recipe_changes(recipe, saved)
         if changed:
             raise ConfigError(
                 f"{run_dir} holds a checkpoint of a run with a different recipe (changed: {', '.join(changed[:8])}). "

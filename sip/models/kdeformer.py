@@ -100,7 +100,9 @@ def kdeformer_config(attention: str, settings: dict | None, where: str) -> KDEfo
     known = set(KDEformerConfig.__dataclass_fields__)
     if unknown := sorted(set(settings) - known):
         raise ValueError(f"{where}.kdeformer has unknown keys {unknown}; known: {sorted(known)}")
-    return KDEformerConfig(**settings)
+    from sip.config import from_dict  # typed like a recipe section: an integer key given 1.5 or NaN names itself
+
+    return from_dict(KDEformerConfig, settings, prefix=f"{where}.kdeformer")
 
 
 def _gray_to_rank(bits: torch.Tensor) -> torch.Tensor:
@@ -181,7 +183,9 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     # 3. sampled part: keys by value norm mixed with uniform, over valid keys only. Each query block draws its
     #    own keys (G = nb groups): the blocks' errors are then independent, so they do not add up along one
     #    direction (with one shared sample set, G = 1, the spectral error grows like √(d / S) instead of 1 / √S)
-    vn = kv[..., d:d + dv].float().pow(2).sum(-1)
+    # the sampling distribution is a choice, not a function to differentiate: for any fixed one the estimates
+    # are unbiased, so their gradients (with the draws held fixed) are unbiased too
+    vn = kv[..., d:d + dv].detach().float().pow(2).sum(-1)
     probs = (vn + vn.mean(-1, keepdim=True)).masked_fill(~valid_s, 0.0)
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
     groups, s = (1 if config.shared_samples else nb), config.num_samples
@@ -201,10 +205,16 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     s_smp = qb @ kv_smp[..., :d].transpose(-2, -1)  # (B, H, nb, bs, S)
     if exclude_self:  # the query's own key must not even enter the maximum (it may dominate its row)
         s_smp = s_smp.masked_fill(q_id == ko.gather(2, idx).view(b, h, groups, 1, s), float("-inf"))
-    # 4. combine with one shift per query
-    shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1)  # (B, H, nb, bs, 1)
+    # 4. combine with one shift per query. The shift cancels in num / den (and den · exp(shift)), so it is a
+    #    constant for autograd; under autograd the exponentials are taken out of place (exp's backward reads
+    #    its output, which an in-place subtraction or exponential would overwrite)
+    shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1).detach()  # (B, H, nb, bs, 1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    both = s_block.sub_(shift).exp_() @ vbk + s_smp.sub_(shift).exp_() @ v_smp  # (…, dv + 1): num | den
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        e_block, e_smp = (s_block - shift).exp(), (s_smp - shift).exp()
+    else:  # inference: reuse the score buffers
+        e_block, e_smp = s_block.sub_(shift).exp_(), s_smp.sub_(shift).exp_()
+    both = e_block @ vbk + e_smp @ v_smp  # (…, dv + 1): num | den
     # 5. back to the queries' original order (one row gather for numerator, normaliser and shift)
     out = _take_rows(torch.cat([both, shift], -1).reshape(b, h, nb * bs, dv + 2)[:, :, :n],
                      torch.argsort(qo, dim=-1))

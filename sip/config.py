@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -42,6 +43,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     args = typing.get_args(tp)
 
     if tp is Any:
+        _check_finite(value, key, source)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -56,6 +58,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 errors.append(e)
         if len(errors) == 1 and isinstance(value, dict):
             raise errors[0]  # ``Section | None`` given a mapping: the section's own error names the bad key
+        if isinstance(value, float) and not math.isfinite(value):
+            _check_finite(value, key, source)  # ``float | None`` given NaN: say so, not "expected float | None"
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_where(source)}")
     if origin is Literal:
         if value not in args:
@@ -86,6 +90,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}{_where(source)}")
+        _check_finite(value, key, source)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -105,7 +110,37 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         return Path(value)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_where(source)}")
+    _check_finite(value, key, source)  # a bare ``dict`` / ``list`` field holds free-form numbers
     return value
+
+
+def _check_finite(value: Any, key: str, source: str | None) -> None:
+    """Refuse NaN and ±inf anywhere in ``value`` (numbers inside free-form mappings and lists included): no recipe
+    setting means anything at NaN or infinity, and NaN slips past every range check (``nan < 0`` is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}{_where(source)}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}", source)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", source)
+
+
+def _check_not_empty(value: Any, field: dataclasses.Field, key: str, source: str | None) -> None:
+    """Refuse an empty (or blank) string where the field's default is not itself empty: an empty name, path or
+    choice would otherwise fall back to the default silently (``data.interpolation=`` ran as the model's own)."""
+    blank = [i for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value])
+             if isinstance(v, str) and not v.strip()]
+    if not blank or field.default == "":
+        return
+    if isinstance(value, (list, tuple)):
+        where, hint = f"{key}[{blank[0]}]", "remove the empty item"
+    elif field.default is None:
+        where, hint = key, "set null (the default) or a value"
+    else:
+        where, hint = key, f"remove the key for the default ({field.default!r}) or set a value"
+    raise ConfigError(f"{where}: an empty string is not a valid value; {hint}{_where(source)}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, prefix: str = "") -> T:
@@ -133,6 +168,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key, source)
+        _check_not_empty(kwargs[name], fields[name], key, source)
     try:
         return cls(**kwargs)
     except ConfigError:

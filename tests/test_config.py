@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -295,3 +296,82 @@ def test_save_config_round_trip(tmp_path):
 def test_from_dict_prefix_names_nested_keys():
     with pytest.raises(ConfigError, match=r"unknown key recipe\.generate\.x; valid keys of recipe\.generate"):
         from_dict(Recipe, {"generate": {"x": 1}}, prefix="recipe")
+
+
+# --- NaN, infinity and empty strings (issue 31, findings 2 and 4) ---------------------------------------------
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("distill", "batch_mix.cutmix_alpha=.nan", "batch_mix.cutmix_alpha"),
+    ("distill", "batch_mix.mixup_alpha=.inf", "batch_mix.mixup_alpha"),
+    ("train", "model.kdeformer.min_tokens=.nan", "model.kdeformer.min_tokens"),
+    ("train", "model.kdeformer.block_size=.nan", "model.kdeformer.block_size"),
+    ("train", "model.kwargs.embed_dim=-.inf", "model.kwargs.embed_dim"),
+    ("train", "optim.grad_clip=.inf", "optim.grad_clip"),
+    ("train", "data.scale=[.nan, 1.0]", "data.scale[0]"),
+    ("synth", "ray.num_cpus=.nan", "ray.num_cpus"),
+    ("synth", "ray.num_gpus=.inf", "ray.num_gpus"),
+    ("synth", "generate.guidance_scale=.nan", "generate.guidance_scale"),
+    ("synth", "generate.kdeformer.num_samples=.nan", "generate.kdeformer.num_samples"),
+])
+def test_nan_and_infinity_are_refused_by_key(recipe, override, key):
+    """NaN passed every range check (``nan < 0`` is false) and ran as if the key were unset; inf reached Ray."""
+    cls, base = _recipe(recipe)
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ": must be a finite number"):
+        load_config(cls, None, base + [override])
+
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("train", "data.interpolation=", "data.interpolation"),
+    ("train", "data.real.split=", "data.real.split"),
+    ("train", "data.auto_augment=''", "data.auto_augment"),
+    ("train", "model.checkpoint=''", "model.checkpoint"),
+    ("synth", "generate.tiny_vae=", "generate.tiny_vae"),
+    ("synth", "generate.lora=' '", "generate.lora"),
+    ("synth", "generate.device=", "generate.device"),
+    ("synth", "ray.address=", "ray.address"),
+    ("synth", "classes=[shirt, '']", r"classes\[1\]"),
+    ("distill", "logits=", "logits"),
+])
+def test_empty_strings_are_refused_where_the_default_is_not_empty(recipe, override, key):
+    """An empty name fell back to the default silently (``data.interpolation=`` ran as the model's own)."""
+    cls, base = _recipe(recipe)
+    with pytest.raises(ConfigError, match=rf"^{key}: an empty string is not a valid value"):
+        load_config(cls, None, base + [override])
+
+
+def test_an_empty_string_stays_valid_where_it_is_the_default():
+    from sip.augment.run import SynthRecipe
+    from sip.demo import DemoRecipe
+
+    assert load_config(SynthRecipe, None, ["prompt.negative_prompt="]).prompt.negative_prompt == ""
+    assert load_config(DemoRecipe, None, ["model="]).model == ""
+
+
+def test_kdeformer_settings_are_typed_like_a_section():
+    from sip.train.recipe import TrainRecipe
+
+    with pytest.raises(ConfigError, match=r"^model.kdeformer.block_size: expected an integer, got 1.5"):
+        load_config(TrainRecipe, None, ["model.attention=kdeformer", "model.kdeformer.block_size=1.5"])
+
+
+@pytest.mark.parametrize("value", ["bogus", "random"])
+def test_unknown_interpolation_is_refused(value):
+    from sip.train.recipe import TrainRecipe
+
+    with pytest.raises(ConfigError, match="interpolation must be one of nearest, bilinear, bicubic"):
+        load_config(TrainRecipe, None, [f"data.interpolation={value}"])
+    assert load_config(TrainRecipe, None, ["data.interpolation=lanczos5"]).data.interpolation == "lanczos5"
+
+
+def _recipe(kind: str):
+    if kind == "train":
+        from sip.train.recipe import TrainRecipe
+
+        return TrainRecipe, []
+    if kind == "synth":
+        from sip.augment.run import SynthRecipe
+
+        return SynthRecipe, []
+    from sip.distill.run import DistillRecipe
+
+    return DistillRecipe, ["teachers=[{name: resnet10t, pretrained: true}]"]

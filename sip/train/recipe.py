@@ -14,6 +14,10 @@ from sip.models.kdeformer import kdeformer_config
 # 1. The recipe
 # ----------------------------------------------------------------------------------------------------
 
+# resize filters every transform sip builds takes (timm's PIL names; lanczos = sip's Lanczos, orders 2-5)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class EvalSourceConfig(SourceConfig):
     """A :class:`~sip.data.sources.SourceConfig` whose defaults point at a held-out split (Fashion-MNIST's
@@ -68,7 +72,10 @@ class DataSection:
         if self.interpolation is not None:
             from sip.data.lanczos import parse_interpolation
 
-            parse_interpolation(self.interpolation)  # lanczosN with N outside {2, 3, 4, 5}: a clear error
+            kind, _ = parse_interpolation(self.interpolation)  # lanczosN with N outside {2, 3, 4, 5}: a clear error
+            if kind not in INTERPOLATIONS:  # timm would fail deep in a transform, or (empty) take the model's own
+                raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)} or lanczos2-lanczos5 (or "
+                                 f"null for the model's own), got {self.interpolation!r}")
 
 
 @dataclass(frozen=True)

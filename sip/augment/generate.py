@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from sip.augment.guidance import TargetedGuidance, guiding
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
 from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, load_diffusion_pipeline,
@@ -247,7 +248,7 @@ class DiffusionGenerator:
     @torch.inference_mode()
     def img2img(self, images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int],
                 negative_prompt: str = "", *, strength: float | None = None, guidance_scale: float | None = None,
-                steps: int | None = None) -> list[Image.Image]:
+                steps: int | None = None, guide: TargetedGuidance | None = None) -> list[Image.Image]:
         """Redraw each image under its prompt, one seed per image (call with ≤ batch_size images).
 
         Args:
@@ -258,6 +259,7 @@ class DiffusionGenerator:
             strength (float, optional): img2img strength. Defaults to ``config.strength``.
             guidance_scale (float, optional): classifier-free guidance. Defaults to ``config.guidance_scale``.
             steps (int, optional): denoising steps. Defaults to ``config.steps``.
+            guide (TargetedGuidance, optional): teacher guidance, one class per image (:mod:`sip.augment.guidance`).
         """
         strength, guidance_scale, steps = self.sampling(strength, guidance_scale, steps)
         kw = {"strength": strength, "guidance_scale": guidance_scale, "steps": steps}
@@ -272,13 +274,13 @@ class DiffusionGenerator:
         if self.config.batch_invariant and len(images) > 1:
             return [im for i in range(len(images))
                     for im in self.img2img(images[i : i + 1], prompts[i : i + 1], seeds[i : i + 1], negative_prompt,
-                                           **kw)]
+                                           **kw, guide=guide and guide[i : i + 1])]
         # 2. fit sources to the generation size
         fitted = [fit_image(im, self.size, self.config.resize) for im in images]
         generators = self._generators(seeds)
         guided = runs_cfg(self.pipe.unet, guidance_scale)
         negatives = [negative_prompt] * len(prompts) if guided else None
-        with self._autocast(), self._unet_speedups():
+        with self._autocast(), self._unet_speedups(), guiding(self.pipe, guide):
             if not self._fast:
                 out = self.pipe(prompt=list(prompts), image=fitted, strength=strength,
                                 num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -331,7 +333,8 @@ class DiffusionGenerator:
 
     @torch.inference_mode()
     def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "", *,
-                 guidance_scale: float | None = None, steps: int | None = None) -> list[Image.Image]:
+                 guidance_scale: float | None = None, steps: int | None = None,
+                 guide: TargetedGuidance | None = None) -> list[Image.Image]:
         """Generate one image per prompt at the generation size, one seed per image.
 
         Args:
@@ -340,6 +343,7 @@ class DiffusionGenerator:
             negative_prompt (str): shared negative prompt. Defaults to "".
             guidance_scale (float, optional): classifier-free guidance. Defaults to ``config.guidance_scale``.
             steps (int, optional): denoising steps. Defaults to ``config.steps``.
+            guide (TargetedGuidance, optional): as in :meth:`img2img`.
         """
         _, guidance_scale, steps = self.sampling(None, guidance_scale, steps)
         if len(prompts) != len(seeds):
@@ -348,10 +352,10 @@ class DiffusionGenerator:
             return []
         if self.config.batch_invariant and len(prompts) > 1:
             return [im for i in range(len(prompts))
-                    for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt,
-                                            guidance_scale=guidance_scale, steps=steps)]
+                    for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt, guidance_scale=
+                                            guidance_scale, steps=steps, guide=guide and guide[i : i + 1])]
         guided = runs_cfg(self.pipe.unet, guidance_scale)
-        with self._autocast(), self._unet_speedups():
+        with self._autocast(), self._unet_speedups(), guiding(self.txt2img, guide):
             if self._fast:  # each distinct prompt encoded once
                 prompt_embeds, negative_embeds = self._encode_prompts(list(prompts), negative_prompt, guided)
                 kwargs = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}

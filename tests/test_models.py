@@ -211,3 +211,89 @@ def test_precision_auto_follows_torchs_amx_probe_in_every_stage(amx, monkeypatch
     big = ImageNetTopKCaptioner(tiny_classifier, names, image_size=224, precision="auto")
     assert big.precision == want and big.identity.endswith(":bf16") is amx
     assert ImageNetTopKCaptioner(tiny_classifier, names, image_size=64, precision="auto").precision == "fp32"
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA and tiny-VAE paths (issue 31, finding 2): the key, what it needs, before the model loads
+# --------------------------------------------------------------------------------------------------
+
+def _generator_with(tmp_path, **paths):
+    """Build a generator whose Stable Diffusion folder does not exist: a path error raised here came first."""
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig
+
+    return DiffusionGenerator.from_config(GenerateConfig(model=str(tmp_path / "no-model"), device="cpu", **paths))
+
+
+def test_a_lora_that_is_not_safetensors_names_the_key_before_the_model_loads(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a LoRA\n")
+    with pytest.raises(ValueError, match=r"generate.lora: .*notes.txt is not a safetensors file.*takes a LoRA in "
+                                         r"safetensors format"):
+        _generator_with(tmp_path, lora=str(text))
+    fake = tmp_path / "fake.safetensors"  # the right suffix, other bytes
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="generate.lora: .*fake.safetensors is not a safetensors file"):
+        _generator_with(tmp_path, lora=str(fake))
+
+
+def test_a_model_weights_file_is_not_taken_for_a_lora(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2), "conv_in.bias": torch.zeros(2)}, str(weights))
+    with pytest.raises(ValueError, match="holds 2 tensors, none of them LoRA weights"):
+        _generator_with(tmp_path, lora=str(weights))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("a", "b"):
+        save_file({"lora_A.weight": torch.zeros(2, 2)}, str(folder / f"{name}.safetensors"))
+    with pytest.raises(FileNotFoundError, match="generate.lora: folder .*two holds 2 .safetensors files, not one"):
+        _generator_with(tmp_path, lora=str(folder))
+
+
+def test_the_shipped_model_as_tiny_vae_is_refused_with_a_hint_that_works(tmp_path):
+    """sip's own hint named the shipped pipeline, which AutoencoderTiny cannot load (OSError: no config.json)."""
+    from sip.models.diffusion import DEFAULT_SD_MODEL
+
+    with pytest.raises(ValueError) as info:
+        _generator_with(tmp_path, tiny_vae=DEFAULT_SD_MODEL)
+    message = str(info.value)
+    assert message.startswith(f"generate.tiny_vae: {DEFAULT_SD_MODEL} holds a pipeline whose vae/ is an "
+                              "AutoencoderKL, not an AutoencoderTiny")
+    assert "madebyollin/taesd" in message and "leave generate.tiny_vae null" in message
+    with pytest.raises(FileNotFoundError) as info:
+        _generator_with(tmp_path, tiny_vae=str(tmp_path / "taesd"))
+    assert "generate.tiny_vae: tiny VAE folder" in str(info.value) and DEFAULT_SD_MODEL not in str(info.value)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with pytest.raises(ValueError, match="generate.tiny_vae: .*notes.txt is a file, not a model folder"):
+        _generator_with(tmp_path, tiny_vae=str(notes))
+    with pytest.raises(ValueError, match="holds an AutoencoderKL, not an AutoencoderTiny"):
+        _generator_with(tmp_path, tiny_vae=f"{DEFAULT_SD_MODEL}/vae")
+
+
+def test_a_pipeline_folder_whose_vae_is_tiny_is_a_tiny_vae(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from sip.models.diffusion import load_tiny_vae
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    tiny.save_pretrained(tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderTiny"]}))
+    loaded = load_tiny_vae(str(tmp_path / "pipe"), device="cpu")
+    assert type(loaded).__name__ == "AutoencoderTiny"
+    assert torch.equal(loaded.decoder.layers[0].weight, tiny.decoder.layers[0].weight)
+
+
+def test_model_hints_name_a_model_of_the_kind_asked_for(tmp_path):
+    from sip.models.diffusion import DEFAULT_SD_MODEL
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="only config.json .a single model, not a pipeline."):
+        load_diffusion_pipeline(str(tmp_path / "unet"))  # was a traceback from diffusers
+    with pytest.raises(FileNotFoundError) as info:
+        check_model_source(str(tmp_path / "blip"), "captioner")
+    assert "Salesforce/blip-image-captioning-base" in str(info.value) and DEFAULT_SD_MODEL not in str(info.value)

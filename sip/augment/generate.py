@@ -20,8 +20,8 @@ from PIL import Image
 from sip.augment.guidance import TargetedGuidance, guiding
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
-from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, load_diffusion_pipeline,
-                                  load_lora, load_tiny_vae, resolve_scheduler, runs_cfg)
+from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, check_generation_paths, few_step_advice,
+                                  load_diffusion_pipeline, load_lora, load_tiny_vae, resolve_scheduler, runs_cfg)
 from sip.models.kdeformer import kdeformer_config
 from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, resolve_precision
 
@@ -197,6 +197,7 @@ class DiffusionGenerator:
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
         """Load ``config.model`` (hub id or folder) and build the generator."""
+        check_generation_paths(config.lora, config.tiny_vae)  # a bad LoRA / tiny VAE path fails before the model loads
         pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
         pipe = prepare_pipeline(load_lora(pipe, config.lora, config.lora_scale) if config.lora else pipe, config)
         tiny = load_tiny_vae(config.tiny_vae, config.dtype, config.device) if config.tiny_vae else None

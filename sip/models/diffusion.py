@@ -28,6 +28,19 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
 
 
+# a hub id that works for each kind of model a key takes, named in the hints (sip ships only a Stable Diffusion model)
+MODEL_EXAMPLES = {"Stable Diffusion model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                  "captioner": "Salesforce/blip-image-captioning-base", "CLIP model": "openai/clip-vit-base-patch32",
+                  "tiny VAE": "madebyollin/taesd", "LoRA": "latent-consistency/lcm-lora-sdv1-5"}
+
+
+def _example(what: str) -> str:
+    """How to get a model of kind ``what``: a hub id of that kind, and the shipped folder for Stable Diffusion."""
+    hub = next((v for k, v in MODEL_EXAMPLES.items() if what.startswith(k)), "<org>/<name>")
+    shipped = f", or the shipped {DEFAULT_SD_MODEL}" if what.startswith("Stable Diffusion") else ""
+    return f"a hub id such as {hub} (`huggingface-cli download {hub} --local-dir DIR` on a machine with network){shipped}"
+
+
 def check_model_source(name: str, what: str = "model") -> str:
     """Fail early for a model folder that does not exist, or a hub id while offline with no cache.
 
@@ -38,11 +51,8 @@ def check_model_source(name: str, what: str = "model") -> str:
         check_pipeline_folder(path, what)
         return str(path)
     if looks_like_path(name) or name.count("/") > 1:
-        raise FileNotFoundError(
-            f"{what} folder {path} does not exist. Pass a folder written by save_pretrained, or a hub id "
-            f"(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); on a machine with network, "
-            f"`huggingface-cli download <id> --local-dir {path}` fetches one."
-        )
+        raise FileNotFoundError(f"{what} folder {path} does not exist. Pass a folder written by save_pretrained, or "
+                                f"{_example(what)}.")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         try:
             from huggingface_hub import snapshot_download
@@ -52,13 +62,14 @@ def check_model_source(name: str, what: str = "model") -> str:
             raise FileNotFoundError(
                 f"{what} {name!r} is a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache. "
                 f"Download it on a machine with network (`huggingface-cli download {name}`), or pass a local "
-                f"folder. The shipped default is {DEFAULT_SD_MODEL}."
+                f"folder" + (f"; the shipped default is {DEFAULT_SD_MODEL}." if what.startswith("Stable") else ".")
             ) from e
     return name
 
 
 def check_pipeline_folder(path: Path, what: str = "model") -> None:
-    """A diffusers pipeline folder (``model_index.json``) must hold every component it lists.
+    """A diffusers pipeline folder (``model_index.json``) must hold every component it lists; a Stable Diffusion
+    model must be a pipeline, other models (captioner, CLIP) a single model's folder (``config.json``).
 
     Raises:
         FileNotFoundError: naming the folder, the missing component(s) and how to get a whole model.
@@ -66,14 +77,14 @@ def check_pipeline_folder(path: Path, what: str = "model") -> None:
     index = path / "model_index.json"
     if not path.is_dir():
         raise FileNotFoundError(f"{what} {path} is a file, not a model folder; pass a folder written by "
-                                f"save_pretrained (e.g. {DEFAULT_SD_MODEL}) or a hub id")
+                                f"save_pretrained, or {_example(what)}")
     if not index.is_file():
-        if (path / "config.json").is_file():
-            return  # a single model (e.g. a tiny VAE), not a pipeline
-        raise FileNotFoundError(
-            f"{what} folder {path} has no model_index.json (nor config.json): it is not a diffusers model. Pass a "
-            f"folder written by save_pretrained, e.g. `huggingface-cli download stable-diffusion-v1-5/"
-            f"stable-diffusion-v1-5 --local-dir {path}` on a machine with network, or the shipped {DEFAULT_SD_MODEL}.")
+        if (path / "config.json").is_file() and not what.startswith("Stable Diffusion"):
+            return  # a single model (a captioner, a CLIP model), not a pipeline
+        found = "only config.json (a single model, not a pipeline)" if (path / "config.json").is_file() else \
+            "no model_index.json (nor config.json)"
+        raise FileNotFoundError(f"{what} folder {path} has {found}: it is not a diffusers pipeline. Pass a folder "
+                                f"written by save_pretrained, or {_example(what)}.")
     try:
         components = json.loads(index.read_text())
     except (OSError, ValueError) as e:
@@ -84,8 +95,8 @@ def check_pipeline_folder(path: Path, what: str = "model") -> None:
     if missing:
         raise FileNotFoundError(
             f"{what} folder {path} is incomplete: missing {', '.join(f'{m}/' for m in missing)} (listed in "
-            f"model_index.json). Copy or download the whole model (e.g. `huggingface-cli download <id> --local-dir "
-            f"{path}` on a machine with network), or pass the shipped {DEFAULT_SD_MODEL}.")
+            f"model_index.json). Copy or download the whole model (`huggingface-cli download <id> --local-dir "
+            f"{path}` on a machine with network), or pass {_example(what)}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,43 +241,121 @@ def few_step_advice(pipe: Any, steps: int, guidance_scale: float, cache_interval
     return None
 
 
+def lora_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Where ``generate.lora`` points: ``(source, kwargs)`` for ``load_lora_weights``, checked before any model loads.
+
+    Args:
+        name (str): a hub id, a folder holding one ``*.safetensors`` LoRA file, or that file.
+
+    Raises:
+        FileNotFoundError: the path does not exist, or a folder holds no or several ``.safetensors`` files.
+        ValueError: the file is not a safetensors file, or holds no LoRA weights.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"generate.lora: folder {path} holds {len(files)} .safetensors files, not one; pass "
+                                    f"the LoRA file itself (generate.lora: {path}/<name>.safetensors)")
+        path = files[0]
+    if path.is_file():
+        _check_lora_file(path)
+        return str(path.parent), {"weight_name": path.name}
+    if looks_like_path(name) or name.count("/") > 1:
+        raise FileNotFoundError(f"generate.lora: {path} does not exist; pass a .safetensors LoRA file, a folder holding "
+                                f"one, or a hub id such as latent-consistency/lcm-lora-sdv1-5")
+    return check_model_source(name, "LoRA (generate.lora)"), {}
+
+
+def _check_lora_file(path: Path) -> None:
+    """A LoRA file is a safetensors file whose tensor names say LoRA (``lora_A`` / ``lora_down`` / ``lora.up`` …)."""
+    from safetensors import SafetensorError, safe_open
+
+    need = (f"generate.lora takes a LoRA in safetensors format (diffusers' save_lora_weights, or a kohya / "
+            f"A1111 .safetensors LoRA), e.g. latent-consistency/lcm-lora-sdv1-5")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"generate.lora: {path} is not a safetensors file ({e}); {need}") from e
+    if not any("lora" in k.lower() for k in keys):
+        raise ValueError(f"generate.lora: {path} holds {len(keys)} tensors, none of them LoRA weights (names with "
+                         f"lora_A / lora_down …): it is a model's weights, not a LoRA; {need}")
+
+
 def load_lora(pipe: Any, name: str, scale: float = 1.0) -> Any:
     """Load LoRA weights (an LCM-LoRA, a style LoRA) into ``pipe`` and fuse them at ``scale``, in place.
 
     Fused, a LoRA costs nothing per step. ``name``: a hub id (``latent-consistency/lcm-lora-sdv1-5``), a folder
-    holding one ``*.safetensors`` LoRA file (diffusers' ``save_lora_weights`` layout), or that file.
+    holding one ``*.safetensors`` LoRA file (diffusers' ``save_lora_weights`` layout), or that file
+    (see :func:`lora_source`).
     """
     try:
         import peft  # noqa: F401  (diffusers loads LoRAs through peft)
     except ImportError as e:
         raise ImportError("generate.lora needs peft: pip install 'sip[lora]'") from e
-    path = Path(name).expanduser()
-    kwargs: dict[str, Any] = {}
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"LoRA folder {path} holds {len(files)} .safetensors files, not one; pass the "
-                                    f"file itself (generate.lora: {path}/<name>.safetensors)")
-        path = files[0]
-    if path.is_file():
-        source, kwargs = str(path.parent), {"weight_name": path.name}
-    elif looks_like_path(name) or name.count("/") > 1:
-        raise FileNotFoundError(f"LoRA {path} does not exist; pass a .safetensors LoRA file, a folder holding one, or "
-                                f"a hub id such as latent-consistency/lcm-lora-sdv1-5")
-    else:
-        source = check_model_source(name, "LoRA")
+    source, kwargs = lora_source(name)
     pipe.load_lora_weights(source, **kwargs)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     return pipe
 
 
+TINY_VAE_HINT = ("generate.tiny_vae takes an AutoencoderTiny (TAESD family): a hub id such as madebyollin/taesd "
+                 "(SD 1.x/2.x) or madebyollin/taesdxl (SDXL), or a folder of one (`huggingface-cli download "
+                 "madebyollin/taesd --local-dir taesd` on a machine with network); sip's shipped models have no tiny "
+                 "VAE (their own decoder is already small): leave generate.tiny_vae null for them")
+
+
+def tiny_vae_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Where ``generate.tiny_vae`` points: ``(source, kwargs)`` for ``AutoencoderTiny.from_pretrained``, checked
+    before any model loads. A pipeline folder is accepted when its ``vae/`` is an ``AutoencoderTiny``.
+
+    Raises:
+        FileNotFoundError: the path does not exist, or holds no model config.
+        ValueError: the folder holds another kind of model (a full VAE, a whole pipeline with one).
+    """
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_like_path(name) or name.count("/") > 1:
+            raise FileNotFoundError(f"generate.tiny_vae: tiny VAE folder {path} does not exist; {TINY_VAE_HINT}")
+        return check_model_source(name, "tiny VAE (generate.tiny_vae)"), {}
+    if not path.is_dir():
+        raise ValueError(f"generate.tiny_vae: {path} is a file, not a model folder; {TINY_VAE_HINT}")
+    kwargs: dict[str, Any] = {}
+    config = path / "config.json"
+    if (path / "model_index.json").is_file():  # a whole pipeline: its vae/ may be a tiny one
+        config, kwargs = path / "vae" / "config.json", {"subfolder": "vae"}
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"generate.tiny_vae: {config} does not exist: {path} is not a diffusers model "
+                                f"folder; {TINY_VAE_HINT}") from e
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"generate.tiny_vae: {config} is unreadable ({e}); {TINY_VAE_HINT}") from e
+    if kind != "AutoencoderTiny":
+        what = f"a pipeline whose vae/ is an {kind}" if kwargs else f"an {kind}"
+        raise ValueError(f"generate.tiny_vae: {path} holds {what}, not an AutoencoderTiny; {TINY_VAE_HINT}")
+    return str(path), kwargs
+
+
 def load_tiny_vae(name: str, dtype: str = "float32", device: str = "auto") -> Any:
-    """An ``AutoencoderTiny`` (TAESD family) from a hub id or folder, e.g. ``madebyollin/taesd``."""
+    """An ``AutoencoderTiny`` (TAESD family) from a hub id or folder, e.g. ``madebyollin/taesd`` (see
+    :func:`tiny_vae_source`)."""
     from diffusers import AutoencoderTiny
 
-    source = check_model_source(name, "tiny VAE")
-    return AutoencoderTiny.from_pretrained(source, **{_dtype_kwarg(): resolve_dtype(dtype)}).to(resolve_device(device))
+    source, kwargs = tiny_vae_source(name)
+    return AutoencoderTiny.from_pretrained(source, **kwargs, **{_dtype_kwarg(): resolve_dtype(dtype)}).to(
+        resolve_device(device))
+
+
+def check_generation_paths(lora: str | None, tiny_vae: str | None) -> None:
+    """Check ``generate.lora`` and ``generate.tiny_vae`` before the Stable Diffusion model loads (raises as
+    :func:`lora_source` and :func:`tiny_vae_source`)."""
+    if lora:
+        lora_source(lora)
+    if tiny_vae:
+        tiny_vae_source(tiny_vae)
 
 
 def _dtype_kwarg() -> str:

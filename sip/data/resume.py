@@ -1,8 +1,8 @@
 """Resume: is a folder's run the same as this one? (used by :class:`sip.data.bank.DatasetWriter` on open).
 
 Only the keys that decide what the images are count: where and how fast they are made
-(:data:`VOLATILE_KEYS`) never does, a local path compares resolved, and the model folder shipped inside
-sip compares by its name.
+(:data:`VOLATILE_KEYS`) never does, a local path compares resolved, a local LoRA file by its content
+(:data:`CONTENT_KEYS`), and the model folder shipped inside sip compares by its name.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import sip
+from sip.ids import file_sha256
 
-__all__ = ["LAUNCH_KEYS", "PATH_KEYS", "VOLATILE_KEYS", "config_differences", "resolve_paths"]
+__all__ = ["CONTENT_KEYS", "LAUNCH_KEYS", "PATH_KEYS", "VOLATILE_KEYS", "config_differences", "resolve_paths"]
 
 # Config keys that decide where or how fast images are made, not what they are (compared nowhere).
 VOLATILE_KEYS = frozenset({"shard", "batch_size", "device", "progress", "output", "chunk", "cache", "engine", "ray"})
@@ -22,6 +23,9 @@ VOLATILE_KEYS = frozenset({"shard", "batch_size", "device", "progress", "output"
 LAUNCH_KEYS = frozenset({"processes", "launcher"})
 # Config keys that may hold a local path (stored resolved, so `IN` and `/abs/IN` are the same config).
 PATH_KEYS = frozenset({"path", "model", "tiny_vae", "cache"})
+# Config keys naming a local file whose bytes decide the images (a LoRA): stored and compared with the file's
+# SHA-256, so a file replaced under the same name is another run (a hub id compares by its name).
+CONTENT_KEYS = frozenset({"lora"})
 _SHIPPED_MODELS = Path(sip.__file__).resolve().parent / "models"
 
 
@@ -45,9 +49,22 @@ def resolve_paths(config: Any) -> Any:
     started with ``--input IN`` and one with ``--input /abs/IN`` store and compare the same value. A
     model or cache value that is not an existing local path (a hub id) is left as it is."""
     if isinstance(config, dict):
-        return {k: (_resolve(v, k == "path") if k in PATH_KEYS and isinstance(v, str) else resolve_paths(v))
+        return {k: (_resolve(v, k == "path") if k in PATH_KEYS and isinstance(v, str)
+                    else _with_digest(v) if k in CONTENT_KEYS and isinstance(v, str) else resolve_paths(v))
                 for k, v in config.items()}
     return config
+
+
+def _with_digest(value: str) -> str:
+    """A local LoRA as ``"<resolved file> sha256:<hex>"`` (a folder: its one ``.safetensors`` file); anything else
+    (a hub id, a value that already carries its digest) as it is."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        path = files[0] if len(files) == 1 else path
+    if not path.is_file():
+        return value
+    return f"{path.resolve()} sha256:{file_sha256(path)}"
 
 
 def _resolve(value: str, always: bool) -> str:

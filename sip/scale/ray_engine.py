@@ -12,23 +12,36 @@
 - **Fault tolerance is Ray's.** Ray Data restarts a dead actor and re-runs its batch; the driver, the only
   writer, skips ids already written, so nothing is lost or written twice. A killed driver is a killed run:
   run the command again and it resumes like any sip run (finished batches are not sent again).
-- Models are built once per actor; ``ray.num_gpus`` gives each generator actor its GPU.
+- **Same threads as the local engine.** CPU kernels split their sums by thread count, so an actor runs torch with
+  the driver's thread count (what ``sip`` without Ray uses on this machine), not ``ray.num_cpus``: a Ray run
+  equals a local one byte for byte, and a run killed under Ray and resumed locally (or back) stays identical.
+  ``ray.num_cpus`` is what each actor reserves for scheduling.
+- **Fails fast on a bad address** (:mod:`sip.scale.ray_address`), and a Ray this run started is stopped when the
+  run ends, is interrupted, or its driver is killed (:mod:`sip.scale.ray_reaper`).
+- Models are built once per actor; ``ray.num_gpus`` gives each generator actor its GPU. The one job API
+  (:mod:`sip.augment.jobs`) gives set-up, the grid, the skip of finished ids, the jobs and the writer.
 
 Ray is an optional extra: ``pip install 'sip[ray]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from sip.data.run_lock import hold_output
+from sip.scale.ray_address import HOW, RayAddressError, check_address
 from sip.scale.ray_config import RayConfig
+from sip.scale.ray_reaper import watch_local_ray
 
 __all__ = ["require_ray", "run_augment_ray", "run_synth_ray"]
 
@@ -47,12 +60,18 @@ def require_ray():
 
 
 def _start(ray, config: RayConfig) -> bool:
-    """Join ``config.address`` or start a local Ray; True when this call started it (and must stop it)."""
+    """Join ``config.address`` (checked first: one line within seconds when no cluster answers) or start a local
+    Ray; True when this call started it (and must stop it)."""
     if ray.is_initialized():
         return False
+    check_address(config.address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if config.address:
-        ray.init(address=config.address, **kwargs)
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=config.address, **kwargs)
+        except ConnectionError as e:  # answered the port, but is not a Ray head
+            raise RayAddressError(f"ray.address {config.address}: could not join a Ray cluster there "
+                                  f"({str(e).splitlines()[0][:200]}). {HOW}") from None
     else:
         need = config.workers * config.num_cpus + config.caption_workers * config.num_cpus
         # one CPU more than the actors reserve, for Ray Data's own tasks (else the pipeline waits forever)
@@ -80,22 +99,22 @@ def _unpack(cell: Any) -> Any:
     return pickle.loads(bytes(cell))
 
 
-def _threads(num_cpus: float) -> None:
+def _threads(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+    torch.set_num_threads(max(1, int(threads)))
 
 
 class _ReadCaption:
     """Reader + captioner actor: decodes the sources of a grid batch and captions them."""
 
-    def __init__(self, recipe: dict[str, Any], cache_path: str | None, num_cpus: float):
+    def __init__(self, recipe: dict[str, Any], cache_path: str | None, threads: int):
         from sip.augment.caption import CaptionCache, build_captioner
-        from sip.augment.run import AugmentRecipe
+        from sip.augment.jobs import AugmentRecipe
         from sip.config import from_dict
         from sip.data.sources import open_source
 
-        _threads(num_cpus)
+        _threads(threads)
         self.recipe = from_dict(AugmentRecipe, recipe)
         self.source = open_source(self.recipe.source)
         self.captioner = build_captioner(self.recipe.caption)
@@ -124,13 +143,13 @@ class _ReadCaption:
 class _Generate:
     """Generator actor: builds the jobs of a grid batch, draws them whole, filters them."""
 
-    def __init__(self, kind: str, recipe: dict[str, Any], num_cpus: float):
+    def __init__(self, kind: str, recipe: dict[str, Any], threads: int):
         from sip.augment.filter import build_filter
         from sip.augment.generate import DiffusionGenerator
-        from sip.augment.run import AugmentRecipe, SynthRecipe, batch_generator, prompt_builder
+        from sip.augment.jobs import AugmentRecipe, SynthRecipe, batch_generator, prompt_builder
         from sip.config import from_dict
 
-        _threads(num_cpus)
+        _threads(threads)
         self.kind = kind
         self.recipe = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
         self.generator = DiffusionGenerator.from_config(self.recipe.generate)
@@ -140,17 +159,16 @@ class _Generate:
                                         self.recipe.prompt.negative_prompt)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from sip.augment.jobs import augment_jobs, synth_jobs
         from sip.augment.loop import make_batch
-        from sip.augment.run import augment_job, synth_job
 
         row = _unpack(batch["row"][0])
-        cfg, negative, settings = self.recipe.generate, self.recipe.prompt.negative_prompt, self.generator.settings()
+        settings = self.generator.settings()
         if self.kind == "augment":
-            samples = row["samples"]
-            jobs = [augment_job(samples[sid], v, row["captions"][sid], row["hashes"][sid], self.builder, cfg, negative,
-                                settings) for _, sid, v in row["items"] if sid in samples]
+            jobs = augment_jobs(row["items"], row["samples"], row["captions"], row["hashes"], self.builder,
+                                self.recipe, settings)
         else:
-            jobs = [synth_job(label, k, self.builder, cfg, negative, settings) for label, k in row["items"]]
+            jobs = synth_jobs(row["items"], self.builder, self.recipe, settings)
         outcomes = make_batch(jobs, self.generate, self.filter) if jobs else []
         result = {"size": len(row["items"]), "outcomes": outcomes, "new_captions": row.get("new_captions", []),
                   "unreadable": row.get("unreadable", []), "caption_hits": row.get("caption_hits", 0),
@@ -163,8 +181,8 @@ def _describe(kind: str, recipe: dict[str, Any]) -> dict[str, Any]:
     ``augment``, the captioner identity that keys the caption cache), as the actors will build them."""
     from sip.augment.caption import build_captioner
     from sip.augment.generate import DiffusionGenerator
+    from sip.augment.jobs import AugmentRecipe, SynthRecipe
     from sip.augment.loop import generator_info
-    from sip.augment.run import AugmentRecipe, SynthRecipe
     from sip.config import from_dict
 
     parsed = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
@@ -175,17 +193,20 @@ def _describe(kind: str, recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pipeline(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], cache_path: str | None):
+    import torch
+
     from sip.config import to_dict
 
     config, plain = recipe.ray, to_dict(recipe)
+    threads = torch.get_num_threads()  # the local engine's, so the bytes are the local engine's
     ds = ray.data.from_items([{"row": _pack(r)["row"][0]} for r in rows],
                              override_num_blocks=max(1, min(len(rows), 200)))
     if kind == "augment":
         ds = ds.map_batches(_ReadCaption, fn_constructor_kwargs={"recipe": plain, "cache_path": cache_path,
-                                                                 "num_cpus": config.num_cpus},
+                                                                 "threads": threads},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.caption_workers),
                             num_cpus=config.num_cpus)
-    ds = ds.map_batches(_Generate, fn_constructor_kwargs={"kind": kind, "recipe": plain, "num_cpus": config.num_cpus},
+    ds = ds.map_batches(_Generate, fn_constructor_kwargs={"kind": kind, "recipe": plain, "threads": threads},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.num_cpus,
                         num_gpus=config.num_gpus or None)
     return ds
@@ -208,10 +229,7 @@ def _drive(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], total: int, 
                 cache.hits += r["caption_hits"]
                 cache.misses += r["caption_misses"]
                 cache.put(item for item in r["new_captions"] if cache.get(item[0], item[1]) is None)
-            for line in r["unreadable"]:
-                if line not in summary.unreadable:
-                    summary.unreadable.append(line)
-                    summary.failed += 1
+            summary.add_unreadable(r["unreadable"])
             bar.update(r["size"])
             bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
     bar.close()
@@ -223,33 +241,20 @@ def _record(recipe: Any) -> dict[str, Any]:
 
 def run_synth_ray(recipe: Any):
     """``sip synth`` on Ray: the one-process grid of (class, k) batches over a pool of generator actors."""
-    from sip.augment.loop import batch_grid, run_info
-    from sip.augment.run import RunSummary, SynthRecipe, check_output, synth_classes
-    from sip.config import to_dict
-    from sip.data.bank import DatasetWriter
-    from sip.ids import synthetic_id
+    from sip.augment.jobs import RunSummary, open_batches, open_writer, prepare_synth, synth_grid
 
     t0 = time.perf_counter()
     ray = require_ray()
-    classes = synth_classes(recipe)
-    if not classes:
-        raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
-    out = check_output(recipe.output)
-    started = _start(ray, recipe.ray)
-    try:
-        info = _describe_remote(ray, "synth", recipe)
-        writer = DatasetWriter(out, run_info(to_dict(recipe), info, mode="txt2img", **_record(recipe)), classes,
-                               None, defaults=to_dict(SynthRecipe()))
-        jobs = [(label, k) for label in classes for k in range(recipe.generate.per_class)]
-        grid = batch_grid(jobs, recipe.generate.batch_size)
-        rows = [{"items": b} for b in grid if not all(writer.is_done(synthetic_id(lab, k)) for lab, k in b)]
-        summary = RunSummary(str(out))
-        summary.skipped = len(jobs) - sum(len(r["items"]) for r in rows)
-        _drive(ray, "synth", recipe, rows, len(jobs), writer, summary, None)
+    classes, out = prepare_synth(recipe)
+    with hold_output(out), _ray_session(ray, recipe.ray):
+        writer = open_writer(recipe, _describe_remote(ray, "synth", recipe), classes, None, mode="txt2img",
+                             **_record(recipe))
+        batches = synth_grid(classes, recipe)
+        rows, skipped = open_batches(batches, writer)
+        summary = RunSummary(str(out), skipped=skipped)
+        _drive(ray, "synth", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer, summary,
+               None)
         summary.complete = writer.finish()
-    finally:
-        if started:
-            ray.shutdown()
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -258,44 +263,54 @@ def run_augment_ray(recipe: Any):
     """``sip augment`` on Ray: the one-process grid (chunks of ``recipe.chunk`` sources × variants) over a pool
     of reader + captioner actors and a pool of generator actors."""
     from sip.augment.caption import CaptionCache
-    from sip.augment.loop import batch_grid, run_info
-    from sip.augment.run import AugmentRecipe, RunSummary, check_output
-    from sip.config import to_dict
-    from sip.data.bank import DatasetWriter
-    from sip.data.sources import open_source
-    from sip.ids import variant_id
+    from sip.augment.jobs import RunSummary, augment_grid, open_batches, open_writer, prepare_augment
 
     t0 = time.perf_counter()
     ray = require_ray()
-    source = open_source(recipe.source)
-    if len(source) == 0:
-        raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
-    out = check_output(recipe.output)
-    started = _start(ray, recipe.ray)
-    try:
-        info = _describe_remote(ray, "augment", recipe)
-        writer = DatasetWriter(out, run_info(to_dict(recipe), info, mode="img2img", **_record(recipe)),
-                               source.classes, None,
-                               defaults=to_dict(AugmentRecipe()))
+    source, out = prepare_augment(recipe)
+    with hold_output(out), _ray_session(ray, recipe.ray):
+        writer = open_writer(recipe, _describe_remote(ray, "augment", recipe), source.classes, None, mode="img2img",
+                             **_record(recipe))
         cache = CaptionCache(recipe.caption.cache or Path(out) / "captions.jsonl")
-        per_image, rows, total = recipe.generate.per_image, [], 0
-        ids = list(source.source_ids())
-        for start in range(0, len(ids), recipe.chunk):  # the chunks and grid of run_augment
-            pairs = [(pos, ids[pos], v) for pos in range(start, min(start + recipe.chunk, len(ids)))
-                     for v in range(per_image)]
-            total += len(pairs)
-            rows += [{"items": b} for b in batch_grid(pairs, recipe.generate.batch_size)
-                     if not all(writer.is_done(variant_id(sid, v)) for _, sid, v in b)]
-        summary = RunSummary(str(out))
-        summary.skipped = total - sum(len(r["items"]) for r in rows)
-        _drive(ray, "augment", recipe, rows, total, writer, summary, cache)
+        batches = [b for chunk in augment_grid(list(source.source_ids()), recipe) for b in chunk]
+        rows, skipped = open_batches(batches, writer)
+        summary = RunSummary(str(out), skipped=skipped)
+        _drive(ray, "augment", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer, summary,
+               cache)
         summary.complete = writer.finish()
         summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
-    finally:
-        if started:
-            ray.shutdown()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+@contextlib.contextmanager
+def _ray_session(ray, config: RayConfig):
+    """Join or start Ray for the block; a Ray this run started is shut down at its end, on an exception, and on
+    SIGTERM / SIGHUP (which then end the run as Ctrl-C does)."""
+    started = _start(ray, config)
+    if not started:
+        yield
+        return
+    local = not (config.address or os.environ.get("RAY_ADDRESS"))
+    stop_watchdog = watch_local_ray() if local else None  # reaps this Ray if the driver is killed outright
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        for sig in previous:
+            signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        if main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        ray.shutdown()
+        if stop_watchdog is not None:
+            stop_watchdog()
 
 
 def _describe_remote(ray, kind: str, recipe: Any) -> dict[str, Any]:

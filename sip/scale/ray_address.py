@@ -62,8 +62,10 @@ def _resolve(host: str, port: int, address: str) -> list[tuple]:
         pool.shutdown(wait=False)
 
 
-def _reach(address: str) -> None:
+def _reach(address: str, label: str | None = None) -> None:
+    """Resolve and connect to ``address``; errors name it as ``label`` (how the user gave it)."""
     host, port = parse_address(address)
+    address = label or address
     family, kind, proto, _, where = _resolve(host, port, address)[0]
     with socket.socket(family, kind, proto) as s:
         s.settimeout(TIMEOUT_S)
@@ -104,7 +106,7 @@ def check_address(address: str | None, env: dict[str, str] | None = None, temp_d
     env = os.environ if env is None else env
     if env.get("RAY_ADDRESS"):  # Ray joins it whatever address it is given
         if env["RAY_ADDRESS"] not in ("auto", "local"):
-            _reach(env["RAY_ADDRESS"])
+            _reach(env["RAY_ADDRESS"], f"{env['RAY_ADDRESS']} (from RAY_ADDRESS, which Ray joins first)")
             return
         address = env["RAY_ADDRESS"]
     if address in (None, "", "local"):
@@ -114,6 +116,6 @@ def check_address(address: str | None, env: dict[str, str] | None = None, temp_d
         if found is None:
             raise RayAddressError("ray.address auto: no Ray cluster runs on this machine (RAY_ADDRESS is unset and "
                                   "`ray start` recorded none). " + HOW)
-        _reach(found)
+        _reach(found, f"auto (the cluster recorded on this machine, {found})")
         return
     _reach(address)

@@ -19,9 +19,9 @@ from sip.scale.launch import Launch, detect_launch, generation_shard, process_de
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "bird"]
-# batch_invariant: a process's batches hold other images than a one-process run's, and batched float kernels
-# round differently for other batches (README, Determinism); one image per network call makes the bytes equal.
-GEN = {"steps": 3, "per_class": 4, "batch_size": 4, "device": "cpu", "batch_invariant": True}
+# no batch_invariant: each process takes whole batches of the one-process grid, so every image is drawn in the
+# batch it has in one process and batched float kernels round the same way.
+GEN = {"steps": 3, "per_class": 4, "batch_size": 4, "device": "cpu", "batch_invariant": False}
 
 TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "TORCHELASTIC_RUN_ID": "x",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -189,7 +189,7 @@ def test_a_launch_killed_under_two_processes_resumes_under_another_count(synth_i
 def sip_synth(out: Path, model: Path, processes: int) -> subprocess.CompletedProcess:
     flags = ["synth", "--output", str(out), "--model", str(model), "--per-class", str(GEN["per_class"]),
              "--steps", str(GEN["steps"]), "--set", f"classes={json.dumps(CLASSES)}", "--set", "generate.device=cpu",
-             "--set", f"generate.batch_size={GEN['batch_size']}", "--set", "generate.batch_invariant=true",
+             "--set", f"generate.batch_size={GEN['batch_size']}",
              "--set", "progress=false"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -222,6 +222,59 @@ def test_torchrun_two_processes_equal_one_and_a_relaunch_under_three_adds_nothin
     assert three.stdout.count("written 0,") == 3
     assert merged_rows(out) == rows and digests(out) == digests(one) and shard_files(out) == []
     assert read_run_info(out)["processes"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# whole batches of the one-process grid: the bytes of one process whatever the count
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nine_sources(tmp_path) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "nine"
+    for k in range(9):
+        (root / CLASSES[k % 3]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24 + k, 20), (20 * k, 255 - 25 * k, 90)).save(root / CLASSES[k % 3] / f"{k}.png")
+    return root
+
+
+def recorded(generator: DiffusionGenerator, calls: list) -> DiffusionGenerator:
+    """The generator, noting the seeds of every batch it draws (one tuple per network call)."""
+    real = generator.img2img
+
+    def img2img(images, prompts, seeds, negative):
+        calls.append(tuple(seeds))
+        return real(images, prompts, seeds, negative)
+    generator.img2img = img2img
+    return generator
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_draws_whole_batches_of_the_one_process_grid_and_writes_its_bytes(
+        nine_sources, tiny_sd_img2img, fixed_captioner, tmp_path, world):
+    """9 sources x 2 variants in batches of 4 and chunks of 5 sources: a grid (4, 4, 2 | 4, 4) no process count
+    divides evenly. Without batch_invariant, the processes together draw exactly the one-process batches."""
+    from sip.augment.run import AugmentRecipe, run_augment
+    from sip.data.sources import SourceConfig
+
+    cfg = GenerateConfig(steps=3, per_image=2, batch_size=4, strength=0.6, device="cpu", batch_invariant=False)
+
+    def run(out: Path, launch: Launch, calls: list):
+        recipe = AugmentRecipe(source=SourceConfig(kind="folder", path=str(nine_sources)), generate=cfg,
+                               output=str(out), chunk=5, progress=False)
+        generator = recorded(DiffusionGenerator(tiny_sd_img2img, cfg, model_id="tiny"), calls)
+        return run_augment(recipe, generator, fixed_captioner, launch=launch)
+
+    one_calls, many_calls = [], []
+    run(tmp_path / "one", Launch(), one_calls)
+    assert [len(c) for c in one_calls] == [4, 4, 2, 4, 4]
+    summaries = [run(tmp_path / "many", Launch(r, world, r, "torchrun"), many_calls) for r in range(world)]
+    assert sorted(many_calls) == sorted(one_calls)  # the same batches, split whole between the processes
+    assert sum(s.written for s in summaries) == 18 and summaries[-1].complete
+    assert digests(tmp_path / "many") == digests(tmp_path / "one")
+    strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "created"}, sort_keys=True) for r in rs)
+    assert strip(merged_rows(tmp_path / "many")) == strip(merged_rows(tmp_path / "one"))
 
 
 def test_opening_a_writer_keeps_the_temp_files_of_live_processes(tmp_path):

@@ -1,5 +1,6 @@
-"""The two ways to run img2img that scripts/bench_generate.py compares: naive (one diffusers pipeline call
-per image) and sip's (``DiffusionGenerator.img2img`` on sip's batch grid), each timed per network."""
+"""The two ways to run img2img that scripts/bench_generate.py compares: the baseline, diffusers used well (one
+batched pipeline call per batch, at the row's precision), and sip's (``DiffusionGenerator.img2img`` on the same
+batch grid), each timed per network."""
 
 from __future__ import annotations
 
@@ -42,20 +43,44 @@ class RunResult:
         return len(self.images) / self.cpu_seconds
 
 
-def run_naive(pipe, jobs: list[Job], settings: dict, negative_prompt: str, label: str) -> RunResult:
-    """One pipeline call per image and variant: what a user writes from the diffusers docs."""
-    timer = StageTimer(networks(pipe))
+BASELINE = "diffusers-batched"
+
+
+def bf16_weights(pipe):
+    """The pipeline as ``from_pretrained(..., torch_dtype=torch.bfloat16)`` loads it: a copy with bf16 weights."""
+    import copy
+
+    return copy.deepcopy(pipe).to(torch.bfloat16)
+
+
+def run_baseline(pipe, jobs: list[Job], settings: dict, negative_prompt: str, label: str, batch_size: int,
+                 precision: str, bf16_pipe=None) -> RunResult:
+    """Diffusers used well: one batched pipeline call per batch of sip's batch grid
+    (``pipe(prompt=[...], image=[...], generator=[...])``, one seeded generator per image, as sip seeds them), at
+    ``precision``: fp32 weights, or bf16 weights (``bf16_pipe``, what ``torch_dtype=torch.bfloat16`` loads).
+
+    Same pipeline, scheduler, steps, strength, guidance, prompts, sources and seeds as the sip row it is
+    compared with; what sip adds beyond it (one VAE encode per source, one text encoding per distinct prompt,
+    channels-last, compile, DeepCache / ToMe, a few-step model) is what the ratio measures.
+    """
+    runner = pipe if precision == "fp32" else bf16_pipe
+    if runner is None:
+        raise ValueError(f"a {precision} baseline needs the bf16-weight pipeline (bf16_weights(pipe))")
+    timer = StageTimer(networks(runner))
     images = []
     c0, t0 = time.process_time(), time.perf_counter()
-    for job in tqdm(jobs, desc=f"{label} naive", unit="img", file=sys.stderr, leave=False):
-        out = pipe(prompt=job.prompt, image=job.payload, negative_prompt=negative_prompt,
-                   strength=settings["strength"], num_inference_steps=settings["steps"],
-                   guidance_scale=settings["guidance_scale"],
-                   generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pil")
-        images.append(out.images[0])
+    with tqdm(total=len(jobs), desc=f"{label} {BASELINE} b{batch_size} {precision}", unit="img", file=sys.stderr,
+              leave=False) as bar:
+        for batch in batch_grid(jobs, batch_size):
+            out = runner(prompt=[j.prompt for j in batch], image=[j.payload for j in batch],
+                         negative_prompt=[negative_prompt] * len(batch), strength=settings["strength"],
+                         num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                         generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch], output_type="pil")
+            images += out.images
+            bar.update(len(batch))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     timer.remove()
-    return RunResult("naive", images, seconds, cpu, timer)
+    return RunResult(BASELINE, images, seconds, cpu, timer, batch_size, False, precision)
 
 
 def contiguous(pipe) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Batched captioning against one image per call, side by side in one run, on a BLIP-base-sized model.
+"""sip's captioner against transformers used well, side by side in one run, on a BLIP-base-sized model.
 
 The model is ``BlipForConditionalGeneration`` built from ``BlipConfig()`` defaults with random weights
 (≈ BLIP base, ``Salesforce/blip-image-captioning-base``: ViT-B/16 vision encoder at 384 px, BERT-base
@@ -7,30 +7,31 @@ text decoder with cross-attention, 30,524-token vocabulary); its cost does not d
 values. The processor is a ``BlipProcessor`` with an offline WordPiece tokenizer (a vocabulary file
 written here, with BERT's special tokens at BERT's ids and BLIP's ``[DEC]``/``[ENC]`` at 30522/30523).
 
-Both ways go through sip's ``TransformersCaptioner`` and ``caption_images``: one image per call, then
-batches of 16 and 32. Random weights may stop a caption early at ``[SEP]`` or run to the limit, so every
-caption is forced to exactly ``--tokens`` new tokens (``generate_kwargs={"min_new_tokens": tokens}``):
-both ways do the same work. Forward hooks time the vision encoder and the text decoder to show where
-the time goes.
+Baseline (``"transformers-batched"``): the processor on the whole batch, one ``model.generate`` per batch,
+``processor.batch_decode``, at the same batch size and precision (bf16: bf16 weights) as sip's row. sip's row:
+``TransformersCaptioner`` through ``caption_images`` at that batch size (no cache). One image per call is a
+reference row only. Random weights may stop a caption early at ``[SEP]`` or run to the limit, so every caption is
+forced to exactly ``--tokens`` new tokens: every way does the same work. Forward hooks time the vision encoder
+and the text decoder.
 
 Usage:
-    python scripts/bench_caption.py            # 32 images, batches 16 and 32 (~3 minutes on 2 cores)
-    python scripts/bench_caption.py --quick    # 16 images, batch 16 (under a minute)
+    python scripts/bench_caption.py            # 32 images, batches 16 and 32
+    python scripts/bench_caption.py --quick    # 16 images, batch 16
 
-Prints a table, then one JSON line: {"speedup_batched": best batched / one-at-a-time images/s, ...}.
+Prints a table, then one JSON line: {"baseline": "transformers-batched", "speedup_same_precision": ...,
+"speedup_equal_quality": ... (captions identical to the baseline's, else null), ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import json
 import os
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+BASELINE = "transformers-batched"
 
 BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
 
@@ -117,47 +120,61 @@ def photos(n: int) -> list[Image.Image]:
     return out
 
 
-class StageTimer:
-    """Wall time inside named modules (forward pre/post hooks; CPU ops are synchronous)."""
+def _timed(model, images: list, batch_size: int, label: str, caption_batch) -> dict:
+    """``caption_batch(chunk) -> captions`` over ``images`` in batches, with the vision encoder and the text decoder
+    timed by forward hooks."""
+    from scripts.bench.machine import StageTimer
 
-    def __init__(self, modules: dict):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: Counter = Counter()
-        self._t0: dict[str, float] = {}
-        self._handles = []
-        for name, m in modules.items():
-            self._handles.append(m.register_forward_pre_hook(partial(self._pre, name)))
-            self._handles.append(m.register_forward_hook(partial(self._post, name)))
-
-    def _pre(self, name, module, args):
-        self._t0[name] = time.perf_counter()
-
-    def _post(self, name, module, args, output):
-        self.seconds[name] += time.perf_counter() - self._t0.pop(name)
-        self.calls[name] += 1
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-
-def timed(captioner, images: list, batch_size: int, label: str) -> dict:
-    from sip.augment.caption import caption_images
-
-    model = captioner.model
     timer = StageTimer({"vision": model.vision_model, "text_decoder": model.text_decoder})
     captions = []
     c0, t0 = time.process_time(), time.perf_counter()
     with tqdm(total=len(images), desc=label, unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            captions += caption_images(chunk, captioner, None, batch_size)  # no cache: every image captioned
+            captions += caption_batch(chunk)
             bar.update(len(chunk))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     timer.remove()
-    return {"batch": batch_size, "images": len(images), "seconds": seconds, "rate": len(images) / seconds,
-            "cpu": cpu / seconds, "vision": timer.seconds["vision"], "decoder": timer.seconds["text_decoder"],
-            "decoder_calls": timer.calls["text_decoder"], "captions": captions}
+    return {"way": label, "batch": batch_size, "images": len(images), "seconds": seconds,
+            "rate": len(images) / seconds, "cpu": cpu / seconds, "vision": timer.seconds["vision"],
+            "decoder": timer.seconds["text_decoder"], "decoder_calls": timer.calls["text_decoder"],
+            "captions": captions}
+
+
+def timed_sip(captioner, images: list, batch_size: int, label: str) -> dict:
+    """sip's way: ``caption_images`` with :class:`TransformersCaptioner` (no cache: every image captioned)."""
+    from sip.augment.caption import caption_images
+
+    return _timed(captioner.model, images, batch_size, label,
+                  lambda chunk: caption_images(chunk, captioner, None, batch_size))
+
+
+def timed_transformers(model, processor, images: list, batch_size: int, tokens: int, label: str) -> dict:
+    """The baseline, transformers used well: the processor on the whole batch, one ``model.generate`` per batch,
+    ``processor.batch_decode``; the model in the dtype it is handed (bf16 weights for a bf16 comparison)."""
+    dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def caption_batch(chunk):
+        inputs = processor(images=chunk, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        ids = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens)
+        return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+
+    return _timed(model, images, batch_size, label, caption_batch)
+
+
+def print_table(rows: list[dict], baselines: dict, vision_flops: float) -> None:
+    print(f"\n{'way':<30} {'batch':>5} {'images':>6} {'s':>8} {'img/s':>7} {'x base':>6} {'cpu':>5} "
+          f"{'vision s/img':>12} {'decoder s/img':>13} {'vision GF/s':>11}")
+    for r in rows:
+        base = baselines.get(r["batch"])
+        x = f"{r['rate'] / base['rate']:>6.2f}" if base else f"{'':>6}"
+        print(f"{r['way']:<30} {r['batch']:>5} {r['images']:>6} {r['seconds']:>8.2f} {r['rate']:>7.3f} {x} "
+              f"{r['cpu']:>5.2f} {r['vision'] / r['images']:>12.3f} {r['decoder'] / r['images']:>13.3f} "
+              f"{vision_flops * r['images'] / r['vision'] / 1e9:>11.1f}")
+    print("(x base = images/s over transformers' own batched call (processor + generate + batch_decode) at the same "
+          "batch size and precision; cpu = process CPU s / wall s)")
 
 
 def main() -> None:
@@ -166,17 +183,17 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None,
                         help="images captioned in batches (default 32, quick 16)")
     parser.add_argument("--singles", type=int, default=None,
-                        help="images captioned one per call (default 8, quick 3)")
+                        help="images captioned one per call, a reference row (default 8, quick 3; 0: none)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 16 32 (quick 16)")
     parser.add_argument("--tokens", type=int, default=20, help="new tokens per caption (max = min)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="captioner precision for every way (auto: bf16 on AMX CPUs and CUDA, as sip picks); "
-                             "when it resolves to bf16, one fp32 one-per-call run is added as the naive reference")
+                        help="sip's captioner precision (auto: bf16 on AMX CPUs and CUDA, as sip picks); the "
+                             "baseline runs at the same precision (bf16: bf16 weights)")
     args = parser.parse_args()
     q = args.quick
     n_images = args.images or (16 if q else 32)
-    n_singles = args.singles or (3 if q else 8)
+    n_singles = args.singles if args.singles is not None else (3 if q else 8)
     batch_sizes = args.batch_sizes or ([16] if q else [16, 32])
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,11 +208,13 @@ def main() -> None:
     build_s = time.time() - t0
     captioner = TransformersCaptioner(model, processor, "blip-base-random", max_new_tokens=args.tokens,
                                       generate_kwargs={"min_new_tokens": args.tokens}, precision=args.precision)
+    base_model = model if captioner.precision == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
     images = photos(max(n_images, n_singles))
     params = {k: sum(p.numel() for p in m.parameters()) / 1e6
               for k, m in (("vision", model.vision_model), ("text", model.text_decoder))}
     load0 = os.getloadavg()
-    print("# bench_caption: batched captioning vs one image per call (sip TransformersCaptioner)")
+    print(f"# bench_caption: sip's TransformersCaptioner vs {BASELINE} (processor + generate on the batch, same "
+          f"batch size and precision)")
     print(f"model: BLIP-base-sized, random weights (built in {build_s:.0f}s): vision ViT-B/16 at "
           f"{model.config.vision_config.image_size}px {params['vision']:.0f} M params, text decoder "
           f"{params['text']:.0f} M params, vocabulary {model.config.text_config.vocab_size}; "
@@ -209,58 +228,34 @@ def main() -> None:
     vision_flops = fc.get_total_flops()
 
     captioner(images[:1])  # warm-up (allocator, thread pool)
-    single = timed(captioner, images[:n_singles], 1, "one per call")
-    batched = [timed(captioner, images[:n_images], b, f"batch {b}") for b in batch_sizes]
-    naive = None
-    if captioner.precision != "fp32":  # what a user writes from the docs: fp32, one image per call
-        fp32 = TransformersCaptioner(model, processor, "blip-base-random", max_new_tokens=args.tokens,
-                                     generate_kwargs={"min_new_tokens": args.tokens}, precision="fp32")
-        naive = timed(fp32, images[:n_singles], 1, "one per call, fp32")
-
-    print(f"\n{'way':<14} {'images':>6} {'s':>8} {'img/s':>7} {'x one':>6} {'cpu':>5} {'vision s/img':>12} "
-          f"{'decoder s/img':>13} {'vision GF/s':>11}")
-    rows = [("one per call", single), *((f"batch {r['batch']}", r) for r in batched)]
-    for name, r in rows:
-        print(f"{name:<14} {r['images']:>6} {r['seconds']:>8.2f} {r['rate']:>7.3f} "
-              f"{r['rate'] / single['rate']:>6.2f} "
-              f"{r['cpu']:>5.2f} {r['vision'] / r['images']:>12.3f} {r['decoder'] / r['images']:>13.3f} "
-              f"{vision_flops * r['images'] / r['vision'] / 1e9:>11.1f}")
-    best = max(batched, key=lambda r: r["rate"])
-    speedup = best["rate"] / single["rate"]
-    same = single["captions"] == best["captions"][: len(single["captions"])]
-    vision_share = single["vision"] / single["seconds"]
-    floor = best["vision"] / best["images"]
-    print(f"(cpu = process CPU s / wall s; the decoder runs once per new token: "
-          f"{single['decoder_calls'] // n_singles} "
-          f"calls per caption one at a time)")
-    print(f"\nbatched (batch {best['batch']}) vs one per call: {speedup:.2f}x (target >= 3x: "
-          f"{'met' if speedup >= 3 else 'NOT met'}); captions identical to one-at-a-time: {same}")
-    if naive is not None:
-        print(f"against the naive way (fp32, one per call: {naive['rate']:.3f} img/s): batched {captioner.precision} "
-              f"{best['rate'] / naive['rate']:.2f}x, one per call {captioner.precision} "
-              f"{single['rate'] / naive['rate']:.2f}x")
-    alone = vision_flops / (single["vision"] / single["images"]) / 1e9
-    together = vision_flops / floor / 1e9
-    how = ("so it is compute-bound already at batch 1" if together < 1.3 * alone else
-           f"batching speeds it up {together / alone:.2f}x")
-    print(f"why: the vision encoder ({vision_flops / 1e9:.0f} GFLOP per image at 384px) takes "
-          f"{100 * vision_share:.0f}% of the one-at-a-time time; it runs at {alone:.0f} GFLOP/s alone and "
-          f"{together:.0f} GFLOP/s batched, {how}. Batching mostly removes the decoder's per-token cost "
-          f"({single['decoder'] / single['images']:.2f} → {best['decoder'] / best['images']:.2f} s per "
-          f"image). "
-          f"With the decoder and everything else free, batching could give at most "
-          f"{(single['seconds'] / single['images']) / floor:.2f}x at the batched vision speed")
+    rows, baselines, sips = [], {}, []
+    for b in batch_sizes:  # baseline and sip in turn at each batch size
+        baselines[b] = timed_transformers(base_model, processor, images[:n_images], b, args.tokens,
+                                          f"{BASELINE} {captioner.precision}")
+        sips.append(timed_sip(captioner, images[:n_images], b, f"sip {captioner.precision}"))
+        rows += [baselines[b], sips[-1]]
+    if n_singles:
+        rows.append(timed_sip(captioner, images[:n_singles], 1, "sip, one per call (reference)"))
+    print_table(rows, baselines, vision_flops)
+    best = max(sips, key=lambda r: r["rate"])
+    base_best = max(baselines.values(), key=lambda r: r["rate"])
+    same_batch = best["rate"] / baselines[best["batch"]]["rate"]
+    identical = all(s["captions"] == baselines[s["batch"]]["captions"] for s in sips)
+    print(f"\nsame precision ({captioner.precision}): sip's best (batch {best['batch']}) {best['rate']:.3f} img/s vs "
+          f"{BASELINE}'s best (batch {base_best['batch']}) {base_best['rate']:.3f} = "
+          f"{best['rate'] / base_best['rate']:.2f}x; at the same batch {same_batch:.2f}x; captions identical to the "
+          f"baseline's: {identical}")
     load1 = os.getloadavg()
     print(f"load average at end {load1[0]:.2f}")
-    print(json.dumps({"speedup_batched": round(speedup, 3), "images_per_s_one": round(single["rate"], 4),
-                      "images_per_s_batched": round(best["rate"], 4), "best_batch": best["batch"],
-                      **{f"images_per_s_batch{r['batch']}": round(r["rate"], 4) for r in batched},
-                      "vision_share_one": round(vision_share, 3),
-                      "vision_gflop_per_image": round(vision_flops / 1e9, 1),
-                      "bound_decoder_free": round((single["seconds"] / single["images"]) / floor, 3),
-                      "captions_identical": same, "new_tokens": args.tokens, "precision": captioner.precision,
-                      "speedup_vs_fp32_one_per_call": round(best["rate"] / naive["rate"], 3) if naive else None,
-                      "quick": q}))
+    print(json.dumps({"baseline": BASELINE, "speedup_same_precision": round(best["rate"] / base_best["rate"], 3),
+                      "speedup_same_precision_same_batch": round(same_batch, 3),
+                      "speedup_equal_quality": round(best["rate"] / base_best["rate"], 3) if identical else None,
+                      "images_per_s_sip": round(best["rate"], 4), "images_per_s_baseline": round(base_best["rate"], 4),
+                      **{f"images_per_s_batch{r['batch']}_{'sip' if r in sips else 'baseline'}": round(r["rate"], 4)
+                         for r in rows if r["batch"] in baselines},
+                      "best_batch": best["batch"], "vision_gflop_per_image": round(vision_flops / 1e9, 1),
+                      "captions_identical": identical, "new_tokens": args.tokens, "precision": captioner.precision,
+                      "load_start": round(load0[0], 2), "load_end": round(load1[0], 2), "quick": q}))
 
 
 if __name__ == "__main__":

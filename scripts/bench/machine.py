@@ -58,7 +58,8 @@ def cpu_flags() -> str:
 
 class StageTimer:
     """Wall time spent inside named modules, measured with forward pre/post hooks (CPU ops are
-    synchronous, so wall time between the hooks is the module's time), plus samples per module."""
+    synchronous, so wall time between the hooks is the module's time), plus samples per module (the first
+    argument's batch size) and calls. The one stage timer of sip's benchmarks (bench_generate, bench_caption)."""
 
     def __init__(self, modules: dict[str, torch.nn.Module]):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -71,8 +72,8 @@ class StageTimer:
             self._handles.append(module.register_forward_hook(partial(self._post, name)))
 
     def _pre(self, name, module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.samples[name] += int(x.shape[0])
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        self.samples[name] += int(x.shape[0]) if hasattr(x, "shape") else 0
         self._t0[name] = time.perf_counter()
 
     def _post(self, name, module, args, output):

@@ -47,6 +47,10 @@ class FilterConfig:
             raise ValueError(f"filter kind {self.kind!r} needs filter.model (a classifier run folder or CLIP id)")
         if self.kind == "classifier" and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"classifier filter threshold is a probability in [0, 1], got {self.threshold}")
+        if self.kind == "clip" and not -100.0 <= self.threshold <= 100.0:  # 100 · cosine: outside keeps all or none
+            raise ValueError(f"filter.threshold for kind 'clip' is a CLIP score (100 · cosine) in [-100, 100], got "
+                             f"{self.threshold}; CLIPScore's usual cut-offs are 20-30 (the default 0.5 is the "
+                             f"classifier's probability)")
         if self.batch_size <= 0:
             raise ValueError(f"filter.batch_size must be positive, got {self.batch_size}")
 

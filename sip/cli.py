@@ -47,7 +47,9 @@ def _input_overrides(input: Optional[Path]) -> list[str]:
     if input is None:
         return []
     kind = "hf" if any((input / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")) else "folder"
-    return _flags(**{"source.kind": kind, "source.path": str(input)})
+    # the input replaces the recipe's source: a start / stop range of its images (Fashion-MNIST's 50000-) does not
+    # carry over to another folder (--set source.start=... after --input sets one for it)
+    return _flags(**{"source.kind": kind, "source.path": str(input)}) + ["source.start=null", "source.stop=null"]
 
 
 def _captioner_overrides(captioner: Optional[str]) -> list[str]:
@@ -98,7 +100,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."
 @app.command()
 def augment(
     recipe: Optional[Path] = RecipeArg,
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image folder root/<label>/* or a saved HF dataset."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Image folder root/<label>/* or a saved HF dataset "
+                                         "(replaces the recipe's source kind, path and start / stop range)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder."),
     model: Optional[str] = typer.Option(None, help="Stable Diffusion hub id or folder (default: the shipped model)."),
     captioner: Optional[str] = typer.Option(None, help="'imagenet-topk' (offline) or an image-to-text hub id / folder."),

@@ -339,3 +339,71 @@ def test_symlink_outside_the_input_is_refused(tmp_path):
     assert [s.source_id for s in source] == ["c/inside.png", "c/ok.png"]
     reasons = {Path(s.path).name: s.reason for s in source.skipped}
     assert set(reasons) == {"outside.png", "d"} and all("outside the input folder" in r for r in reasons.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 26 (finding 4): every source key is read by the kinds it names, or refused
+# --------------------------------------------------------------------------------------------------
+
+@needs_fmnist
+def test_fashion_mnist_start_is_honoured_on_the_test_split():
+    """start was forced to 0 off the train split: start 100 on test read test images 0-199."""
+    source = open_source(SourceConfig(split="test", start=100, stop=200))
+    ids = list(source.source_ids())
+    assert ids[0] == "fmnist/test/100" and ids[-1] == "fmnist/test/199" and len(ids) == 100
+    assert SourceConfig(split="test").start == 0 and SourceConfig().start == 50000  # null: per split
+    assert load_config(SourceConfig, None, ["split=test", "start=null"]).start == 0
+    with pytest.raises(ValueError, match=r"pool \[50000, 10000\) is not inside \[0, 10000\) of the test split"):
+        open_source(SourceConfig(split="test", start=50000))
+
+
+def test_folder_start_and_stop_select_files_in_sorted_order(image_folder):
+    whole = list(open_source(SourceConfig(kind="folder", path=str(image_folder.root))).source_ids())
+    part = open_source(SourceConfig(kind="folder", path=str(image_folder.root), start=1, stop=3))
+    assert list(part.source_ids()) == whole[1:3]
+    with pytest.raises(ValueError, match=rf"start 1, stop 99: not inside the {len(whole)} images of folder"):
+        open_source(SourceConfig(kind="folder", path=str(image_folder.root), start=1, stop=99))
+
+
+def test_hf_start_and_stop_select_rows_and_keep_their_ids(tmp_path):
+    _hf_dataset(n_per_class=4).save_to_disk(str(tmp_path / "ds"))
+    source = open_source(SourceConfig(kind="hf", path=str(tmp_path / "ds"), start=2, stop=6))
+    assert list(source.source_ids()) == [f"train/{i}" for i in range(2, 6)]
+    shots = open_source(SourceConfig(kind="hf", path=str(tmp_path / "ds"), start=2, stop=6, shots=1))
+    assert {int(s.rsplit("/", 1)[1]) for s in shots.source_ids()} <= set(range(2, 6))
+    with pytest.raises(ValueError, match="is a single Dataset with no splits; split 'test' cannot be read"):
+        open_source(SourceConfig(kind="hf", path=str(tmp_path / "ds"), split="test"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["kind=folder", "path=IN", "split=test"], "an image folder has no splits; point path at the split's own folder"),
+    (["kind=folder", "path=IN", "size=64"], "size resizes Fashion-MNIST only"),
+    (["kind=folder", "path=IN", "image_column=img"], "image_column names a column of an HF dataset"),
+    (["kind=hf", "path=IN", "size=28"], "size resizes Fashion-MNIST only"),
+    (["kind=hf", "path=IN", "classes=[a]"], "an HF dataset's come from its label column"),
+    (["path=IN"], "path 'IN' is read by kinds folder and hf"),
+    (["classes=[a]"], "Fashion-MNIST has its ten"),
+    (["split=validation"], "split of Fashion-MNIST must be 'train' or 'test'"),
+    (["label_column=y"], "label_column names a column of an HF dataset"),
+    (["size=0"], "size must be at least 8"),
+    (["start=-1"], "0 <= start < stop"),
+    (["start=10", "stop=10"], "0 <= start < stop"),
+    (["seed=-1"], "seed must be >= 0"),
+])
+def test_a_key_the_source_kind_does_not_read_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SourceConfig, None, overrides)
+
+
+def test_cli_input_replaces_the_recipes_fashion_mnist_range(image_folder):
+    """``sip augment pipelines/fmnist_augment.yaml --input DIR``: the recipe's start 50000 named Fashion-MNIST
+    images; it does not carry over to the folder (where it would now be refused)."""
+    from sip.augment.run import AugmentRecipe
+    from sip.cli import _input_overrides
+
+    recipe = Path(__file__).resolve().parents[1] / "pipelines" / "fmnist_augment.yaml"
+    cfg = load_config(AugmentRecipe, recipe, _input_overrides(image_folder.root) + ["source.shots=1"])
+    assert (cfg.source.kind, cfg.source.start, cfg.source.stop) == ("folder", 0, None)
+    assert len(open_source(cfg.source)) == len(open_source(cfg.source).classes)
+    cfg = load_config(AugmentRecipe, recipe, _input_overrides(image_folder.root) + ["source.start=1"])
+    assert cfg.source.start == 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -186,6 +186,9 @@ class HFDatasetSource(ImageSource):
             if split not in ds:
                 raise ValueError(f"{self.path} has no split {split!r}; splits: {', '.join(ds)}")
             ds = ds[split]
+        elif split != "train":  # a single Dataset has no splits: another split name would be ignored
+            raise ValueError(f"{self.path} is a single Dataset with no splits; split {split!r} cannot be read: remove "
+                             "split (or save a DatasetDict)")
         for col in (image_column, label_column):
             if col not in ds.column_names:
                 raise ValueError(f"{self.path}: no column {col!r}; columns: {', '.join(ds.column_names)}")
@@ -236,18 +239,23 @@ class HFDatasetSource(ImageSource):
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """Where the real images come from.
+    """Where the real images come from. Every key is read by the kinds it names; set for another kind it is an error
+    (never ignored).
 
     Attributes:
         kind: "fashion-mnist" (Debian idx files), "folder" (root/<label>/*.png) or "hf" (save_to_disk).
         path: the folder for "folder" and "hf".
-        split: split to read ("train"/"test" for Fashion-MNIST, any split of an HF DatasetDict).
-        shots: images per class (few-shot subsample chosen by seed); null keeps all.
+        split: "train" / "test" for Fashion-MNIST, any split of an HF DatasetDict; a folder has none (point
+            ``path`` at the split's folder).
+        shots: images per class (few-shot subsample chosen by seed, from ``start``-``stop``); null keeps all.
         seed: chooses the subsample.
-        start, stop: Fashion-MNIST index pool; the shipped generator trained on 0-49999, so
-            few-shot sets default to 50000-59999 to keep the benchmark free of leakage.
-        size: Fashion-MNIST output size (28 native; the shipped model works at 32).
+        start, stop: the range of images read, by position: Fashion-MNIST indices of the split, a folder's files in
+            sorted order, an HF split's rows. ``start`` null: 50000 on Fashion-MNIST's train split (the shipped
+            generator trained on 0-49999, so few-shot sets stay free of leakage), else 0. ``stop`` null: the end.
+        size: Fashion-MNIST output size (28 native, null keeps it; the shipped model works at 32). Other kinds keep
+            their images' size (``generate.resolution`` / ``data.img_size`` resize them).
         image_column, label_column: columns of an HF dataset.
+        classes: a folder's class list and order (sub-folders not in it are not read); empty: every sub-folder.
     """
 
     kind: Literal["fashion-mnist", "folder", "hf"] = "fashion-mnist"
@@ -255,7 +263,7 @@ class SourceConfig:
     split: str = "train"
     shots: int | None = None
     seed: int = 0
-    start: int = 50000
+    start: int | None = None
     stop: int | None = None
     size: int | None = 32
     image_column: str = "image"
@@ -267,20 +275,76 @@ class SourceConfig:
             raise ValueError(f"source kind {self.kind!r} needs a path (--input FOLDER)")
         if self.shots is not None and self.shots <= 0:
             raise ValueError(f"shots must be positive or null, got {self.shots}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.start is None:  # resolved, so the saved config says which images were read
+            object.__setattr__(self, "start", 50000 if (self.kind, self.split) == ("fashion-mnist", "train") else 0)
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise ValueError(f"start and stop must satisfy 0 <= start < stop, got start {self.start}, stop {self.stop}")
+        if problems := _unread_keys(self):
+            raise ValueError("; ".join(problems))
+
+
+def _unread_keys(config: SourceConfig) -> list[str]:
+    """The keys set to something the source kind does not read, each with what to do instead."""
+    defaults = {f.name: f.default for f in fields(type(config))}  # EvalSourceConfig: split "test"
+    kind, problems = config.kind, []
+    if kind == "fashion-mnist":
+        if config.split not in ("train", "test"):
+            problems.append(f"split of Fashion-MNIST must be 'train' or 'test', got {config.split!r}")
+        if config.size is not None and config.size < 8:
+            problems.append(f"size must be at least 8 (or null for the native 28), got {config.size}")
+        if config.path is not None:
+            problems.append(f"path {config.path!r} is read by kinds folder and hf; Fashion-MNIST comes from Debian's "
+                            "idx files: set kind: folder (or hf), or remove path")
+        if config.classes:
+            problems.append("classes fixes a folder's class list; Fashion-MNIST has its ten: remove classes")
+    else:
+        if config.size != defaults["size"] and config.size is not None:
+            problems.append(f"size resizes Fashion-MNIST only; {kind} images keep their size (generate.resolution "
+                            "or data.img_size resize them): remove size")
+        if kind == "hf" and config.classes:
+            problems.append("classes fixes a folder's class list; an HF dataset's come from its label column: "
+                            "remove classes")
+    if kind == "folder":
+        if config.split != defaults["split"]:
+            problems.append(f"split {config.split!r}: an image folder has no splits; point path at the split's own "
+                            f"folder (e.g. {config.path}/{config.split}) and remove split")
+        for key in ("image_column", "label_column"):
+            if getattr(config, key) != defaults[key]:
+                problems.append(f"{key} names a column of an HF dataset; a folder's labels are its sub-folders: "
+                                f"remove {key}")
+    if kind == "fashion-mnist":
+        for key in ("image_column", "label_column"):
+            if getattr(config, key) != defaults[key]:
+                problems.append(f"{key} names a column of an HF dataset (kind: hf); remove {key}")
+    return problems
+
+
+def _position_range(n: int, config: SourceConfig, what: str) -> range:
+    """``start``-``stop`` over the ``n`` images of a folder or HF split (positions in reading order)."""
+    stop = n if config.stop is None else config.stop
+    if not 0 <= config.start < stop <= n:
+        raise ValueError(f"source start {config.start}, stop {config.stop}: not inside the {n} images of {what}")
+    return range(config.start, stop)
 
 
 def open_source(config: SourceConfig) -> ImageSource:
     """Build the source a :class:`SourceConfig` describes."""
     if config.kind == "fashion-mnist":
         return FashionMNISTSource(config.split, config.shots, config.seed,  # type: ignore[arg-type]
-                                  config.start if config.split == "train" else 0, config.stop, config.size)
+                                  config.start, config.stop, config.size)
     if config.kind == "folder":
         folder = ImageFolderSource(config.path, classes=config.classes or None)
+        folder.files = [folder.files[i] for i in _position_range(len(folder.files), config, f"folder {config.path}")]
         if config.shots is not None:
             keep = select_shots(np.array([label for _, label in folder.files]), config.shots, config.seed)
             folder.files = [folder.files[i] for i in keep]
         return folder
     hf = HFDatasetSource(config.path, config.split, config.image_column, config.label_column)
+    rows = _position_range(len(hf), config, f"{config.path} split {config.split}")
+    if len(rows) != len(hf):
+        hf.select(list(rows))
     if config.shots is not None:
         hf.select(select_shots(np.array(hf.dataset[config.label_column]), config.shots, config.seed))
     return hf

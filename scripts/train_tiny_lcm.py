@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.train_tiny_sd import load_ckpt, save_ckpt, warmup_cosine  # noqa: E402
+from scripts.diffusion_training import load_ckpt, save_ckpt, warmup_cosine  # noqa: E402
 from sip.models.diffusion import DEFAULT_SD_MODEL, SHIPPED_MODELS_DIR  # noqa: E402
 
 DEFAULT_LCM_MODEL = str(SHIPPED_MODELS_DIR / "fmnist-tiny-lcm")

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -36,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images
-from sip.augment.prompts import PromptBuilder, PromptConfig
-from sip.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource
-from sip.ids import image_hash
-from sip.models.diffusion import DEFAULT_SD_MODEL, offline_clip_tokenizer
-from sip.runtime import resolve_precision
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.diffusion_training import load_ckpt, optimizer_step, save_ckpt, warmup_cosine  # noqa: E402
+from sip.augment.caption import CaptionCache, CaptionConfig, ImageNetTopKCaptioner, caption_images  # noqa: E402
+from sip.augment.prompts import PromptBuilder, PromptConfig  # noqa: E402
+from sip.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_READABLE, FashionMNISTSource  # noqa: E402
+from sip.ids import image_hash  # noqa: E402
+from sip.models.diffusion import DEFAULT_SD_MODEL, offline_clip_tokenizer  # noqa: E402
+from sip.runtime import resolve_precision  # noqa: E402
 
 
 def parse_args():
@@ -110,38 +113,6 @@ def build_scheduler():
 # checkpoints: safetensors weights + optimizer state loaded with weights_only=True
 # --------------------------------------------------------------------------------------------------
 
-def save_ckpt(path: Path, modules: dict, opt, step: int, extra: dict | None = None):
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, m in modules.items():
-        state = m.state_dict() if hasattr(m, "state_dict") else m
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / f"{name}.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
-    for f in tmp.iterdir():
-        f.replace(path / f.name)
-    tmp.rmdir()
-
-
-def load_ckpt(path: Path, modules: dict, opt) -> int:
-    from safetensors.torch import load_file
-
-    if not (path / "state.json").is_file():
-        return 0
-    for name, m in modules.items():
-        state = load_file(path / f"{name}.safetensors")
-        if hasattr(m, "load_state_dict"):
-            m.load_state_dict(state)
-        else:
-            for k, v in state.items():
-                m[k].copy_(v)
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())["step"]
-
-
 # --------------------------------------------------------------------------------------------------
 # phases
 # --------------------------------------------------------------------------------------------------
@@ -174,25 +145,6 @@ def grad_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def recon_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 + MSE + a gradient-difference term (sharp edges): the VAE's and the decoder fine-tune's loss."""
     return (rec - x).abs().mean() + F.mse_loss(rec, x) + 0.5 * grad_loss(rec, x)
-
-
-def warmup_cosine(opt, steps: int, warmup: int, start: int):
-    """Linear warm-up then cosine decay to 0 over ``steps``, resumed at step ``start``."""
-    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
-    if start:
-        for group in opt.param_groups:  # LambdaLR with last_epoch >= 0 wants the initial lr recorded
-            group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=start - 1)
-
-
-def optimizer_step(loss: torch.Tensor, opt, sched, clip_params=None) -> None:
-    """Backward, optional gradient clipping at norm 1, optimizer and scheduler step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_params is not None:
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
-    opt.step()
-    sched.step()
 
 
 def phase_vae(x: torch.Tensor, work: Path, steps: int, batch: int, bf16: bool):
@@ -390,7 +342,7 @@ def main():
     (Path(args.out) / "training_args.json").write_text(json.dumps(vars(args), indent=2))
     print(f"saved pipeline to {args.out}")
     if args.lcm_out:  # 7. few-step model: latent consistency distillation of the pipeline just saved
-        from train_tiny_lcm import distill, parse_args as lcm_args
+        from scripts.train_tiny_lcm import distill, parse_args as lcm_args
 
         distill(lcm_args(["--teacher", args.out, "--out", args.lcm_out, "--steps", str(args.lcm_steps),
                           "--work", str(work / "lcm"), "--threads", str(args.threads), "--seed", str(args.seed)]))

@@ -82,3 +82,13 @@ def test_token_merge_ratio_round_trips_and_bad_values_fail_early():
     with pytest.raises(ValueError, match=r"token merge ratio must be in \[0, 0.75\]"), \
             token_merging(torch.nn.Linear(2, 2), 0.9):
         pass
+
+
+def test_token_merging_and_feature_caching_do_not_import_each_other_in_a_loop():
+    import subprocess
+    import sys
+
+    code = ("import sys, sip.augment.token_merge; "
+            "print('sip.augment.unet_cache' in sys.modules, 'sip.augment.unet_patch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]  # the shared forward-patching lives in unet_patch; unet_cache imports the other two

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sip.augment.unet_cache import patched_forwards
+from sip.augment.unet_patch import patched_forwards
 
 MAX_MERGE_RATIO = 0.75  # one token in each 2x2 cell is a destination: at most the other 3 can merge
 

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-_MISSING = object()
+from sip.augment.token_merge import MAX_MERGE_RATIO, token_merging
+from sip.augment.unet_patch import patched_forwards
+
 
 
 @dataclass
@@ -155,32 +157,8 @@ def feature_cache(unet: nn.Module, interval: int) -> Iterator[CacheState]:
         state.outputs.clear()
 
 
-@contextmanager
-def patched_forwards(unet: nn.Module, modules: list[nn.Module], wrap: Callable[[int, Callable], Callable],
-                     on_call: Callable) -> Iterator[None]:
-    """For the block: module ``i``'s forward becomes ``wrap(i, forward)`` and ``on_call(unet, args, kwargs)``
-    runs before every UNet call; everything is restored on exit, even after an error."""
-    patched: list[tuple[nn.Module, Any]] = []
-    hook = unet.register_forward_pre_hook(on_call, with_kwargs=True)
-    try:
-        for index, module in enumerate(modules):
-            # keep what was there: accelerate's offload hooks, for one, set an instance ``forward``
-            patched.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = wrap(index, module.forward)
-        yield
-    finally:
-        hook.remove()
-        for module, previous in reversed(patched):
-            if previous is _MISSING:
-                del module.forward
-            else:
-                module.forward = previous
-
-
 def check_speedup_settings(cache_interval: int, token_merge_ratio: float, compile: bool = False) -> None:
     """Raise ``ValueError`` for generate.cache_interval / generate.token_merge_ratio values sip cannot honour."""
-    from sip.augment.token_merge import MAX_MERGE_RATIO
-
     if isinstance(cache_interval, bool) or int(cache_interval) != cache_interval or cache_interval < 1:
         raise ValueError(f"cache_interval must be an integer >= 1 (1 = off, N = the full UNet every N steps), "
                          f"got {cache_interval!r}")
@@ -194,8 +172,6 @@ def check_speedup_settings(cache_interval: int, token_merge_ratio: float, compil
 
 def unet_speedups(unet, cache_interval: int, token_merge_ratio: float) -> ExitStack:
     """Feature caching and token merging around one pipeline call (nothing when both are off)."""
-    from sip.augment.token_merge import token_merging
-
     stack = ExitStack()
     if cache_interval > 1:
         stack.enter_context(feature_cache(unet, cache_interval))

@@ -8,7 +8,12 @@ subprocess and checks that every case was either written or named in the log wit
 nothing was written outside OUT, and that ``datasets`` imagefolder and torchvision ImageFolder load
 OUT. Prints a table, then as last line one JSON object.
 
-Usage: ``.venv/bin/python scripts/bad_inputs.py [--keep DIR]``. :func:`build_corpus` is also used by
+The overrides corpus (issues 26 and 31) runs ``sip synth / augment / train / distill`` through the CLI with
+hostile ``--set`` values (NaN, ±inf, empty strings, a text file or a model's weights as a LoRA, the shipped pipeline
+as a tiny VAE, source keys the source kind does not read) and checks each exits with code 2 and one ``error:`` line
+naming its key, before any model loads or training starts; it prints a JSON line with the count handled.
+
+Usage: ``.venv/bin/python scripts/bad_inputs.py [--keep DIR] [--corpus files|overrides|all]``. :func:`build_corpus` is also used by
 tests/test_sources.py.
 """
 
@@ -124,11 +129,95 @@ def _snapshot(folder: Path) -> set[str]:
     return {str(p) for p in folder.rglob("*")}
 
 
+# --------------------------------------------------------------------------------------------------
+# The overrides corpus (issues 26 and 31): hostile recipe values, each must end in one clear line naming its key
+# --------------------------------------------------------------------------------------------------
+
+SYN, KD, VIT = "pipelines/fmnist_synth.yaml", "pipelines/fmnist_kd_10shot.yaml", "pipelines/fmnist_vit_scratch_10shot.yaml"
+SHIPPED = "sip/models/fmnist-tiny-sd"
+
+
+def override_cases(base: Path) -> list[tuple[str, list[str], str]]:
+    """``(name, sip arguments, text the error line must contain)``; files the cases point at are written under
+    ``base`` (a text file, a model's weights named like a LoRA, an image folder)."""
+    import torch
+    from safetensors.torch import save_file
+
+    text = base / "notes.txt"
+    text.write_text("not a model\n")
+    weights = base / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(weights))
+    folder = base / "photos"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / "0.png").write_bytes(_png(np.zeros((16, 16, 3), np.uint8)))
+    synth = ["synth", SYN, "--per-class", "1", "--steps", "2", "-o", str(base / "out-synth")]
+    augment = ["augment", "pipelines/fmnist_augment.yaml", "-i", str(folder), "-o", str(base / "out-aug"),
+               "--per-image", "1", "--steps", "2"]
+    train = ["train", VIT, "-o", str(base / "out-train"), "--set", "optim.epochs=1"]
+    distill = ["distill", KD, "-o", str(base / "out-distill"), "--set", "optim.epochs=1"]
+    cases = [(f"{verb[0]} {o}", [*verb, "--set", o], o.split("=", 1)[0]) for verb, o in [
+        (synth, "generate.guidance_scale=.nan"), (synth, "generate.strength=.inf"), (synth, "ray.num_cpus=.nan"),
+        (synth, "ray.num_gpus=.inf"), (synth, "generate.lora_scale=-.inf"), (synth, "generate.kdeformer.seed=.nan"),
+        (train, "model.kdeformer.block_size=.nan"), (train, "model.kdeformer.min_tokens=.nan"),
+        (train, "data.interpolation="), (train, "data.interpolation=bogus"), (train, "optim.lr=.nan"),
+        (train, "model.kwargs.embed_dim=.inf"), (distill, "batch_mix.cutmix_alpha=.nan"),
+        (distill, "batch_mix.mixup_alpha=.inf"), (distill, "loss.temperature=.nan"),
+        (synth, "generate.device="), (synth, "generate.tiny_vae="), (synth, "ray.address="),
+        (synth, f"generate.lora={text}"), (synth, f"generate.lora={weights}"), (synth, f"generate.lora={base}"),
+        (synth, f"generate.tiny_vae={SHIPPED}"), (synth, f"generate.tiny_vae={text}"),
+        (synth, f"generate.tiny_vae={SHIPPED}/vae"), (synth, f"generate.model={text}"),
+        (synth, f"generate.model={SHIPPED}/vae"), (synth, f"generate.model={base / 'missing'}"),
+        (augment, "source.split=test"), (augment, "source.size=64"), (augment, "source.image_column=img"),
+        (augment, "source.start=99"), (synth, "source.path=/tmp"), (synth, "source.split=validation"),
+        (train, "data.eval.start=-1"),
+    ]]
+    # refused when the folder is opened (its size is known only then): the message names start and stop
+    return [(n, a, "start 99" if k == "source.start" else k) for n, a, k in cases]
+
+
+def run_override_cases(base: Path) -> list[tuple[str, str, str]]:
+    """Run each case through the CLI (typer's runner, in this process); a case is handled when sip exits with
+    code 2 and one ``error:`` line that names its key, with no traceback."""
+    from typer.testing import CliRunner
+
+    from sip.cli import app
+
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    os.chdir(ROOT)
+    rows = []
+    for name, args, key in override_cases(base):
+        result = CliRunner().invoke(app, args, catch_exceptions=True)
+        lines = [line for line in (result.output or "").splitlines() if line.startswith("error:")]
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            how = f"NOT HANDLED: {type(result.exception).__name__}: {str(result.exception)[:120]}"
+        elif result.exit_code != 2 or len(lines) != 1:
+            how = f"NOT HANDLED: exit {result.exit_code}, {len(lines)} error lines"
+        elif key not in lines[0]:
+            how = f"NOT HANDLED: the error does not name {key}: {lines[0][:160]}"
+        else:
+            how = "refused"
+        rows.append((name, how, lines[0][:150] if lines else ""))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", type=Path, help="build in this folder instead of a temporary one")
+    parser.add_argument("--corpus", choices=("files", "overrides", "all"), default="all",
+                        help="the image-folder corpus, the recipe-override corpus, or both (default)")
     args = parser.parse_args()
     base = Path(args.keep or tempfile.mkdtemp(prefix="sip-bad-inputs-"))
+    if args.corpus in ("overrides", "all"):
+        (base / "overrides").mkdir(parents=True, exist_ok=True)
+        rows = run_override_cases(base / "overrides")
+        width = max(len(r[0]) for r in rows)
+        for name, how, line in rows:
+            print(f"{name:<{width}}  {how:<10}  {line}")
+        handled = sum(how == "refused" for _, how, _ in rows)
+        print(json.dumps({"corpus": "overrides", "cases": len(rows), "handled": handled}))
+        if args.corpus == "overrides":
+            return
     corpus, outside, out = base / "corpus", base / "outside", base / "out"
     cases = build_corpus(corpus, outside)
     before = _snapshot(base) - _snapshot(out) if out.exists() else _snapshot(base)

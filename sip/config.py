@@ -174,7 +174,9 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str | None = None, pre
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}{_where(source)}") from e
+        word = str(e).split(" ", 1)[0].rstrip(":,")  # a message about one field names it first: name its key
+        key = f"{prefix}.{word}" if prefix and word in fields else prefix or cls.__name__
+        raise ConfigError(f"{key}: {e}{_where(source)}") from e
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

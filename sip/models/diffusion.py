@@ -185,7 +185,7 @@ def load_diffusion_pipeline(name: str = DEFAULT_SD_MODEL, mode: str = "img2img",
     if mode not in ("img2img", "txt2img"):
         raise ValueError(f"mode must be 'img2img' or 'txt2img', got {mode!r}")
     sched_cls = resolve_scheduler(scheduler) if scheduler else None
-    source = check_model_source(name, "Stable Diffusion model")
+    source = check_model_source(name, "Stable Diffusion model (generate.model)")
     auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForText2Image
     pipe = auto.from_pretrained(source, **{_dtype_kwarg(): resolve_dtype(dtype)})
     if sched_cls is not None:

@@ -375,3 +375,20 @@ def _recipe(kind: str):
     from sip.distill.run import DistillRecipe
 
     return DistillRecipe, ["teachers=[{name: resnet10t, pretrained: true}]"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_clip=-1", "optim.grad_clip: grad_clip must be positive or null"),  # a negative norm flips gradients
+    ("run.threads=0", "run.threads: threads must be >= 1 or null"),  # 0 ran as torch's default
+    ("run.eval_max_samples=0", "run.eval_max_samples: eval_max_samples must be >= 1"),
+    ("data.std=[0.5, 0, 0.5]", "data.std: std must be positive"),
+    ("data.crop_pct=-1", "data.crop_pct: crop_pct must be in"),
+    ("data.color_jitter=-0.4", "data.color_jitter: color_jitter must be >= 0"),
+    ("model.drop_rate=1.5", "model.drop_rate: drop_rate must be in"),
+    ("optim.betas=[2, 3]", "optim.weight_decay: weight_decay must be >= 0 and betas in"),
+])
+def test_training_ranges_are_checked_when_the_recipe_loads(override, message):
+    from sip.train.recipe import TrainRecipe
+
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config(TrainRecipe, None, [override])

@@ -64,6 +64,14 @@ class DataSection:
         for name in ("hflip", "re_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] or null, got {self.crop_pct}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive (inputs are divided by it), got {self.std}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         for name in ("batch_size", "eval_batch_size", "repeat"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -99,6 +107,9 @@ class ModelSection:
         kdeformer_config(self.attention, self.kdeformer, "model")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
+        for name in ("drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         reserved = {"num_classes", "in_chans", "img_size", "patch_size", "drop_rate", "drop_path_rate", "pretrained"}
         clash = sorted(reserved & set(self.kwargs))
         if clash:
@@ -127,6 +138,10 @@ class OptimSection:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup_epochs must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.weight_decay < 0 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"weight_decay must be >= 0 and betas in [0, 1), got {self.weight_decay}, {self.betas}")
+        if self.grad_clip is not None and self.grad_clip <= 0:  # a negative norm would flip the gradients' sign
+            raise ValueError(f"grad_clip must be positive or null (no clipping), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,9 @@ class RunSection:
             raise ValueError(f"eval_every must be positive, got {self.eval_every}")
         if self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        for name in ("eval_max_samples", "threads"):  # threads 0 ran as torch's default; 0 samples evaluates nothing
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

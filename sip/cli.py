@@ -22,6 +22,10 @@ RecipeArg = typer.Argument(None, help="YAML recipe (see pipelines/); flags and -
 SetOpt = typer.Option([], "--set", help="Override a recipe key, e.g. --set generate.strength=0.6 (repeatable).")
 EngineOpt = typer.Option(None, help="'local' (this process; one per rank under torchrun / accelerate launch) or "
                                     "'ray' (a Ray Data pipeline of actor pools; pip install 'sip[ray]').")
+TeacherOpt = typer.Option(None, "--teacher", help="sip run folder of a teacher that guides sampling (guide.teacher; "
+                                                    "set guide.scale) and labels inter-class variants.")
+StudentOpt = typer.Option(None, "--student", help="sip run folder of the student; guidance seeks where it disagrees "
+                                                    "with the teacher (guide.student; set guide.student_scale).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster to join with --engine ray (e.g. auto, "
                                                   "ray://head:10001); default: a local Ray for this run.")
 
@@ -114,6 +118,8 @@ def augment(
                                                    "launch, where each process takes its part by rank)."),
     engine: Optional[str] = EngineOpt,
     address: Optional[str] = AddressOpt,
+    teacher: Optional[str] = TeacherOpt,
+    student: Optional[str] = StudentOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
@@ -122,7 +128,8 @@ def augment(
     overrides = _input_overrides(input) + _captioner_overrides(captioner) + _flags(**{
         "output": str(output) if output else None, "generate.model": model, "generate.per_image": per_image,
         "generate.strength": strength, "generate.guidance_scale": guidance, "generate.steps": steps,
-        "generate.seed": seed, "shard": shard, "engine": engine, "ray.address": address}) + list(set_)
+        "generate.seed": seed, "shard": shard, "engine": engine, "ray.address": address, "guide.teacher": teacher,
+        "guide.student": student}) + list(set_)
     cfg = _load(AugmentRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_augment, cfg))
 
@@ -140,6 +147,8 @@ def synth(
                                                    "launch, where each process takes its part by rank)."),
     engine: Optional[str] = EngineOpt,
     address: Optional[str] = AddressOpt,
+    teacher: Optional[str] = TeacherOpt,
+    student: Optional[str] = StudentOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
@@ -148,7 +157,7 @@ def synth(
     overrides = _flags(**{"output": str(output) if output else None, "generate.model": model,
                           "generate.per_class": per_class, "generate.guidance_scale": guidance,
                           "generate.steps": steps, "generate.seed": seed, "shard": shard, "engine": engine,
-                          "ray.address": address}) + list(set_)
+                          "ray.address": address, "guide.teacher": teacher, "guide.student": student}) + list(set_)
     cfg = _load(SynthRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_synth, cfg))
 

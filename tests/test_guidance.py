@@ -181,3 +181,45 @@ def test_a_teacher_checkpoint_loads_with_its_classes_and_preprocessing(tmp_path,
     assert teacher.classes == CLASSES and teacher.input_size == (3, 16, 16)
     logits = teacher(torch.zeros(2, 3, 32, 32))  # decoded 32 px images, resized to its 16 px input
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# through sip synth: metadata and resume
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_guided_synth_killed_mid_batch_resumes_with_the_bytes_of_an_uninterrupted_one(tiny_sd_img2img, tmp_path,
+                                                                                        monkeypatch):
+    import hashlib
+
+    from sip.augment.run import SynthRecipe, run_synth
+    from sip.augment.variants import Teaching
+    from sip.data.bank import DatasetWriter, read_metadata
+
+    gen = {"steps": 4, "per_class": 5, "batch_size": 4, "device": "cpu"}
+    generator = DiffusionGenerator(tiny_sd_img2img, GenerateConfig(**gen), model_id="tiny")
+    guided = Teaching(ClassifierGuidance(GuideConfig(teacher="t", scale=30.0), sharp_teacher()))
+
+    def synth(out):
+        return SynthRecipe(classes=CLASSES, generate=GenerateConfig(**gen), output=str(out), progress=False)
+
+    def digests(out):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "train").rglob("*.png"))}
+
+    run_synth(synth(tmp_path / "clean"), generator, teaching=guided)
+    run_synth(synth(tmp_path / "plain"), generator)
+    real, count = DatasetWriter.write, {"n": 0}
+
+    def write(self, *args, **kwargs):
+        if count["n"] == 6:
+            raise KeyboardInterrupt
+        count["n"] += 1
+        return real(self, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(DatasetWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            run_synth(synth(tmp_path / "resumed"), generator, teaching=guided)
+    again = run_synth(synth(tmp_path / "resumed"), generator, teaching=guided)
+    assert again.skipped == 6 and again.written == 4
+    assert digests(tmp_path / "resumed") == digests(tmp_path / "clean") != digests(tmp_path / "plain")
+    line = read_metadata(tmp_path / "clean")[0]
+    assert line["guide"] == {"teacher": "sharp-teacher", "scale": 30.0, "steps": [0.0, 1.0], "every": 1}

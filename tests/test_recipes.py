@@ -11,10 +11,10 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 def recipe_class(path: Path):
     stem = path.stem
-    if stem.endswith("_augment"):
+    if stem.endswith("_augment") or "_augment_" in stem:
         from sip.augment.run import AugmentRecipe
         return AugmentRecipe
-    if stem.endswith("_synth"):
+    if stem.endswith("_synth") or "_synth_" in stem:
         from sip.augment.run import SynthRecipe
         return SynthRecipe
     if "logits" in stem:

@@ -27,8 +27,10 @@ from typing import Any
 from sip.augment.caption import CaptionConfig
 from sip.augment.filter import FilterConfig
 from sip.augment.generate import GenerateConfig
+from sip.augment.guidance import GuideConfig, check_guide
 from sip.augment.loop import Job, batch_grid, run_info, variant_record
 from sip.augment.prompts import PromptBuilder, PromptConfig
+from sip.augment.variants import VariantPlan, VariantsConfig, variant_fields, variants_generator
 from sip.config import to_dict
 from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
@@ -60,6 +62,8 @@ class AugmentRecipe:
         engine: "local" (this process, or one per rank under torchrun / accelerate launch) or "ray" (a Ray
             Data pipeline of reader / captioner and generator actor pools, :mod:`sip.scale.ray_engine`).
         ray: the Ray cluster and pool sizes (``engine: ray`` only).
+        guide: teacher / student guidance of the sampler (:mod:`sip.augment.guidance`; ``--teacher``, ``--student``).
+        variants: several (strength, guidance) settings per source and inter-class variants (:mod:`sip.augment.variants`).
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -73,12 +77,15 @@ class AugmentRecipe:
     progress: bool = True
     engine: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    variants: VariantsConfig = field(default_factory=VariantsConfig)
 
     def __post_init__(self):
         parse_shard(self.shard)
         if self.chunk <= 0:
             raise ValueError(f"chunk must be positive, got {self.chunk}")
         _check_engine(self.engine, self.shard)
+        _check_teaching(self, self.guide, self.variants != VariantsConfig(), bool(self.variants.interclass))
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class SynthRecipe:
     Attributes:
         classes: label names to synthesise; empty uses ``source``'s classes.
         source: where class names come from when ``classes`` is empty (no image is read).
-        prompt, generate, filter, output, shard, progress, engine, ray: as in :class:`AugmentRecipe`.
+        prompt, generate, filter, output, shard, progress, engine, ray, guide: as in :class:`AugmentRecipe`.
     """
 
     classes: list[str] = field(default_factory=list)
@@ -101,10 +108,21 @@ class SynthRecipe:
     progress: bool = True
     engine: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
     def __post_init__(self):
         parse_shard(self.shard)
         _check_engine(self.engine, self.shard)
+        _check_teaching(self, self.guide, False, False)
+
+
+def _check_teaching(recipe: Any, guide: GuideConfig, variants: bool, interclass: bool) -> None:
+    if recipe.engine == "ray" and (guide.teacher or variants):
+        raise ValueError("guide / variants run on engine local (one process per rank under torchrun / accelerate "
+                         "launch); engine ray does not draw them yet")
+    if guide.teacher and not guide.active and not interclass:
+        raise ValueError(f"guide.teacher is {guide.teacher} but guide.scale and guide.student_scale are 0 and no "
+                         "variants.interclass pair needs labels: set guide.scale > 0 or drop guide.teacher")
 
 
 def _check_engine(engine: str, shard: str | None) -> None:
@@ -207,6 +225,9 @@ def prepare_augment(recipe: AugmentRecipe) -> tuple[ImageSource, Path]:
     source = open_source(recipe.source)
     if len(source) == 0:
         raise ValueError(f"the input has no images ({recipe.source.kind} {recipe.source.path or ''}); nothing to do")
+    check_guide(recipe.guide, source.classes)
+    g = recipe.generate
+    VariantPlan(recipe.variants, source.classes, g.strength, g.guidance_scale, g.per_image)  # pairs name classes
     return source, check_output(recipe.output, _input_folders(recipe.source))
 
 
@@ -228,6 +249,7 @@ def prepare_synth(recipe: SynthRecipe) -> tuple[list[str], Path]:
     classes = synth_classes(recipe)
     if not classes:
         raise ValueError("no classes to synthesise: set classes: [...] or a source with labels")
+    check_guide(recipe.guide, classes)
     return classes, check_output(recipe.output, [] if recipe.classes else _input_folders(recipe.source))
 
 
@@ -246,7 +268,7 @@ def augment_grid(source_ids: Sequence[str], recipe: AugmentRecipe,
     holding only the batches of ``shard``. A batch item is ``(position, source id, variant)``; positions count
     unreadable sources too (a batch holding one draws the others, as the one-process run does)."""
     index = 0
-    per_image, size = recipe.generate.per_image, recipe.generate.batch_size
+    per_image, size = VariantPlan.count_for(recipe.variants, recipe.generate.per_image), recipe.generate.batch_size
     for start in range(0, len(source_ids), recipe.chunk):
         pairs = [(pos, source_ids[pos], v) for pos in range(start, min(start + recipe.chunk, len(source_ids)))
                  for v in range(per_image)]
@@ -286,20 +308,26 @@ def open_writer(recipe: AugmentRecipe | SynthRecipe, generator: Any, labels: Seq
 # --------------------------------------------------------------------------------------------------
 
 def augment_job(s: Sample, v: int, caption: str, source_hash: str, builder: PromptBuilder, cfg: GenerateConfig,
-                negative_prompt: str, settings: dict[str, Any]) -> Job:
-    """The img2img job of variant ``v`` of source ``s``: prompt, per-image seed and metadata record."""
-    prompt = builder(s.label_name, caption, v)
+                negative_prompt: str, settings: dict[str, Any], plan: VariantPlan | None = None) -> Job:
+    """The img2img job of variant ``v`` of source ``s``: prompt, per-image seed and metadata record (``plan``:
+    the variant's setting, or an inter-class prompt under its target's label, drawn toward it)."""
+    label, extra = s.label_name, {}
+    if plan is not None:
+        variant, extra = variant_fields(plan, s.label_name, s.source_id, v)
+        label = variant.prompt_label
+    prompt = builder(label, None if extra.get("interclass") else caption, v)
     seed = image_seed(cfg.seed, s.source_id, v)
     record = variant_record(source=s.source_id, source_hash=source_hash, variant=v, caption=caption, prompt=prompt,
                             negative_prompt=negative_prompt, strength=cfg.strength, seed=seed, settings=settings)
-    return Job(variant_id(s.source_id, v), s.label_name, prompt, seed, record, payload=s.image)
+    return Job(variant_id(s.source_id, v), label, prompt, seed, {**record, **extra}, payload=s.image)
 
 
 def augment_jobs(batch: Batch, samples: dict[str, Sample], captions: dict[str, str], hashes: dict[str, str],
-                 builder: PromptBuilder, recipe: AugmentRecipe, settings: dict[str, Any]) -> list[Job]:
+                 builder: PromptBuilder, recipe: AugmentRecipe, settings: dict[str, Any],
+                 plan: VariantPlan | None = None) -> list[Job]:
     """The jobs of an augment grid batch (``samples`` by source id; unreadable sources have none)."""
     return [augment_job(samples[sid], v, captions[sid], hashes[sid], builder, recipe.generate,
-                        recipe.prompt.negative_prompt, settings) for _, sid, v in batch if sid in samples]
+                        recipe.prompt.negative_prompt, settings, plan) for _, sid, v in batch if sid in samples]
 
 
 def synth_job(label: str, k: int, builder: PromptBuilder, cfg: GenerateConfig, negative_prompt: str,
@@ -318,12 +346,14 @@ def synth_jobs(batch: Batch, builder: PromptBuilder, recipe: SynthRecipe, settin
             for label, k in batch]
 
 
-def batch_generator(generator: Any, mode: str, negative_prompt: str) -> Callable[[Sequence[Job]], list]:
-    """The ``generate(batch) -> images`` call of a mode ("img2img": job payloads are the sources)."""
+def batch_generator(generator: Any, mode: str, negative_prompt: str,
+                    guidance: Any = None) -> Callable[[Sequence[Job]], list]:
+    """The ``generate(batch) -> images`` call of a mode ("img2img": job payloads are the sources, one call per
+    setting of the batch), guided toward each job's label by ``guidance`` (a ``ClassifierGuidance``) if given."""
     if mode == "img2img":
-        return lambda batch: generator.img2img([j.payload for j in batch], [j.prompt for j in batch],
-                                               [j.seed for j in batch], negative_prompt)
-    return lambda batch: generator.text2img([j.prompt for j in batch], [j.seed for j in batch], negative_prompt)
+        return variants_generator(generator, negative_prompt, guidance)
+    return lambda batch: generator.text2img([j.prompt for j in batch], [j.seed for j in batch], negative_prompt,
+                                            guide=guidance.toward([j.label for j in batch]) if guidance else None)
 
 
 def prompt_builder(prompt: PromptConfig, generator: Any) -> PromptBuilder:

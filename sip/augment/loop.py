@@ -102,8 +102,9 @@ class Outcome:
 
 
 def make_batch(batch: Sequence[Job], generate: Callable[[Sequence[Job]], list[Image.Image]],
-               image_filter: ImageFilter | None) -> list[Outcome]:
-    """Generate one grid batch whole and filter it: one :class:`Outcome` per job, in order.
+               image_filter: ImageFilter | None, labeller: Callable | None = None) -> list[Outcome]:
+    """Generate one grid batch whole and filter it: one :class:`Outcome` per job, in order. A ``labeller``
+    ``(jobs, images) -> [(label, record additions)]`` labels images after drawing (inter-class variants).
 
     Raises:
         Exception: anything not in :data:`GENERATION_FAULTS` (a programming error) propagates.
@@ -113,10 +114,11 @@ def make_batch(batch: Sequence[Job], generate: Callable[[Sequence[Job]], list[Im
     except GENERATION_FAULTS as e:  # out of memory, an undecodable image: every job fails with the reason
         reason = f"{type(e).__name__}: {str(e)[:120]}"
         return [Outcome(j.id, j.label, j.record, failure=reason) for j in batch]
-    labels, prompts = [j.label for j in batch], [j.prompt for j in batch]
+    named = labeller(batch, images) if labeller is not None else [(j.label, {}) for j in batch]
+    labels, prompts = [label for label, _ in named], [j.prompt for j in batch]
     verdicts = image_filter(images, labels, prompts) if image_filter is not None else keep_all(len(images))
-    return [Outcome(job.id, job.label, {**job.record, "scores": scores}, keep, image)
-            for job, image, (keep, scores) in zip(batch, images, verdicts)]
+    return [Outcome(job.id, label, {**job.record, **extra, "scores": scores}, keep, image)
+            for job, image, (label, extra), (keep, scores) in zip(batch, images, named, verdicts)]
 
 
 def write_outcomes(outcomes: Sequence[Outcome], writer: Any, summary: Any) -> None:
@@ -137,7 +139,7 @@ def write_outcomes(outcomes: Sequence[Outcome], writer: Any, summary: Any) -> No
 
 def generate_and_write(batches: Iterable[Sequence[Job]], generate: Callable[[Sequence[Job]], list[Image.Image]],
                        writer: Any, image_filter: ImageFilter | None, summary: Any,
-                       progress: Callable[[int], None] = lambda n: None) -> None:
+                       progress: Callable[[int], None] = lambda n: None, labeller: Callable | None = None) -> None:
     """Generate each grid batch that has a missing item, filter it and write its missing items.
 
     Args:
@@ -147,6 +149,7 @@ def generate_and_write(batches: Iterable[Sequence[Job]], generate: Callable[[Seq
         image_filter (ImageFilter, optional): keeps or drops each image; None keeps all.
         summary: a RunSummary (``written``, ``skipped``, ``filtered``, ``failed``, ``reasons``) updated in place.
         progress (Callable[[int], None], optional): called with the number of items each batch settled.
+        labeller (Callable, optional): labels images after drawing (see :func:`make_batch`); None keeps the jobs'.
 
     Raises:
         Exception: anything not in :data:`GENERATION_FAULTS` (a programming error) propagates.
@@ -155,5 +158,5 @@ def generate_and_write(batches: Iterable[Sequence[Job]], generate: Callable[[Seq
         if all(writer.is_done(job.id) for job in batch):
             summary.skipped += len(batch)
         else:
-            write_outcomes(make_batch(batch, generate, image_filter), writer, summary)
+            write_outcomes(make_batch(batch, generate, image_filter, labeller), writer, summary)
         progress(len(batch))

@@ -42,6 +42,7 @@ from sip.augment.jobs import (
     synth_jobs,
 )
 from sip.augment.loop import generate_and_write
+from sip.augment.variants import Teaching, build_teaching
 from sip.data.run_lock import hold_output
 from sip.data.sources import ImageSource, Sample
 from sip.ids import image_hash
@@ -84,7 +85,7 @@ def domain_mismatch(generator: DiffusionGenerator, samples: list[Sample]) -> str
 
 def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = None,
                 captioner: Captioner | None = None, image_filter: ImageFilter | None = None,
-                launch: Launch | None = None) -> RunSummary:
+                launch: Launch | None = None, teaching: Teaching | None = None) -> RunSummary:
     """Run SIP augmentation as ``recipe`` says; models are built from it unless passed in.
 
     Args:
@@ -94,6 +95,8 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         image_filter (ImageFilter, optional): built from ``recipe.filter`` when None.
         launch (Launch, optional): this process's rank and world (:mod:`sip.scale.launch`); read from the
             launcher's environment when None. Each process of a launch takes the whole grid batches of its rank.
+        teaching (Teaching, optional): guidance, variant plan and labeller (:mod:`sip.augment.variants`); built
+            from ``recipe.guide`` / ``recipe.variants`` when None.
 
     Returns:
         RunSummary: counts and failures; images are on disk under ``recipe.output``.
@@ -118,11 +121,15 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         captioner = captioner or build_captioner(replace(recipe.caption,
                                                          device=process_device(recipe.caption.device, launch)))
         image_filter = image_filter if image_filter is not None else _filter(recipe, launch)
+        g = recipe.generate
+        teaching = teaching or build_teaching(recipe.guide, recipe.variants, source.classes, g.strength,
+                                              g.guidance_scale, g.per_image, generator.device)
         # 3. output folder (refuses a folder written with another config)
         writer = open_writer(recipe, generator, source.classes, shard, captioner=captioner.identity, mode="img2img",
                              **launch.record())
         cache = CaptionCache(recipe.caption.cache or Path(out) / "captions.jsonl")
-        summary = _augment_chunks(recipe, source, shard, launch, generator, captioner, image_filter, writer, cache)
+        summary = _augment_chunks(recipe, source, shard, launch, generator, captioner, image_filter, writer, cache,
+                                  teaching)
         summary.complete = writer.finish()
     summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
     summary.seconds = time.perf_counter() - t0
@@ -131,14 +138,14 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
 
 def _augment_chunks(recipe: AugmentRecipe, source: ImageSource, shard: tuple[int, int] | None, launch: Launch,
                     generator: DiffusionGenerator, captioner: Captioner, image_filter: ImageFilter | None, writer,
-                    cache: CaptionCache) -> RunSummary:
+                    cache: CaptionCache, teaching: Teaching) -> RunSummary:
     """Stream caption → prompt → img2img → filter → write over this shard's batches of the one-process grid,
     a chunk of sources at a time; a batch with an id left is drawn whole (the bytes of an uninterrupted run)."""
     chunks = list(augment_grid(list(source.source_ids()), recipe, shard))  # ids only: nothing is decoded yet
     summary = RunSummary(str(recipe.output))
     bar, progress = _bar("augment", sum(len(b) for c in chunks for b in c), recipe, launch, summary)
-    builder, settings = prompt_builder(recipe.prompt, generator), generator.settings()
-    generate = batch_generator(generator, "img2img", recipe.prompt.negative_prompt)
+    builder, settings = prompt_builder(recipe.prompt, generator), teaching.settings(generator.settings())
+    generate = batch_generator(generator, "img2img", recipe.prompt.negative_prompt, teaching.guidance)
     warned = False
     for batches in chunks:
         todo, done_here = open_batches(batches, writer)
@@ -151,8 +158,9 @@ def _augment_chunks(recipe: AugmentRecipe, source: ImageSource, shard: tuple[int
             logger.warning(warning)  # once per run, on the first chunk drawn
             summary.warnings.append(warning)
         warned = True
-        jobs = (augment_jobs(b, samples, captions, hashes, builder, recipe, settings) for b in todo)
-        generate_and_write((j for j in jobs if j), generate, writer, image_filter, summary, progress)
+        jobs = (augment_jobs(b, samples, captions, hashes, builder, recipe, settings, teaching.plan) for b in todo)
+        generate_and_write((j for j in jobs if j), generate, writer, image_filter, summary, progress,
+                           teaching.labeller)
     bar.close()
     return summary
 
@@ -189,7 +197,8 @@ def _filter(recipe: AugmentRecipe | SynthRecipe, launch: Launch) -> ImageFilter 
 
 
 def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
-              image_filter: ImageFilter | None = None, launch: Launch | None = None) -> RunSummary:
+              image_filter: ImageFilter | None = None, launch: Launch | None = None,
+              teaching: Teaching | None = None) -> RunSummary:
     """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt (the arguments and
     errors are those of :func:`run_augment`)."""
     if recipe.engine == "ray":
@@ -204,12 +213,13 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     with hold_output(out, shard):
         generator = generator or _generator(recipe.generate, launch)
         image_filter = image_filter if image_filter is not None else _filter(recipe, launch)
+        teaching = teaching or build_teaching(recipe.guide, None, classes, 1.0, 0.0, 1, generator.device)
         writer = open_writer(recipe, generator, classes, shard, mode="txt2img", **launch.record())
         batches = synth_grid(classes, recipe, shard)  # this shard's whole batches of the one-process grid
         summary = RunSummary(str(out))
         bar, progress = _bar("synth", sum(len(b) for b in batches), recipe, launch, summary)
-        builder, settings = prompt_builder(recipe.prompt, generator), generator.settings()
-        generate = batch_generator(generator, "txt2img", recipe.prompt.negative_prompt)
+        builder, settings = prompt_builder(recipe.prompt, generator), teaching.settings(generator.settings())
+        generate = batch_generator(generator, "txt2img", recipe.prompt.negative_prompt, teaching.guidance)
         generate_and_write((synth_jobs(b, builder, recipe, settings) for b in batches), generate, writer,
                            image_filter, summary, progress)
         bar.close()

@@ -103,17 +103,15 @@ def ray_test(fn):
 def test_ray_synth_equals_one_process_and_resumes_a_local_run(tiny_sd_dir, tiny_sd_txt2img, tmp_path):
     _ray_or_skip()
     one, out = tmp_path / "one", tmp_path / "ray"
-    # batch_invariant: the shard's batches hold other images than one process's (the killed-actor test below
-    # checks bytes on the shared batch grid without it)
-    inv = {"batch_invariant": True}
-    cfg = GenerateConfig(**{**GEN, "model": str(tiny_sd_dir), **inv})
-    run_synth(synth_recipe(one, tiny_sd_dir, inv), DiffusionGenerator(tiny_sd_txt2img, cfg, model_id=str(tiny_sd_dir)))
+    # no batch_invariant: a shard takes whole batches of the one-process grid, as Ray's rows are
+    cfg = GenerateConfig(**{**GEN, "model": str(tiny_sd_dir)})
+    run_synth(synth_recipe(one, tiny_sd_dir), DiffusionGenerator(tiny_sd_txt2img, cfg, model_id=str(tiny_sd_dir)))
     # a local run did half the ids (shard 1 of 2) and stopped; the Ray engine finishes the folder
     local = run_synth(SynthRecipe(classes=CLASSES, generate=cfg, output=str(out), progress=False, shard="1/2"),
                       DiffusionGenerator(tiny_sd_txt2img, cfg, model_id=str(tiny_sd_dir)))
     total = len(CLASSES) * GEN["per_class"]
     assert 0 < local.written < total and not local.complete
-    summary = run_synth(synth_recipe(out, tiny_sd_dir, inv, engine="ray", ray=RayConfig(workers=2)))
+    summary = run_synth(synth_recipe(out, tiny_sd_dir, engine="ray", ray=RayConfig(workers=2)))
     assert summary.complete and summary.failed == 0
     assert summary.written == total - local.written and summary.skipped == local.written
     assert digests(out) == digests(one)
@@ -131,10 +129,10 @@ def test_ray_augment_equals_one_process(tiny_sd_dir, image_folder, tmp_path):
     def recipe(out: Path, engine: str) -> AugmentRecipe:
         return AugmentRecipe(source=SourceConfig(kind="folder", path=str(image_folder)),
                              caption=CaptionConfig(image_size=64, device="cpu"),
-                             # the folder holds an unreadable file: one process's batches skip it, Ray's rows
-                             # (built without decoding) do not, so batches differ; one image per call keeps bytes equal
+                             # the folder holds an unreadable file: both engines build the grid from the listed
+                             # positions (the batch holding it draws the others), so no batch_invariant is needed
                              generate=GenerateConfig(steps=3, per_image=2, batch_size=3, strength=0.6, device="cpu",
-                                                     model=str(tiny_sd_dir), batch_invariant=True),
+                                                     model=str(tiny_sd_dir)),
                              output=str(out), chunk=4, progress=False, engine=engine,
                              ray=RayConfig(workers=2, caption_workers=1))
 
@@ -178,3 +176,104 @@ def test_ray_survives_a_killed_generator_actor(tiny_sd_dir, tiny_sd_txt2img, tmp
     assert proc.returncode == 0, output
     assert digests(out) == digests(one)  # nothing lost, nothing written twice, same bytes
     assert rows(out) == rows(one)
+
+
+@ray_test
+def test_ray_writes_the_local_engines_bytes_at_the_drivers_thread_count(tiny_sd_dir, tiny_sd_txt2img, tmp_path):
+    """Torch's CPU sums depend on the thread count (2 of these 60 images differ between 1 and 2 threads), so the
+    actors run with the driver's threads, not ray.num_cpus (1): the Ray run equals the local one byte for byte."""
+    _ray_or_skip()
+    import torch
+
+    gen = {"per_class": 20, "batch_size": 8}
+    cfg = GenerateConfig(**{**GEN, **gen, "model": str(tiny_sd_dir)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_synth(synth_recipe(tmp_path / "one", tiny_sd_dir, gen),
+                  DiffusionGenerator(tiny_sd_txt2img, cfg, model_id=str(tiny_sd_dir)))
+        summary = run_synth(synth_recipe(tmp_path / "ray", tiny_sd_dir, gen, engine="ray",
+                                         ray=RayConfig(workers=1, num_cpus=1)))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary.written == 60
+    assert digests(tmp_path / "ray") == digests(tmp_path / "one")
+
+
+def _ray_processes_of(pid: int) -> dict[int, str]:
+    import psutil
+
+    found = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            line = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if any(m in line for m in ("ray::", "raylet", "gcs_server", "dashboard", "runtime_env")):
+            found[child.pid] = line[:80]
+    return found
+
+
+def _alive(pids) -> dict[int, str]:
+    import psutil
+
+    alive = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive[pid] = " ".join(proc.cmdline())[:80]
+        except psutil.Error:
+            continue
+    return alive
+
+
+@ray_test
+def test_a_killed_ray_driver_leaves_no_process_behind_and_a_local_run_finishes_its_folder_byte_identically(
+        tiny_sd_dir, tiny_sd_txt2img, tmp_path):
+    """A driver killed outright (SIGKILL) leaves no Ray process behind (DashboardAgent, RuntimeEnvAgent, raylet,
+    workers) within seconds; the lock it left is taken over, and a local run at the driver's thread count
+    finishes the folder with the bytes of an uninterrupted local run."""
+    _ray_or_skip()
+    import torch
+
+    one, out = tmp_path / "one", tmp_path / "ray"
+    gen = {"per_class": 20, "batch_size": 8}
+    cfg = GenerateConfig(**{**GEN, **gen, "model": str(tiny_sd_dir)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the driver below runs with (OMP_NUM_THREADS=2)
+    try:
+        run_synth(synth_recipe(one, tiny_sd_dir, gen), DiffusionGenerator(tiny_sd_txt2img, cfg,
+                                                                          model_id=str(tiny_sd_dir)))
+        flags = ["synth", "-o", str(out), "--model", str(tiny_sd_dir), "--per-class", "20", "--steps", "3",
+                 "--engine", "ray", "--set", f"classes={json.dumps(CLASSES)}", "--set", "generate.device=cpu",
+                 "--set", "generate.batch_size=8", "--set", "progress=false", "--set", "ray.workers=1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "sip", *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        ray_procs, deadline = {}, time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            ray_procs.update(_ray_processes_of(proc.pid))
+            if len(list((out / "train").rglob("*.png"))) >= 16:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.communicate()[0]
+        ray_procs.update(_ray_processes_of(proc.pid))
+        assert any("DashboardAgent" in v or "dashboard" in v for v in ray_procs.values()), ray_procs
+        proc.kill()  # SIGKILL: the driver runs no more code
+        proc.communicate(timeout=60)
+        left, until = _alive(ray_procs), time.time() + 10
+        while left and time.time() < until:
+            time.sleep(0.5)
+            left = _alive(ray_procs)
+        assert left == {}, f"Ray processes outlived the killed driver by 10 s: {left}"
+        written = rows(out)
+        assert 0 < len(written) < 60
+        assert {r["file_name"]: digests(out)["train/" + r["file_name"]] for r in written} == \
+            {r["file_name"]: digests(one)["train/" + r["file_name"]] for r in written}  # Ray's bytes = local's
+        resumed = run_synth(synth_recipe(out, tiny_sd_dir, gen), DiffusionGenerator(tiny_sd_txt2img, cfg,
+                                                                                    model_id=str(tiny_sd_dir)))
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.written == 60 - len(written) and resumed.complete
+    assert digests(out) == digests(one) and rows(out) == rows(one)

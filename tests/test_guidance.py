@@ -223,3 +223,25 @@ def test_a_guided_synth_killed_mid_batch_resumes_with_the_bytes_of_an_uninterrup
     assert digests(tmp_path / "resumed") == digests(tmp_path / "clean") != digests(tmp_path / "plain")
     line = read_metadata(tmp_path / "clean")[0]
     assert line["guide"] == {"teacher": "sharp-teacher", "scale": 30.0, "steps": [0.0, 1.0], "every": 1}
+
+
+def test_the_cli_teacher_and_student_options_reach_the_guide_and_are_checked_before_any_model_loads(
+        tmp_path, make_tiny_classifier, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sip.cli import app
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the guide was checked")
+    monkeypatch.setattr(DiffusionGenerator, "from_config", boom)
+    missing = tmp_path / "no-teacher"
+    result = CliRunner().invoke(app, ["synth", "--teacher", str(missing), "--set", "guide.scale=1.0", "--set",
+                                      "classes=[cat, dog]", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "guide.teacher" in result.output and "no-teacher" in result.output
+    teacher = save_classifier(tmp_path / "t", make_tiny_classifier, classes=["bird", "fish"])
+    result = CliRunner().invoke(app, ["synth", "--teacher", str(teacher), "--set", "guide.scale=1.0", "--set",
+                                      "classes=[cat, dog]", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "not among them" in result.output
+    result = CliRunner().invoke(app, ["synth", "--teacher", str(teacher), "--student", str(teacher), "--set",
+                                      "classes=[cat, dog]", "--set", "guide.scale=.nan", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "guide.scale" in result.output and "finite number" in result.output

@@ -185,6 +185,37 @@ def batches(cfg) -> Any:
     return [len(b) for b in batch_grid(list(range(10)), cfg.generate.batch_size)]
 
 
+def variant_plan(cfg) -> Any:
+    """Every variant of a source of class "a" (prompt class, strength, guidance, soft label): what variants.* feed."""
+    from sip.augment.variants import VariantPlan, variant_fields
+
+    g = cfg.generate
+    plan = VariantPlan(cfg.variants, ["a", "b", "c"], g.strength, g.guidance_scale, g.per_image)
+    return [variant_fields(plan, "a", "src", v) for v in range(plan.count)]
+
+
+def guidance_terms(cfg) -> Any:
+    """The guide's loss on fixed images (tiny seeded classifiers) and its guided steps out of 10: what guide.* feed."""
+    from torch import nn
+
+    from sip.augment.guidance import ClassifierGuidance, GuideClassifier
+
+    def classifier(seed: int) -> GuideClassifier:
+        torch.manual_seed(seed)
+        return GuideClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), ["a", "b"],
+                               {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3})
+
+    guidance = ClassifierGuidance(cfg.guide, classifier(0), classifier(1) if cfg.guide.student else None)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    aimed = guidance.toward(["a", "b"])
+    return round(float(guidance.loss(images, aimed.targets)), 6), sorted(aimed.guided_steps(10))
+
+
+GUIDED = ("guide.teacher=runs/teacher", "guide.scale=1.0")
+STUDENT = (*GUIDED, "guide.student=runs/student", "guide.student_scale=1.0")
+INTERCLASS = ("variants.interclass=all",)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. the table
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +355,18 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("train", "model.num_classes"): Refused(7, ("model.name=resnet10t",), "model.num_classes is 7 but the data has 10",
                                             model),
     ("augment", "chunk"): Refused(0, (), "chunk must be positive"),
+    ("augment", "guide.teacher"): Refused("runs/teacher", (), "guide.scale and guide.student_scale are 0"),
+    ("augment", "guide.student"): Refused("runs/student", GUIDED, "student_scale is 0"),
+    ("augment", "guide.scale"): Changes(2.0, guidance_terms, GUIDED),
+    ("augment", "guide.student_scale"): Changes(2.0, guidance_terms, STUDENT),
+    ("augment", "guide.steps"): Changes([0.5, 1.0], guidance_terms, GUIDED),
+    ("augment", "guide.every"): Changes(3, guidance_terms, GUIDED),
+    ("augment", "variants.strengths"): Changes([0.3, 0.6], variant_plan),
+    ("augment", "variants.guidance_scales"): Changes([1.0, 2.0], variant_plan),
+    ("augment", "variants.interclass"): Changes("all", variant_plan),
+    ("augment", "variants.interclass_strengths"): Changes([0.4], variant_plan, INTERCLASS),
+    ("augment", "variants.interclass_per_source"): Changes(2, variant_plan, INTERCLASS),
+    ("augment", "variants.soft_gamma"): Changes(0.5, variant_plan, INTERCLASS),
 }
 
 _PENDING_SECTIONS = {  # whole sections whose probes need a model run, not written in this pass
@@ -332,8 +375,6 @@ _PENDING_SECTIONS = {  # whole sections whose probes need a model run, not writt
     "ray.": "read only with engine: ray (tests/test_scale_ray*.py); probe not written in this pass",
     "run.": TRAIN_RUN, "teachers[0].": TRAIN_RUN, "loss.": TRAIN_RUN + " (loss terms)", "store.": TRAIN_RUN,
     "student.": "the same ModelSection as train's model.* (probed there)",
-    "guide.": "teacher guidance (issue 27, added this round by another helper): its probe is for its owner to add",
-    "variants.": "variant grid (issue 27, added this round by another helper): its probe is for its owner to add",
     "data.val.": "the validation split (issue 26 finding 7, another helper's work in progress); probe not written",
 }
 _PENDING_KEYS = {"output": "the output folder: where, not what (tests/test_augment_run.py)",

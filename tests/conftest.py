@@ -493,8 +493,11 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for key, name, seed in (("test_resnet", "test_resnet", 0), ("sip_rednet_tiny", "sip_rednet_tiny", 0),
                             ("other_resnet", "test_resnet", 1)):
+        # test_resnet halves 16 px five times; output_stride 16 keeps its last stage on a 2x2 map (sip refuses
+        # a last stage that would get less than its stride: sip.models.input_checks)
+        stride = ["model.kwargs={output_stride: 16}"] if name == "test_resnet" else []
         recipe = load_config(TrainRecipe, overrides=[*DISTILL_DATA, f"model.name={name}", "optim.epochs=1",
-                                                     f"run.seed={seed}"])
+                                                     f"run.seed={seed}", *stride])
         run_training(recipe, root / key)
         out[key] = root / key
     return out

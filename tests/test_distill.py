@@ -102,7 +102,8 @@ def test_class_count_mismatch_is_an_error_before_training(teachers, tmp_path):
             (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (16, 16), (40 * c, 10 * i, 0)).save(folder / f"c{c}" / f"{i}.png")
     five = [f"data.real={{kind: folder, path: {folder}}}", f"data.eval={{kind: folder, path: {folder}}}"]
-    run_training(load_config(TrainRecipe, overrides=[*DATA, *five, "model.name=test_resnet", "optim.epochs=1"]),
+    run_training(load_config(TrainRecipe, overrides=[*DATA, *five, "model.name=test_resnet", "optim.epochs=1",
+                                                     "model.kwargs={output_stride: 16}"]),
                  tmp_path / "t5")
     with pytest.raises(ValueError, match="predicts 5 classes but the data has 10"):
         run_distillation(distill_recipe([tmp_path / "t5"]), tmp_path / "s")

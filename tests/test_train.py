@@ -193,7 +193,7 @@ def test_train_on_real_plus_sip_variants(tmp_path):
     assert metrics["steps"] == 6
     metrics = run_training(tiny(f"data.synthetic={syn}", "data.mix.mode=ratio", "data.mix.ratio=0.4",
                                 "optim.epochs=1", "model.name=test_resnet", "model.patch_size=null",
-                                "model.kwargs={}"), tmp_path / "run2")
+                                "model.kwargs={output_stride: 16}"), tmp_path / "run2")  # 16 px: see conftest
     assert metrics["steps"] == (30 + 20) * 2 // 10
 
 

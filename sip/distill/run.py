@@ -32,6 +32,7 @@ from sip.distill.step import DistillStep, TeacherInputs
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
 from sip.models.checkpoints import model_metadata
 from sip.models.classifiers import check_model_name
+from sip.models.input_checks import check_trainable
 from sip.runtime import large_input, resolve_precision
 from sip.train.inputs import (
     EpochView,
@@ -310,6 +311,8 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     student, create_kwargs = build_model(recipe.student, len(classes), data.img_size)
     _check_student_heads(student, recipe.loss.name, num_teachers, recipe.student.name)
     input_config = resolve_input_config(student, data)
+    check_trainable(student, img_size=min(input_config["input_size"][-2:]), batch_size=data.batch_size,
+                    model_key="student", name=recipe.student.name)
     _, eval_tf = build_transforms(input_config, data)  # evaluation exactly as sip train evaluates
 
     # 5. items and steps: one replayable view per image per epoch; the teachers see the same (mixed) view

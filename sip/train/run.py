@@ -32,6 +32,7 @@ from torch import nn
 
 from sip.models.checkpoints import model_metadata
 from sip.models.classifiers import check_model_name
+from sip.models.input_checks import check_trainable
 from sip.train.inputs import (
     EpochView,
     build_eval_images,
@@ -80,6 +81,8 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
 
     # 4. preprocessing from the model's timm data config
     input_config = resolve_input_config(model, recipe.data)
+    check_trainable(model, img_size=min(input_config["input_size"][-2:]), batch_size=recipe.data.batch_size,
+                    name=recipe.model.name)
     train_tf, eval_tf = build_transforms(input_config, recipe.data)
 
     def make_item(images, index, rng):

@@ -106,9 +106,10 @@ def run_augment(recipe: AugmentRecipe, generator: DiffusionGenerator | None = No
         ValueError: no source image, or the output is inside the input folder.
     """
     if recipe.engine == "ray":
+        from sip.augment import steps
         from sip.scale.ray_engine import run_augment_ray
 
-        return run_augment_ray(recipe)
+        return run_augment_ray(recipe, steps)
     t0 = time.perf_counter()
     # 1. check inputs before any model is loaded, and hold the output (or this process's shard of it)
     launch = launch or detect_launch()
@@ -202,9 +203,10 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
     """Data-free txt2img: ``generate.per_class`` images of each class from its label prompt (the arguments and
     errors are those of :func:`run_augment`)."""
     if recipe.engine == "ray":
+        from sip.augment import steps
         from sip.scale.ray_engine import run_synth_ray
 
-        return run_synth_ray(recipe)
+        return run_synth_ray(recipe, steps)
     t0 = time.perf_counter()
     launch = launch or detect_launch()
     shard = generation_shard(recipe.shard, launch)

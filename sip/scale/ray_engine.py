@@ -19,7 +19,8 @@
 - **Fails fast on a bad address** (:mod:`sip.scale.ray_address`), and a Ray this run started is stopped when the
   run ends, is interrupted, or its driver is killed (:mod:`sip.scale.ray_reaper`).
 - Models are built once per actor; ``ray.num_gpus`` gives each generator actor its GPU. The one job API
-  (:mod:`sip.augment.jobs`) gives set-up, the grid, the skip of finished ids, the jobs and the writer.
+  (:mod:`sip.augment.steps` over :mod:`sip.augment.jobs`, passed in by the caller: this package never imports
+  the augmentation side) gives set-up, the grid, the skip of finished ids, the batch steps and the writer.
 
 Ray is an optional extra: ``pip install 'sip[ray]'``.
 """
@@ -99,100 +100,25 @@ def _unpack(cell: Any) -> Any:
     return pickle.loads(bytes(cell))
 
 
-def _threads(threads: int) -> None:
-    import torch
+class _Actor:
+    """A Ray Data actor around a step of the job API: unpacks a row, runs the step, packs its result."""
 
-    torch.set_num_threads(max(1, int(threads)))
-
-
-class _ReadCaption:
-    """Reader + captioner actor: decodes the sources of a grid batch and captions them."""
-
-    def __init__(self, recipe: dict[str, Any], cache_path: str | None, threads: int):
-        from sip.augment.caption import CaptionCache, build_captioner
-        from sip.augment.jobs import AugmentRecipe
-        from sip.config import from_dict
-        from sip.data.sources import open_source
-
-        _threads(threads)
-        self.recipe = from_dict(AugmentRecipe, recipe)
-        self.source = open_source(self.recipe.source)
-        self.captioner = build_captioner(self.recipe.caption)
-        self.cache = CaptionCache(cache_path)
-        self.cache.path = None  # read only: the driver is the one writer of captions.jsonl
+    def __init__(self, step: type, kwargs: dict[str, Any]):
+        self.step = step(**kwargs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from sip.augment.caption import caption_images
-        from sip.ids import image_hash
-
-        row = _unpack(batch["row"][0])
-        view = self.source.subset(sorted({pos for pos, _, _ in row["items"]}))
-        samples = {s.source_id: s for s in view}
-        hashes = {sid: image_hash(s.image) for sid, s in samples.items()}
-        identity = self.captioner.identity
-        missing = {sid for sid, h in hashes.items() if self.cache.get(h, identity) is None}  # before captioning
-        captions = dict(zip(samples, caption_images([s.image for s in samples.values()], self.captioner, self.cache,
-                                                    self.recipe.caption.batch_size, list(hashes.values()))))
-        row["samples"], row["hashes"], row["captions"] = samples, hashes, captions
-        row["new_captions"] = [(hashes[sid], identity, captions[sid]) for sid in missing]
-        row["caption_hits"], row["caption_misses"] = len(samples) - len(missing), len(missing)
-        row["unreadable"] = [f"{s.path}: {s.reason}" for s in view.skipped]
-        return _pack(row)
+        return _pack(self.step(_unpack(batch["row"][0])))
 
 
-class _Generate:
-    """Generator actor: builds the jobs of a grid batch, draws them whole, filters them."""
-
-    def __init__(self, kind: str, recipe: dict[str, Any], threads: int):
-        from sip.augment.filter import build_filter
-        from sip.augment.generate import DiffusionGenerator
-        from sip.augment.jobs import AugmentRecipe, SynthRecipe, batch_generator, prompt_builder
-        from sip.config import from_dict
-
-        _threads(threads)
-        self.kind = kind
-        self.recipe = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
-        self.generator = DiffusionGenerator.from_config(self.recipe.generate)
-        self.filter = build_filter(self.recipe.filter)
-        self.builder = prompt_builder(self.recipe.prompt, self.generator)
-        self.generate = batch_generator(self.generator, "img2img" if kind == "augment" else "txt2img",
-                                        self.recipe.prompt.negative_prompt)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from sip.augment.jobs import augment_jobs, synth_jobs
-        from sip.augment.loop import make_batch
-
-        row = _unpack(batch["row"][0])
-        settings = self.generator.settings()
-        if self.kind == "augment":
-            jobs = augment_jobs(row["items"], row["samples"], row["captions"], row["hashes"], self.builder,
-                                self.recipe, settings)
-        else:
-            jobs = synth_jobs(row["items"], self.builder, self.recipe, settings)
-        outcomes = make_batch(jobs, self.generate, self.filter) if jobs else []
-        result = {"size": len(row["items"]), "outcomes": outcomes, "new_captions": row.get("new_captions", []),
-                  "unreadable": row.get("unreadable", []), "caption_hits": row.get("caption_hits", 0),
-                  "caption_misses": row.get("caption_misses", 0)}
-        return _pack(result)
+class _ReadCaption(_Actor):
+    """The reader + captioner actors (named apart in ``ps`` and Ray's logs)."""
 
 
-def _describe(kind: str, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Run in a worker with a generator's resources: what ``run.json`` says of the generator (and, for
-    ``augment``, the captioner identity that keys the caption cache), as the actors will build them."""
-    from sip.augment.caption import build_captioner
-    from sip.augment.generate import DiffusionGenerator
-    from sip.augment.jobs import AugmentRecipe, SynthRecipe
-    from sip.augment.loop import generator_info
-    from sip.config import from_dict
-
-    parsed = from_dict(AugmentRecipe if kind == "augment" else SynthRecipe, recipe)
-    info = generator_info(DiffusionGenerator.from_config(parsed.generate))
-    if kind == "augment":
-        info["captioner"] = build_captioner(parsed.caption).identity
-    return info
+class _Generate(_Actor):
+    """The generator actors."""
 
 
-def _pipeline(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], cache_path: str | None):
+def _pipeline(ray, api, kind: str, recipe: Any, rows: list[dict[str, Any]], cache_path: str | None):
     import torch
 
     from sip.config import to_dict
@@ -202,34 +128,28 @@ def _pipeline(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], cache_pat
     ds = ray.data.from_items([{"row": _pack(r)["row"][0]} for r in rows],
                              override_num_blocks=max(1, min(len(rows), 200)))
     if kind == "augment":
-        ds = ds.map_batches(_ReadCaption, fn_constructor_kwargs={"recipe": plain, "cache_path": cache_path,
-                                                                 "threads": threads},
+        reader = {"recipe": plain, "cache_path": cache_path, "threads": threads}
+        ds = ds.map_batches(_ReadCaption, fn_constructor_kwargs={"step": api.ReadCaptionStep, "kwargs": reader},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.caption_workers),
                             num_cpus=config.num_cpus)
-    ds = ds.map_batches(_Generate, fn_constructor_kwargs={"kind": kind, "recipe": plain, "threads": threads},
+    generator = {"kind": kind, "recipe": plain, "threads": threads}
+    ds = ds.map_batches(_Generate, fn_constructor_kwargs={"step": api.GenerateStep, "kwargs": generator},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.num_cpus,
                         num_gpus=config.num_gpus or None)
     return ds
 
 
-def _drive(ray, kind: str, recipe: Any, rows: list[dict[str, Any]], total: int, writer: Any, summary: Any,
+def _drive(ray, api, kind: str, recipe: Any, rows: list[dict[str, Any]], total: int, writer: Any, summary: Any,
            cache: Any) -> None:
     """Stream the pipeline's results into the writer (the driver is the only writer)."""
-    from sip.augment.loop import write_outcomes
-
     done = total - sum(len(r["items"]) for r in rows)
     bar = tqdm(total=total, initial=done, desc=f"{kind} (ray)", unit="img", disable=not recipe.progress,
                dynamic_ncols=True)
     if rows:
-        ds = _pipeline(ray, kind, recipe, rows, str(cache.path) if cache is not None and cache.path else None)
+        ds = _pipeline(ray, api, kind, recipe, rows, str(cache.path) if cache is not None and cache.path else None)
         for result in ds.iter_rows():
             r = _unpack(result["row"])
-            write_outcomes(r["outcomes"], writer, summary)
-            if cache is not None:  # the actors looked captions up; the driver counts and stores them
-                cache.hits += r["caption_hits"]
-                cache.misses += r["caption_misses"]
-                cache.put(item for item in r["new_captions"] if cache.get(item[0], item[1]) is None)
-            summary.add_unreadable(r["unreadable"])
+            api.settle(r, writer, summary, cache)
             bar.update(r["size"])
             bar.set_postfix(written=summary.written, filtered=summary.filtered, refresh=False)
     bar.close()
@@ -239,44 +159,45 @@ def _record(recipe: Any) -> dict[str, Any]:
     return {"processes": recipe.ray.workers, "launcher": "ray"}
 
 
-def run_synth_ray(recipe: Any):
-    """``sip synth`` on Ray: the one-process grid of (class, k) batches over a pool of generator actors."""
-    from sip.augment.jobs import RunSummary, open_batches, open_writer, prepare_synth, synth_grid
+def run_synth_ray(recipe: Any, api):
+    """``sip synth`` on Ray: the one-process grid of (class, k) batches over a pool of generator actors.
 
+    Args:
+        recipe (SynthRecipe): the resolved recipe.
+        api (module): the job API (:mod:`sip.augment.steps`), passed in by the caller so this engine never
+            imports the augmentation side.
+    """
     t0 = time.perf_counter()
     ray = require_ray()
-    classes, out = prepare_synth(recipe)
+    classes, out = api.prepare_synth(recipe)
     with hold_output(out), _ray_session(ray, recipe.ray):
-        writer = open_writer(recipe, _describe_remote(ray, "synth", recipe), classes, None, mode="txt2img",
-                             **_record(recipe))
-        batches = synth_grid(classes, recipe)
-        rows, skipped = open_batches(batches, writer)
-        summary = RunSummary(str(out), skipped=skipped)
-        _drive(ray, "synth", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer, summary,
-               None)
+        writer = api.open_writer(recipe, _describe_remote(ray, api, "synth", recipe), classes, None, mode="txt2img",
+                                 **_record(recipe))
+        batches = api.synth_grid(classes, recipe)
+        rows, skipped = api.open_batches(batches, writer)
+        summary = api.RunSummary(str(out), skipped=skipped)
+        _drive(ray, api, "synth", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer,
+               summary, None)
         summary.complete = writer.finish()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def run_augment_ray(recipe: Any):
+def run_augment_ray(recipe: Any, api):
     """``sip augment`` on Ray: the one-process grid (chunks of ``recipe.chunk`` sources × variants) over a pool
-    of reader + captioner actors and a pool of generator actors."""
-    from sip.augment.caption import CaptionCache
-    from sip.augment.jobs import RunSummary, augment_grid, open_batches, open_writer, prepare_augment
-
+    of reader + captioner actors and a pool of generator actors (``api`` as in :func:`run_synth_ray`)."""
     t0 = time.perf_counter()
     ray = require_ray()
-    source, out = prepare_augment(recipe)
+    source, out = api.prepare_augment(recipe)
     with hold_output(out), _ray_session(ray, recipe.ray):
-        writer = open_writer(recipe, _describe_remote(ray, "augment", recipe), source.classes, None, mode="img2img",
-                             **_record(recipe))
-        cache = CaptionCache(recipe.caption.cache or Path(out) / "captions.jsonl")
-        batches = [b for chunk in augment_grid(list(source.source_ids()), recipe) for b in chunk]
-        rows, skipped = open_batches(batches, writer)
-        summary = RunSummary(str(out), skipped=skipped)
-        _drive(ray, "augment", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer, summary,
-               cache)
+        writer = api.open_writer(recipe, _describe_remote(ray, api, "augment", recipe), source.classes, None,
+                                 mode="img2img", **_record(recipe))
+        cache = api.CaptionCache(recipe.caption.cache or Path(out) / "captions.jsonl")
+        batches = [b for chunk in api.augment_grid(list(source.source_ids()), recipe) for b in chunk]
+        rows, skipped = api.open_batches(batches, writer)
+        summary = api.RunSummary(str(out), skipped=skipped)
+        _drive(ray, api, "augment", recipe, [{"items": b} for b in rows], sum(len(b) for b in batches), writer,
+               summary, cache)
         summary.complete = writer.finish()
         summary.caption_hits, summary.caption_misses = cache.hits, cache.misses
     summary.seconds = time.perf_counter() - t0
@@ -313,8 +234,8 @@ def _ray_session(ray, config: RayConfig):
             stop_watchdog()
 
 
-def _describe_remote(ray, kind: str, recipe: Any) -> dict[str, Any]:
+def _describe_remote(ray, api, kind: str, recipe: Any) -> dict[str, Any]:
     from sip.config import to_dict
 
-    remote = ray.remote(num_cpus=recipe.ray.num_cpus, num_gpus=recipe.ray.num_gpus or None)(_describe)
+    remote = ray.remote(num_cpus=recipe.ray.num_cpus, num_gpus=recipe.ray.num_gpus or None)(api.describe)
     return ray.get(remote.remote(kind, to_dict(recipe)))

@@ -456,9 +456,9 @@ def bank_sharded(out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # fp32: at 16 px the ResNets' last stride-2 conv sees a 1x1 map, where torch 2.14's bf16 (AMX) weight gradient
 # is intermittently NaN (see sip.train.loop.fit); these tests are about distillation, not about that upstream bug.
-DISTILL_DATA = ["data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16",
-                "data.batch_size=10", "data.repeat=2", "run.progress=false", "run.threads=1", "run.device=cpu",
-                "run.precision=fp32"]
+DISTILL_DATA = ["data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.val.size=20",
+                "data.img_size=16", "data.batch_size=10", "data.repeat=2", "run.progress=false", "run.threads=1",
+                "run.device=cpu", "run.precision=fp32"]
 DISTILL_STUDENT = ["student.name=test_vit", "student.patch_size=4", "student.kwargs={depth: 2}", "optim.epochs=2"]
 
 
@@ -518,10 +518,11 @@ def store(teachers, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Training: the tiny recipe (tests/test_train*.py)
 # --------------------------------------------------------------------------------------------------
-# A few seconds per run on one core: 3 shots × 10 classes at 16 px, a 2-block ViT, 50 test images.
+# A few seconds per run on one core: 3 shots × 10 classes at 16 px, a 2-block ViT, 20 validation, 50 test images.
 TRAIN_TINY = [
-    "data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.img_size=16", "data.batch_size=10",
-    "data.repeat=2", "model.name=test_vit", "model.patch_size=4", "model.kwargs={depth: 2}", "optim.epochs=3",
+    "data.real.shots=3", "data.real.start=50000", "data.eval.shots=5", "data.val.size=20", "data.img_size=16",
+    "data.batch_size=10", "data.repeat=2", "model.name=test_vit", "model.patch_size=4", "model.kwargs={depth: 2}",
+    "optim.epochs=3",
     "optim.warmup_epochs=0.5", "run.progress=false", "run.threads=1", "run.device=cpu",
 ]
 

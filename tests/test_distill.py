@@ -101,7 +101,8 @@ def test_class_count_mismatch_is_an_error_before_training(teachers, tmp_path):
         for i in range(2):
             (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (16, 16), (40 * c, 10 * i, 0)).save(folder / f"c{c}" / f"{i}.png")
-    five = [f"data.real={{kind: folder, path: {folder}}}", f"data.eval={{kind: folder, path: {folder}}}"]
+    five = [f"data.real={{kind: folder, path: {folder}}}", f"data.eval={{kind: folder, path: {folder}}}",
+            "data.val=null"]
     run_training(load_config(TrainRecipe, overrides=[*DATA, *five, "model.name=test_resnet", "optim.epochs=1",
                                                      "model.kwargs={output_stride: 16}"]),
                  tmp_path / "t5")
@@ -117,10 +118,10 @@ def test_class_count_mismatch_is_an_error_before_training(teachers, tmp_path):
 def test_data_free_student_from_synthetic_images_only(teachers, tmp_path):
     """No real training image: the student learns from the teacher's soft outputs on synthetic images."""
     syn = write_txt2img_like(tmp_path / "syn", per_class=2)
-    free = ["data.real=null", f"data.synthetic={syn}", "loss.use_labels=false", "loss.alpha=1.0"]
+    free = ["data.real=null", "data.val=null", f"data.synthetic={syn}", "loss.use_labels=false", "loss.alpha=1.0"]
     store_dir = tmp_path / "store"
-    info = run_logits(load_config(LogitsRecipe, overrides=[*DATA, "data.real=null", f"data.synthetic={syn}",
-                                                           f"teachers=[{{checkpoint: {teachers['test_resnet']}}}]"]),
+    info = run_logits(load_config(LogitsRecipe, overrides=[*DATA, "data.real=null", "data.val=null",
+                                                           f"data.synthetic={syn}", f"teachers=[{{checkpoint: {teachers['test_resnet']}}}]"]),
                       store_dir)
     assert info["samples"] == 20
     metrics = run_distillation(distill_recipe([teachers["test_resnet"]], *free, f"logits={store_dir}"), tmp_path / "s")

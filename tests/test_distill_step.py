@@ -56,9 +56,10 @@ class _Images:
 
 class _Data:
     scale, ratio, hflip = (0.5, 1.0), (0.75, 1.33), 0.5
+    color_jitter, auto_augment, re_prob = 0.0, None, 0.0
 
 
-def _step(mix: BatchMixConfig, teacher_size: int = 16):
+def _step(mix: BatchMixConfig, teacher_size: int = 16, data=None):
     from sip.models.checkpoints import input_transform
 
     cfg = {"input_size": [3, 16, 16], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
@@ -73,7 +74,7 @@ def _step(mix: BatchMixConfig, teacher_size: int = 16):
             return json.dumps(tcfg, sort_keys=True)
 
     step = DistillStep(build_kd_loss("hinton", temperature=2.0, alpha=0.5), input_config=cfg,
-                       student_tail=input_transform(cfg), data=_Data(),
+                       student_tail=input_transform(cfg), data=data or _Data(),
                        teachers=TeacherInputs.from_teachers([_T()], input_transform), mix=mix, num_classes=10, seed=3)
     images = _Images()
     items = [step.make_item(images, i, random.Random(i)) for i in range(len(images))]
@@ -140,3 +141,35 @@ def test_store_with_views_of_other_augmentation_is_refused(teachers, store, tmp_
         run_distillation(distill_recipe(both, f"logits={store}", "loss.name=multi_teacher", "data.hflip=0.0"),
                          tmp_path / "b")
     assert not (tmp_path / "a" / "checkpoint").exists()
+
+
+class _Augmented(_Data):
+    re_prob, auto_augment = 1.0, "rand-m9-mstd0.5"
+
+
+@pytest.mark.parametrize("extra", [{}, {"auto_augment": None, "color_jitter": 0.4}], ids=["randaug", "jitter"])
+def test_the_teacher_sees_the_students_augmented_view_erasing_included(extra):
+    """data.re_prob / auto_augment / color_jitter are applied to the distilled views as sip train applies them,
+    drawn once per item: every student image carries an erased box (normalised 0: the mean colour, as timm's
+    const erasing), and the teacher's input is the student's, pixel for pixel (issue 26, finding 4)."""
+    data = type("D", (_Augmented,), extra)()
+    step, teacher, batch = _step(BatchMixConfig(), data=data)
+    erased = (batch["image"] == 0).all(1).flatten(1).sum(1)  # pixels zero in every channel
+    assert (erased >= 4).all()  # one box of at least 2 % of 256 pixels per image; random pixels are never 127.5
+    assert torch.equal(batch["teacher_image_0"], batch["image"])
+    plain = _step(BatchMixConfig())[2]
+    assert not torch.equal(plain["image"], batch["image"]) and ((plain["image"] == 0).all(1).sum() == 0)
+    again = _step(BatchMixConfig(), data=data)[2]
+    assert torch.equal(again["image"], batch["image"])  # replayable: the same rng gives the same view
+    student = _Recorder(16)
+    step(student, batch, epoch=0, step=0)
+    assert torch.equal(teacher.seen, student.seen)
+
+
+def test_augmentation_a_logits_store_cannot_replay_is_refused():
+    from sip.models.checkpoints import input_transform
+
+    cfg = {"input_size": [3, 16, 16], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(ValueError, match="data.re_prob, data.color_jitter and data.auto_augment"):
+        DistillStep(build_kd_loss("hinton"), input_config=cfg, student_tail=input_transform(cfg), data=_Augmented(),
+                    store=object(), num_classes=10, seed=0)

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import sip.train.evaluate as eval_mod
 import sip.train.loop as train_mod
 from sip.config import ConfigError, load_config
 from sip.data.sources import FASHION_MNIST_CLASSES, FashionMNISTSource, load_fashion_mnist_arrays
@@ -53,12 +54,16 @@ def write_fmnist_variants(root: Path, per_class: int = 2, shots: int = 3) -> Pat
 def test_run_folder_has_config_metrics_and_safetensors(tmp_path):
     metrics = run_training(tiny(), tmp_path / "run")
     run = tmp_path / "run"
-    assert set(metrics) >= {"top1", "top5", "eval_loss", "best_top1", "steps", "train_time_s", "num_params"}
-    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
-    assert metrics["steps"] == 3 * (30 * 2 // 10) and metrics["eval_samples"] == 50
+    assert set(metrics) >= {"top1", "top5", "test_top1", "test_loss", "val_top1", "val_loss", "best_val_top1",
+                            "best_epoch", "steps", "train_time_s", "num_params"}
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and metrics["top1"] == metrics["test_top1"]
+    assert metrics["steps"] == 3 * (30 * 2 // 10)
+    assert metrics["test_samples"] == 50 and metrics["val_samples"] == 20
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
-    assert all({"eval_top1", "eval_top5", "train_loss", "lr", "data_time_s", "eval_time_s"} <= set(x) for x in lines)
+    assert all({"val_top1", "val_top5", "train_loss", "lr", "data_time_s", "val_time_s"} <= set(x) for x in lines)
+    assert not any(k.startswith(("test_", "eval_")) for x in lines for k in x)  # the test set is not read per epoch
+    assert metrics["val_top1"] == lines[-1]["val_top1"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["name"] == "test_vit" and saved["data"]["real"]["shots"] == 3
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:
@@ -73,7 +78,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path, monkey
     reference = weights(tmp_path / "a")
 
     # interrupt run b during the evaluation of epoch 2: epoch 1's checkpoint is all that survives
-    real_evaluate, calls = train_mod.evaluate, {"n": 0}
+    real_evaluate, calls = eval_mod.evaluate, {"n": 0}
 
     def crashing_evaluate(*args, **kwargs):
         calls["n"] += 1
@@ -81,10 +86,10 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path, monkey
             raise KeyboardInterrupt("simulated kill")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate", crashing_evaluate)
+    monkeypatch.setattr(eval_mod, "evaluate", crashing_evaluate)
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny(), tmp_path / "b")
-    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    monkeypatch.setattr(eval_mod, "evaluate", real_evaluate)
     assert not (tmp_path / "b" / "model.safetensors").exists()
     state = torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=True)
     assert int(state["counters"]["epoch"]) == 1
@@ -199,14 +204,14 @@ def test_train_on_real_plus_sip_variants(tmp_path):
 
 def test_synthetic_only_training(tmp_path):
     syn = write_fmnist_variants(tmp_path / "syn", per_class=1)
-    metrics = run_training(tiny("data.real=null", f"data.synthetic={syn}", "optim.epochs=1", "data.repeat=1"),
-                           tmp_path / "run")
-    assert metrics["steps"] == 1
+    metrics = run_training(tiny("data.real=null", f"data.synthetic={syn}", "optim.epochs=1", "data.repeat=1",
+                                "data.val=null"), tmp_path / "run")
+    assert metrics["steps"] == 1 and "val_top1" not in metrics and metrics["test_samples"] == 50
 
 
 def test_bf16_run_on_cpu(tmp_path):
     metrics = run_training(tiny("run.precision=bf16", "optim.epochs=1"), tmp_path / "run")
-    assert metrics["steps"] == 6 and np.isfinite(metrics["eval_loss"])
+    assert metrics["steps"] == 6 and np.isfinite(metrics["test_loss"])
     # a later fp32 run in the same process gets a fresh accelerate state
     assert run_training(tiny("optim.epochs=1"), tmp_path / "run2")["steps"] == 6
 

@@ -36,9 +36,10 @@ from sip.models.input_checks import check_trainable
 from sip.runtime import large_input, resolve_precision
 from sip.train.inputs import (
     EpochView,
-    build_eval_images,
     build_model,
+    build_test_images,
     build_train_images,
+    build_val_images,
     build_transforms,
     class_names,
     resolve_input_config,
@@ -286,7 +287,8 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     # 2. data and label space
     classes = class_names(data)
     train_images = build_train_images(data, classes, recipe.run.seed)
-    eval_images = build_eval_images(data)
+    val_images = build_val_images(data, classes)  # every epoch and every choice
+    test_images = build_test_images(data)  # once, at the end
 
     # 3. teachers (online) or the store, each checked against the data
     teachers = build_teachers(recipe.teachers, data) if recipe.teachers else []
@@ -329,9 +331,10 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     meta["distilled_from"] = [t.identity for t in teachers] or (store.teachers if store is not None else [])
     logger.info("distilling %s from %s (%s) on %s", recipe.student.name,
                 ", ".join(describe(t) for t in teachers) or f"store {recipe.logits}", recipe.loss.name, train_images)
-    result = fit(model=student, train_view=view, eval_images=eval_images, eval_transform=eval_tf, step_fn=step,
-                 optim=recipe.optim, run=recipe.run, data=data, run_dir=run_dir, accelerator=accelerator,
-                 model_meta=meta, resume=resume, desc=f"distill {recipe.student.name}",
+    result = fit(model=student, train_view=view, val_images=val_images, test_images=test_images,
+                 eval_transform=eval_tf, step_fn=step, optim=recipe.optim, run=recipe.run, data=data,
+                 run_dir=run_dir, accelerator=accelerator, model_meta=meta, resume=resume,
+                 desc=f"distill {recipe.student.name}",
                  modules_to_device=[t.model for t in teachers] if online else [])
     metrics = dict(result.metrics)
     metrics.update({"loss": recipe.loss.name, "logits": recipe.logits,

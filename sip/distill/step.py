@@ -26,8 +26,8 @@ from torch import nn
 
 from sip.distill.losses import loss_terms
 from sip.distill.mixup import BatchMixConfig, draw_batch_mix
-from sip.distill.views import sample_view, view_input
-from sip.train.loop import merge_heads
+from sip.train.evaluate import merge_heads
+from sip.train.views import ViewAugmentation, apply_view, sample_view, view_input
 
 __all__ = ["DistillStep", "TeacherInputs"]
 
@@ -68,7 +68,8 @@ class DistillStep:
         loss_fn (nn.Module): a KD loss (``sip.distill.losses``); its named terms are returned.
         input_config (dict): the student's timm input config; ``student_tail`` its tensor transform.
         student_tail: PIL image → normalised tensor at the student's input size.
-        data: the recipe's data section (crop scale / ratio, flip probability).
+        data: the recipe's data section (crop scale / ratio, flip probability, and what sip train adds after
+            the crop: color_jitter, auto_augment, re_prob — replayed on the teachers' inputs).
         teachers (TeacherInputs | None): online teachers, or None.
         store: a :class:`~sip.distill.logits.TeacherLogitsStore` to replay, or None.
         store_columns (Sequence[int]): the store's teacher columns this run uses.
@@ -94,6 +95,13 @@ class DistillStep:
         self.teachers, self.store, self.columns = teachers, store, list(store_columns)
         self.mix, self.use_labels, self.num_classes, self.seed = mix, use_labels, num_classes, seed
         self.device = torch.device(device)
+        # sip train's augmentation after the crop (auto-augment / colour jitter, random erasing), drawn once per
+        # item and replayed on every teacher's input
+        self.augment = ViewAugmentation(data.color_jitter, data.auto_augment, data.re_prob, input_config)
+        if self.augment.active and store is not None:
+            raise ValueError("data.re_prob, data.color_jitter and data.auto_augment change each view after its crop, "
+                             "which a logits store (labelled crops and flips) cannot replay: set them to 0 / null, "
+                             "or drop `logits:` so the teachers label the augmented view online")
 
     @property
     def online(self) -> bool:
@@ -111,11 +119,22 @@ class DistillStep:
         else:
             d = self.data
             view = sample_view(rng, image.width, image.height, d.scale, d.ratio, d.hflip)
-        item["image"] = view_input(image, view, self.input_config, self.student_tail)
+        if not self.augment.active:
+            item["image"] = view_input(image, view, self.input_config, self.student_tail)
+            if self.online:
+                for g, (cfg, tail) in enumerate(zip(self.teachers.configs, self.teachers.tails)):
+                    item[f"teacher_image_{g}"] = view_input(image, view, cfg, tail)
+            return item
+        draw = self.augment.draw(rng)  # the same ops, seeds and erased box for the student and every teacher
+        item["image"] = self._augmented(image, view, draw, self.input_config)
         if self.online:
-            for g, (cfg, tail) in enumerate(zip(self.teachers.configs, self.teachers.tails)):
-                item[f"teacher_image_{g}"] = view_input(image, view, cfg, tail)
+            for g, cfg in enumerate(self.teachers.configs):
+                item[f"teacher_image_{g}"] = self._augmented(image, view, draw, cfg)
         return item
+
+    def _augmented(self, image, view, draw, cfg: dict[str, Any]) -> torch.Tensor:
+        size = list(cfg["input_size"])[-2:]
+        return self.augment.apply(apply_view(image, view, size, cfg["interpolation"]), draw, cfg)
 
     # -- steps --------------------------------------------------------------------------------------------
     def teacher_logits(self, batch: dict[str, Any], mix) -> torch.Tensor | None:

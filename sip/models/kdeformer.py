@@ -133,6 +133,20 @@ def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(b * h * m, dd).index_select(0, (idx + offsets).reshape(-1)).view(b, h, -1, dd)
 
 
+def _combine(s_block: torch.Tensor, vbk: torch.Tensor, s_smp: torch.Tensor, v_smp: torch.Tensor, grad: bool):
+    """``(exp(s_block − shift) @ vbk + exp(s_smp − shift) @ v_smp, shift)`` with one shift per query (its row
+    maximum). The shift cancels in num / den (and den · exp(shift)), so it is a constant for autograd; under
+    autograd (``grad``) the exponentials are taken out of place: exp's backward reads its output, which an
+    in-place subtraction or exponential would overwrite."""
+    shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1).detach()  # (B, H, nb, bs, 1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    if grad:
+        e_block, e_smp = (s_block - shift).exp(), (s_smp - shift).exp()
+    else:  # inference: reuse the score buffers
+        e_block, e_smp = s_block.sub_(shift).exp_(), s_smp.sub_(shift).exp_()
+    return e_block @ vbk + e_smp @ v_smp, shift
+
+
 def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KDEformerConfig,
                         key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                         exclude_self: bool = False):
@@ -205,16 +219,9 @@ def kde_attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, confi
     s_smp = qb @ kv_smp[..., :d].transpose(-2, -1)  # (B, H, nb, bs, S)
     if exclude_self:  # the query's own key must not even enter the maximum (it may dominate its row)
         s_smp = s_smp.masked_fill(q_id == ko.gather(2, idx).view(b, h, groups, 1, s), float("-inf"))
-    # 4. combine with one shift per query. The shift cancels in num / den (and den · exp(shift)), so it is a
-    #    constant for autograd; under autograd the exponentials are taken out of place (exp's backward reads
-    #    its output, which an in-place subtraction or exponential would overwrite)
-    shift = torch.maximum(s_block.amax(-1), s_smp.amax(-1)).unsqueeze(-1).detach()  # (B, H, nb, bs, 1)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        e_block, e_smp = (s_block - shift).exp(), (s_smp - shift).exp()
-    else:  # inference: reuse the score buffers
-        e_block, e_smp = s_block.sub_(shift).exp_(), s_smp.sub_(shift).exp_()
-    both = e_block @ vbk + e_smp @ v_smp  # (…, dv + 1): num | den
+    # 4. combine with one shift per query
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    both, shift = _combine(s_block, vbk, s_smp, v_smp, grad)  # (…, dv + 1): num | den
     # 5. back to the queries' original order (one row gather for numerator, normaliser and shift)
     out = _take_rows(torch.cat([both, shift], -1).reshape(b, h, nb * bs, dv + 2)[:, :, :n],
                      torch.argsort(qo, dim=-1))

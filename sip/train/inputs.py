@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from sip.data.images import ImageSource
 from sip.data.mixing import MixedImages, RealImages, SyntheticImages
-from sip.data.sources import open_source
+from sip.data.sources import SourceConfig, open_source
 from sip.ids import stable_seed
 from sip.models.checkpoints import load_checkpoint_file, load_weights
 from sip.models.classifiers import create_model
 from sip.models.kdeformer import kdeformer_config
 from sip.models.kdeformer_layers import use_kdeformer_in_vit
 from sip.train.recipe import DataSection, ModelSection
+from sip.train.views import ReplayableCrop, seed_item_rngs
 
 # ----------------------------------------------------------------------------------------------------
 # Models
@@ -74,7 +77,7 @@ def build_model(section: ModelSection, num_classes: int, img_size: int | None) -
 # ----------------------------------------------------------------------------------------------------
 
 def class_names(data: DataSection) -> list[str]:
-    """The label space: the eval set's classes (the real training set must agree)."""
+    """The label space: the test set's classes (the real training set must agree)."""
     eval_classes = list(open_source(data.eval).classes)
     if data.real is not None:
         real_classes = list(open_source(data.real).classes)
@@ -83,16 +86,80 @@ def class_names(data: DataSection) -> list[str]:
     return eval_classes
 
 
+def _same_pool(a: SourceConfig, b: SourceConfig) -> bool:
+    """Whether two sources read the same images (so their ids can be compared)."""
+    return (a.kind, a.path, a.split) == (b.kind, b.path, b.split)
+
+
+def open_splits(data: DataSection) -> tuple[ImageSource | None, ImageSource | None]:
+    """The real training images and the validation split (:class:`~sip.train.recipe.ValSection`), disjoint.
+
+    Carved from ``data.real``'s pool: ``data.val.size`` images drawn by ``data.val.seed`` among the pool's images
+    that are not shots (with ``shots`` null they leave the training set). A separate ``data.val.source`` is read
+    as given (``size`` draws from it). Either way the validation images must not be test images.
+
+    Returns:
+        (real training source or None, validation source or None).
+
+    Raises:
+        ValueError: the pool has fewer free images than ``data.val.size``, or validation and test images overlap.
+    """
+    val = data.val
+    if val is None:
+        return (open_source(data.real) if data.real is not None else None), None
+    rng = np.random.default_rng(stable_seed("val", val.seed))
+    if val.source is not None:
+        real = open_source(data.real) if data.real is not None else None
+        pool, free, where = open_source(val.source), None, "data.val.source"
+    else:
+        real = None
+        pool, where = open_source(replace(data.real, shots=None)), "data.real's pool"
+        free = list(range(len(pool)))
+        if data.real.shots is not None:
+            real = open_source(data.real)
+            shots = set(real.source_ids())
+            free = [i for i, sid in enumerate(pool.source_ids()) if sid not in shots]
+    free = list(range(len(pool))) if free is None else free
+    size = len(free) if val.size is None else val.size
+    if size > len(free):
+        raise ValueError(f"data.val.size is {size} but {where} has only {len(free)} images to draw from (after the "
+                         f"training shots); lower data.val.size or widen the pool")
+    pick = sorted(int(free[i]) for i in rng.permutation(len(free))[:size])
+    if real is None:  # no shots: the whole pool trained, now without the validation images
+        taken = set(pick)
+        real = pool.subset([i for i in range(len(pool)) if i not in taken])
+    held = pool.subset(pick)
+    if _same_pool(val.source or data.real, data.eval):
+        overlap = set(held.source_ids()) & set(open_source(data.eval).source_ids())
+        if overlap:
+            raise ValueError(f"the validation split and the test set (data.eval) share {len(overlap)} images (e.g. "
+                             f"{sorted(overlap)[:3]}); draw them from different pools (data.eval.start / stop, "
+                             "another split, or data.val.source)")
+    return real, held
+
+
 def build_train_images(data: DataSection, classes: Sequence[str], seed: int) -> MixedImages:
-    """Real, synthetic or mixed training images, per ``data``."""
-    real = RealImages(open_source(data.real)) if data.real is not None else None
+    """Real (without the validation split), synthetic or mixed training images, per ``data``."""
+    source, _ = open_splits(data)
+    real = RealImages(source) if source is not None else None
     synthetic = SyntheticImages(data.synthetic, classes) if data.synthetic else None
     if real is not None and list(real.classes) != list(classes):
         raise ValueError(f"training classes {real.classes} differ from {list(classes)}")
     return MixedImages(real, synthetic, data.mix, seed=seed)
 
 
-def build_eval_images(data: DataSection) -> RealImages:
+def build_val_images(data: DataSection, classes: Sequence[str]) -> RealImages | None:
+    """The validation split (``data.val``), or None when the recipe has none."""
+    _, source = open_splits(data)
+    if source is None:
+        return None
+    if list(source.classes) != list(classes):
+        raise ValueError(f"validation classes {list(source.classes)} (data.val) differ from {list(classes)}")
+    return RealImages(source)
+
+
+def build_test_images(data: DataSection) -> RealImages:
+    """The test set (``data.eval``): read once, at the end of a finished run."""
     return RealImages(open_source(data.eval))
 
 
@@ -118,21 +185,6 @@ def resolve_input_config(model: nn.Module, data: DataSection) -> dict[str, Any]:
             args[key] = getattr(data, key)
     cfg = resolve_data_config(args=args, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
-class ReplayableCrop:
-    """RandomResizedCrop + flip drawn with :func:`sip.distill.views.sample_view` (timm's distribution, from
-    Python's ``random``, which :class:`EpochView` seeds per item) and resized with any interpolation sip
-    knows, Lanczos included."""
-
-    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float, interpolation: str):
-        self.size, self.scale, self.ratio, self.hflip, self.interpolation = size, scale, ratio, hflip, interpolation
-
-    def __call__(self, image):
-        from sip.distill.views import apply_view, sample_view
-
-        view = sample_view(random, image.width, image.height, self.scale, self.ratio, self.hflip)
-        return apply_view(image, view, self.size, self.interpolation)
 
 
 def _lanczos_transforms(input_config: dict[str, Any], data: DataSection) -> tuple[Callable, Callable]:
@@ -169,18 +221,6 @@ def build_transforms(input_config: dict[str, Any], data: DataSection) -> tuple[C
     evaluate = create_transform(is_training=False, crop_pct=input_config["crop_pct"],
                                 crop_mode=input_config.get("crop_mode"), **common)
     return train, evaluate
-
-
-def seed_item_rngs(seed: int) -> None:
-    """Seed what one item's augmentation draws from: Python, NumPy and torch's CPU generator.
-
-    The same streams as :func:`seed_everything`, without its seeding of every accelerator's generators:
-    items are prepared on the CPU, and that part cost 0.2–1.6 ms a call here, a fifth of a small student's
-    epoch when paid once per item.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
 
 
 def seed_everything(seed: int) -> None:

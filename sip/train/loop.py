@@ -1,5 +1,5 @@
-"""The training loop shared by ``sip train`` and ``sip distill``: accelerator, optimiser and schedule,
-:func:`evaluate`, and :func:`fit` (epochs of steps; the step itself is passed in)."""
+"""The training loop shared by ``sip train`` and ``sip distill``: accelerator, optimiser and schedule, and
+:func:`fit` (epochs of steps; the step itself is passed in; evaluation in :mod:`sip.train.evaluate`)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from sip.ids import stable_seed
 from sip.models.checkpoints import MODEL_FILE, save_model_file
 from sip.runtime import large_input, resolve_device, resolve_precision
-from sip.train.inputs import EpochView, TransformedImages
+from sip.train.evaluate import HeldOut, merge_heads
+from sip.train.inputs import EpochView
 from sip.train.recipe import DataSection, OptimSection, RunSection
 from sip.train.run_dir import load_checkpoint, rewrite_metrics, save_checkpoint
+from sip.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +63,11 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, steps_per_epoch: int):
-    """Per-step linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    """Per-step linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` (:func:`warmup_cosine`)."""
     total = max(optim.epochs * steps_per_epoch, 1)
     warmup = min(round(optim.warmup_epochs * steps_per_epoch), total - 1)
-    floor = optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total, optim.min_lr_ratio))
 
 
 def rescale_to_world(counters: dict[str, float], scheduler, optimizer, world: int, batch_size: int,
@@ -92,49 +86,6 @@ def rescale_to_world(counters: dict[str, float], scheduler, optimizer, world: in
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler.last_epoch, scheduler._last_lr = step, lrs
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
-
-def merge_heads(out: Any) -> torch.Tensor:
-    """A distilled model's tuple of head outputs (class + distillation tokens) → their mean."""
-    if isinstance(out, (tuple, list)):
-        return torch.stack([o.float() for o in out]).mean(0)
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator, progress: bool = False,
-             desc: str = "eval") -> dict[str, float]:
-    """Top-1, top-5 (top-k for k = min(5, classes)) accuracy in %, mean cross-entropy and the number of
-    samples seen over ``loader``. Under several processes pass a loader prepared by the accelerator (each
-    process evaluates its share; ``gather_for_metrics`` drops the padding of the last batch)."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x = batch["image"].to(accelerator.device)
-        y = batch["label"].to(accelerator.device)
-        with accelerator.autocast():
-            logits = merge_heads(model(x)).float()
-        logits, y = accelerator.gather_for_metrics((logits, y))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        total += len(y)
-    model.train(was_training)
-    total = max(total, 1)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
-            "samples": total}
-
-
 
 
 StepFn = Callable[[nn.Module, dict[str, Any], int, int],
@@ -166,15 +117,245 @@ class FitResult:
 
 
 
-def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_transform: Callable, step_fn: StepFn,
-        optim: OptimSection, run: RunSection, data: DataSection, run_dir: Path, accelerator, model_meta: dict,
-        resume: bool, desc: str = "train", modules_to_device: Sequence[nn.Module] = ()) -> FitResult:
-    """The epoch loop: train with ``step_fn``, evaluate, log, checkpoint, resume; returns final metrics.
+
+
+# ----------------------------------------------------------------------------------------------------
+# The epoch loop
+# ----------------------------------------------------------------------------------------------------
+
+_TALLY = "tally."  # counters under this prefix are an unfinished epoch's running sums (mid-epoch checkpoints)
+
+
+@dataclass
+class EpochTally:
+    """Running sums of one epoch's steps (this process's share). A mid-epoch checkpoint saves them, so the
+    resumed epoch's line in ``metrics.jsonl`` covers the whole epoch as an uninterrupted run's does, and its
+    ``epoch_time_s`` / ``data_time_s`` add up the parts before and after the resume."""
+
+    loss: float = 0.0  # Σ loss · batch size over the steps whose loss was finite
+    seen: float = 0.0  # images trained on
+    correct: float = 0.0  # train top-1 hits (labelled batches)
+    labelled: float = 0.0
+    steps: float = 0.0
+    nonfinite: float = 0.0  # steps skipped for a non-finite gradient norm
+    time_s: float = 0.0  # wall time of the epoch's parts before the last resume
+    data_s: float = 0.0  # time spent waiting for batches
+    terms: dict[str, float] = field(default_factory=dict)  # Σ term · batch size, per named loss term
+
+    def add(self, n: int, loss: float, terms: dict[str, float], correct: float | None) -> None:
+        """Count one step of ``n`` images (``correct``: None for a batch without hard labels)."""
+        if math.isfinite(loss):
+            self.loss += loss * n
+            for name, v in terms.items():
+                self.terms[name] = self.terms.get(name, 0.0) + v * n
+        self.seen += n
+        self.steps += 1
+        if correct is not None:
+            self.correct += correct
+            self.labelled += n
+
+    def to_counters(self, elapsed_s: float, data_s: float) -> dict[str, float]:
+        """The tally as checkpoint counters, with this part's elapsed and data-wait time added."""
+        out = {f"{_TALLY}{k}": float(getattr(self, k)) for k in
+               ("loss", "seen", "correct", "labelled", "steps", "nonfinite")}
+        out[f"{_TALLY}time_s"], out[f"{_TALLY}data_s"] = self.time_s + elapsed_s, self.data_s + data_s
+        out.update({f"{_TALLY}term.{name}": v for name, v in self.terms.items()})
+        return out
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, float]) -> EpochTally:
+        """Take (and remove) the tally's keys out of loaded checkpoint counters; none → an empty tally."""
+        keys = [k for k in counters if k.startswith(_TALLY)]
+        values = {k[len(_TALLY):]: counters.pop(k) for k in keys}
+        terms = {k[len("term."):]: v for k, v in values.items() if k.startswith("term.")}
+        return cls(**{k: v for k, v in values.items() if not k.startswith("term.")}, terms=terms)
+
+    def line(self, world: int, epoch_time: float, data_time: float) -> dict[str, Any]:
+        """The epoch's training part of its ``metrics.jsonl`` line."""
+        seen = max(self.seen, 1)
+        out: dict[str, Any] = {"train_loss": self.loss / seen, "epoch_time_s": round(epoch_time, 3),
+                               "nonfinite_steps": int(self.nonfinite),
+                               "train_images_per_s": round(self.seen * world / max(epoch_time, 1e-9), 2),
+                               "data_time_s": round(data_time, 3)}
+        if list(self.terms) != ["loss"]:
+            out.update({f"train_{name}": v / seen for name, v in self.terms.items()})
+        if self.labelled:
+            out["train_top1"] = 100.0 * self.correct / self.labelled
+        return out
+
+
+class _Fit:
+    """The state of one :func:`fit` (model, optimiser, schedule, counters, the epoch's tally) and its steps."""
+
+    def __init__(self, *, model: nn.Module, train_view: EpochView, step_fn: StepFn, optim: OptimSection,
+                 run: RunSection, data: DataSection, run_dir: Path, accelerator, model_meta: dict, desc: str):
+        self.model, self.train_view, self.step_fn, self.optim, self.run = model, train_view, step_fn, optim, run
+        self.data, self.run_dir, self.accelerator, self.model_meta, self.desc = data, run_dir, accelerator, model_meta, desc
+        n_epoch = train_view.epoch_length
+        self.drop_last = n_epoch >= data.batch_size
+        self.steps_per_epoch = n_epoch // data.batch_size if self.drop_last else 1
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, self.steps_per_epoch)
+        self.world = accelerator.num_processes
+        # epoch_items: items of the current epoch all processes together have taken (the resume offset);
+        # world: the process count that took them
+        self.counters = {"epoch": 0.0, "step_in_epoch": 0.0, "global_step": 0.0, "best_val_top1": -1.0,
+                         "best_epoch": 0.0, "train_time_s": 0.0, "train_images": 0.0, "epoch_items": 0.0,
+                         "world": float(self.world)}
+        self.tally = EpochTally()
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.progress = run.progress and accelerator.is_main_process
+
+    def resume(self) -> None:
+        """Continue from ``run_dir/checkpoint``: weights, optimiser, schedule, counters, an unfinished epoch's tally."""
+        saved = load_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler)
+        self.tally = EpochTally.from_counters(saved)
+        saved.setdefault("epoch_items", saved.get("step_in_epoch", 0.0) * self.data.batch_size * saved.get("world", 1.0))
+        self.counters.update(saved)
+        if int(self.counters["world"]) != self.world:
+            rescale_to_world(self.counters, self.scheduler, self.optimizer, self.world, self.data.batch_size,
+                             self.steps_per_epoch)
+        rewrite_metrics(self.metrics_path, int(self.counters["epoch"]))
+        logger.info("resuming %s at epoch %d step %d", self.run_dir, self.counters["epoch"], self.counters["global_step"])
+
+    def checkpoint(self, epochs_done: int, tally: dict[str, float] | None = None) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run_dir, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
+                            {**self.model_meta, "epoch": epochs_done}, {**self.counters, **(tally or {})})
+
+    def step(self, batch: dict[str, Any], epoch: int) -> float:
+        """One optimiser step on ``batch``; returns its loss."""
+        torch.manual_seed(stable_seed("step", self.run.seed, int(self.counters["global_step"])))
+        with self.accelerator.autocast():
+            terms, logits, labels = self.step_fn(self.model, batch, epoch, int(self.counters["step_in_epoch"]))
+        loss, terms = total_loss(terms)
+        self.accelerator.backward(loss)
+        # one device sync per step for all values (each .item() would wait for the device)
+        values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]).tolist()
+        # the norm is needed anyway for clipping; a non-finite one means a bad step: skip it, as fp16's
+        # GradScaler does. Seen here: torch 2.14's bf16 (AMX) conv weight-gradient is sometimes NaN for a
+        # stride-2 3x3 conv over a 1x1 map (tiny inputs in deep ResNets); one such step ruins the weights.
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip or float("inf"))
+        if torch.isfinite(torch.as_tensor(grad_norm)):
+            self.optimizer.step()
+        else:
+            self.tally.nonfinite += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = batch["image"].shape[0]
+        correct = None if labels is None else (merge_heads(logits).argmax(1) == labels).sum().item()
+        self.tally.add(n, values[0], dict(zip(terms, values[1:])), correct)
+        self.counters["global_step"] += 1
+        self.counters["step_in_epoch"] += 1
+        self.counters["epoch_items"] += n * self.world
+        return values[0]
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """7a. The rest of ``epoch``'s steps; returns the epoch's wall time and data-wait time (all its parts)."""
+        from tqdm.auto import tqdm
+
+        c, tally = self.counters, self.tally
+        self.train_view.set_epoch(epoch, start=int(c["epoch_items"]))
+        loader = torch.utils.data.DataLoader(self.train_view, batch_size=self.data.batch_size, shuffle=False,
+                                             drop_last=self.drop_last, num_workers=self.data.num_workers)
+        self.model.train()
+        t0 = t_mark = t_ready = time.perf_counter()
+        seen_mark, data_wait = tally.seen, 0.0
+        bar = tqdm(loader, desc=f"{self.desc} {epoch + 1}/{self.optim.epochs}", leave=False, disable=not self.progress)
+        for batch in bar:
+            data_wait += time.perf_counter() - t_ready  # the loop waiting for this batch (loading, augmenting)
+            loss_value = self.step(batch, epoch)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            every = self.run.checkpoint_every_steps
+            if every and c["global_step"] % every == 0 and c["step_in_epoch"] < self.steps_per_epoch:
+                now = time.perf_counter()
+                c["train_time_s"] += now - t_mark
+                c["train_images"] += (tally.seen - seen_mark) * self.world
+                self.checkpoint(epoch, tally.to_counters(now - t0, data_wait))
+                t_mark, seen_mark = time.perf_counter(), tally.seen
+            t_ready = time.perf_counter()
+        now = time.perf_counter()
+        c["train_time_s"] += now - t_mark
+        c["train_images"] += (tally.seen - seen_mark) * self.world
+        self._check_nonfinite(epoch)
+        return tally.time_s + now - t0, tally.data_s + data_wait
+
+    def _check_nonfinite(self, epoch: int) -> None:
+        bad, steps = int(self.tally.nonfinite), int(self.tally.steps)
+        if not bad:
+            return
+        logger.warning("epoch %d: %d of %d steps had non-finite gradients and were skipped", epoch + 1, bad, steps)
+        if bad == steps:
+            raise FloatingPointError(
+                f"every step of epoch {epoch + 1} had non-finite gradients (precision "
+                f"{self.accelerator.mixed_precision}); lower optim.lr, set optim.grad_clip, or rerun with "
+                f"--set run.precision=fp32. The last checkpoint in {self.run_dir} is untouched.")
+
+    def end_epoch(self, epoch: int, times: tuple[float, float], held_out: HeldOut) -> dict[str, float] | None:
+        """7b. Validation (the whole split after the last epoch), the metrics line, the checkpoint; returns the
+        whole split's validation after the last epoch (else None)."""
+        c = self.counters
+        c["epoch"], c["step_in_epoch"], c["epoch_items"] = epoch + 1, 0, 0
+        line: dict[str, Any] = {"epoch": epoch + 1, "step": int(c["global_step"]),
+                                "lr": self.scheduler.get_last_lr()[0], **self.tally.line(self.world, *times)}
+        self.tally = EpochTally()
+        is_last = epoch + 1 == self.optim.epochs
+        val = None
+        if is_last or (epoch + 1) % self.run.eval_every == 0:
+            t_eval = time.perf_counter()
+            val = held_out.validate(self.model, self.progress, whole=is_last)
+            if val is not None:
+                line["val_time_s"] = round(time.perf_counter() - t_eval, 3)
+                line.update({f"val_{k}": v for k, v in val.items() if k != "samples"})
+                if val["top1"] > c["best_val_top1"]:
+                    c["best_val_top1"], c["best_epoch"] = val["top1"], epoch + 1
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        self.checkpoint(epoch + 1)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[{self.desc}] " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                                      for k, v in line.items()}))
+        return val if is_last else None
+
+    def finish(self, last_val: dict[str, float] | None, held_out: HeldOut) -> FitResult:
+        """8. The test set (read here only), final weights and ``final_metrics.json``."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if last_val is None:  # resumed after the last epoch had finished: validate the saved weights again
+            last_val = held_out.validate(self.model, self.progress, whole=True)
+        test = held_out.test(self.model, self.progress)
+        c = self.counters
+        metrics: dict[str, Any] = {f"test_{k}": v for k, v in test.items()}
+        metrics.update(top1=test["top1"], top5=test["top5"])  # the test set's, as drivers and reports read them
+        if last_val is not None:
+            metrics.update({f"val_{k}": v for k, v in last_val.items()})
+            metrics.update(best_val_top1=max(c["best_val_top1"], last_val["top1"]),
+                           best_epoch=int(c["best_epoch"]) or self.optim.epochs)
+        metrics.update({"epochs": self.optim.epochs, "steps": int(c["global_step"]),
+                        "train_time_s": round(c["train_time_s"], 2),
+                        "train_images_per_s": round(c["train_images"] / max(c["train_time_s"], 1e-9), 2),
+                        "num_params": sum(p.numel() for p in unwrapped.parameters()),
+                        "processes": self.world, "run_dir": str(self.run_dir)})
+        if self.accelerator.is_main_process:
+            save_model_file(unwrapped, self.run_dir / MODEL_FILE,
+                            {**self.model_meta, "epoch": self.optim.epochs, "metrics": metrics})
+            (self.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return FitResult(metrics, unwrapped)
+
+
+def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test_images: Any,
+        eval_transform: Callable, step_fn: StepFn, optim: OptimSection, run: RunSection, data: DataSection,
+        run_dir: Path, accelerator, model_meta: dict, resume: bool, desc: str = "train",
+        modules_to_device: Sequence[nn.Module] = ()) -> FitResult:
+    """The epoch loop: train with ``step_fn``, validate, log, checkpoint, resume; test once; returns final metrics.
 
     Args:
         model (nn.Module): the network being trained (not yet prepared by accelerate).
         train_view (EpochView): the training items.
-        eval_images: ``(image, label)`` dataset for evaluation.
+        val_images: ``(image, label)`` dataset of the validation split (every epoch, the best epoch), or None.
+        test_images: ``(image, label)`` dataset of the test set, read once after the last epoch.
         eval_transform (Callable): image → tensor for evaluation.
         step_fn (StepFn): ``(model, batch, epoch, step_in_epoch) -> (loss terms, logits for train
             accuracy, labels or None)``; runs inside the accelerator's autocast.
@@ -186,158 +367,17 @@ def fit(*, model: nn.Module, train_view: EpochView, eval_images: Any, eval_trans
         desc (str, optional): progress-bar label. Defaults to "train".
         modules_to_device (Sequence[nn.Module], optional): extra modules (teachers) to move to the device.
     """
-    from tqdm.auto import tqdm
-
-    bs = data.batch_size
-    n_epoch = train_view.epoch_length
-    drop_last = n_epoch >= bs
-    steps_per_epoch = n_epoch // bs if drop_last else 1
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
-    world = accelerator.num_processes
-    # epoch_items: items of the current epoch all processes together have taken (the resume offset);
-    # world: the process count that took them
-    counters = {"epoch": 0.0, "step_in_epoch": 0.0, "global_step": 0.0, "best_top1": -1.0, "best_epoch": 0.0,
-                "train_time_s": 0.0, "train_images": 0.0, "epoch_items": 0.0, "world": float(world)}
-    metrics_path = run_dir / "metrics.jsonl"
+    state = _Fit(model=model, train_view=train_view, step_fn=step_fn, optim=optim, run=run, data=data,
+                 run_dir=run_dir, accelerator=accelerator, model_meta=model_meta, desc=desc)
     if resume:
-        saved = load_checkpoint(run_dir, model, optimizer, scheduler)
-        saved.setdefault("epoch_items", saved.get("step_in_epoch", 0.0) * bs * saved.get("world", 1.0))
-        counters.update(saved)
-        if int(counters["world"]) != world:
-            rescale_to_world(counters, scheduler, optimizer, world, bs, steps_per_epoch)
-        rewrite_metrics(metrics_path, int(counters["epoch"]))
-        logger.info("resuming %s at epoch %d step %d", run_dir, counters["epoch"], counters["global_step"])
-    model, optimizer = accelerator.prepare(model, optimizer)
+        state.resume()
+    state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
     for m in modules_to_device:
         m.to(accelerator.device)
-
-    eval_full = TransformedImages(eval_images, eval_transform)
-    eval_subset = eval_full
-    if run.eval_max_samples and run.eval_max_samples < len(eval_images):
-        pick = np.sort(np.random.default_rng(0).permutation(len(eval_images))[: run.eval_max_samples])
-        eval_subset = TransformedImages(eval_images, eval_transform, pick)
-
-    def eval_loader(ds):
-        loader = torch.utils.data.DataLoader(ds, batch_size=data.eval_batch_size, shuffle=False,
-                                             num_workers=data.num_workers)
-        # several processes: each evaluates its share (not the whole set each), results gathered once
-        return accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
-
-    progress = run.progress and accelerator.is_main_process
-    last_eval: dict[str, float] = {}
-    start_epoch = int(counters["epoch"])
-    for epoch in range(start_epoch, optim.epochs):
-        # 7a. one epoch of training
-        steps_before = int(counters["step_in_epoch"])
-        train_view.set_epoch(epoch, start=int(counters["epoch_items"]))
-        loader = torch.utils.data.DataLoader(train_view, batch_size=bs, shuffle=False, drop_last=drop_last,
-                                             num_workers=data.num_workers)
-        model.train()
-        loss_sum = correct = seen = labelled = 0.0
-        term_sums: dict[str, float] = {}
-        nonfinite = 0
-        t0 = t_mark = t_ready = time.perf_counter()
-        seen_mark = data_wait = 0.0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{optim.epochs}", leave=False, disable=not progress)
-        for batch in bar:
-            data_wait += time.perf_counter() - t_ready  # the loop waiting for this batch (loading, augmenting)
-            torch.manual_seed(stable_seed("step", run.seed, int(counters["global_step"])))
-            with accelerator.autocast():
-                terms, logits, labels = step_fn(model, batch, epoch, int(counters["step_in_epoch"]))
-            loss, terms = total_loss(terms)
-            accelerator.backward(loss)
-            # one device sync per step for all values (each .item() would wait for the device)
-            values = torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]).tolist()
-            loss_value = values[0]
-            # the norm is needed anyway for clipping; a non-finite one means a bad step: skip it, as fp16's
-            # GradScaler does. Seen here: torch 2.14's bf16 (AMX) conv weight-gradient is sometimes NaN for a
-            # stride-2 3x3 conv over a 1x1 map (tiny inputs in deep ResNets); one such step ruins the weights.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip or float("inf"))
-            if torch.isfinite(torch.as_tensor(grad_norm)):
-                optimizer.step()
-            else:
-                nonfinite += 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = batch["image"].shape[0]
-            if math.isfinite(loss_value):
-                loss_sum += loss_value * n
-                for name, v in zip(terms, values[1:]):
-                    term_sums[name] = term_sums.get(name, 0.0) + v * n
-            seen += n
-            if labels is not None:
-                correct += (merge_heads(logits).argmax(1) == labels).sum().item()
-                labelled += n
-            counters["global_step"] += 1
-            counters["step_in_epoch"] += 1
-            counters["epoch_items"] += n * world
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if (run.checkpoint_every_steps and counters["global_step"] % run.checkpoint_every_steps == 0
-                    and counters["step_in_epoch"] < steps_per_epoch):
-                counters["train_time_s"] += time.perf_counter() - t_mark
-                counters["train_images"] += (seen - seen_mark) * world
-                if accelerator.is_main_process:
-                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     {**model_meta, "epoch": epoch}, counters)
-                t_mark, seen_mark = time.perf_counter(), seen
-            t_ready = time.perf_counter()
-        epoch_time = time.perf_counter() - t0
-        if nonfinite:
-            steps_done = int(counters["step_in_epoch"]) - steps_before
-            logger.warning("epoch %d: %d of %d steps had non-finite gradients and were skipped",
-                           epoch + 1, nonfinite, steps_done)
-            if nonfinite == steps_done:
-                raise FloatingPointError(
-                    f"every step of epoch {epoch + 1} had non-finite gradients (precision "
-                    f"{accelerator.mixed_precision}); lower optim.lr, set optim.grad_clip, or rerun with "
-                    f"--set run.precision=fp32. The last checkpoint in {run_dir} is untouched.")
-        counters["train_time_s"] += time.perf_counter() - t_mark
-        counters["train_images"] += (seen - seen_mark) * world
-        counters["epoch"] = epoch + 1
-        counters["step_in_epoch"] = counters["epoch_items"] = 0
-
-        # 7b. evaluation, metrics line, checkpoint
-        line: dict[str, Any] = {"epoch": epoch + 1, "step": int(counters["global_step"]),
-                                "lr": scheduler.get_last_lr()[0], "train_loss": loss_sum / max(seen, 1),
-                                "epoch_time_s": round(epoch_time, 3), "nonfinite_steps": nonfinite,
-                                "train_images_per_s": round(seen * world / max(epoch_time, 1e-9), 2),
-                                "data_time_s": round(data_wait, 3)}
-        if list(term_sums) != ["loss"]:
-            line.update({f"train_{name}": v / max(seen, 1) for name, v in term_sums.items()})
-        if labelled:
-            line["train_top1"] = 100.0 * correct / labelled
-        is_last = epoch + 1 == optim.epochs
-        if is_last or (epoch + 1) % run.eval_every == 0:
-            t_eval = time.perf_counter()
-            result = evaluate(model, eval_loader(eval_full if is_last else eval_subset), accelerator, progress)
-            line["eval_time_s"] = round(time.perf_counter() - t_eval, 3)
-            line.update({f"eval_{k}": v for k, v in result.items() if k != "samples"})
-            last_eval = result
-            if result["top1"] > counters["best_top1"]:
-                counters["best_top1"], counters["best_epoch"] = result["top1"], epoch + 1
-        if accelerator.is_main_process:
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-            save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, scheduler,
-                             {**model_meta, "epoch": epoch + 1}, counters)
-        if progress:
-            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in line.items()}
-            tqdm.write(f"[{desc}] " + json.dumps(shown))
-
-    # 8. final weights and metrics
-    unwrapped = accelerator.unwrap_model(model)
-    if not last_eval:  # resumed after the last epoch had finished: evaluate the saved weights
-        last_eval = evaluate(model, eval_loader(eval_full), accelerator, progress)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-    metrics = {"top1": last_eval["top1"], "top5": last_eval["top5"], "eval_loss": last_eval["loss"],
-               "best_top1": max(counters["best_top1"], last_eval["top1"]),
-               "best_epoch": int(counters["best_epoch"]) or optim.epochs, "epochs": optim.epochs,
-               "steps": int(counters["global_step"]), "train_time_s": round(counters["train_time_s"], 2),
-               "train_images_per_s": round(counters["train_images"] / max(counters["train_time_s"], 1e-9), 2),
-               "num_params": n_params, "eval_samples": last_eval.get("samples", len(eval_images)),
-               "processes": accelerator.num_processes, "run_dir": str(run_dir)}
-    if accelerator.is_main_process:
-        save_model_file(unwrapped, run_dir / MODEL_FILE, {**model_meta, "epoch": optim.epochs, "metrics": metrics})
-        (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return FitResult(metrics, unwrapped)
+    held_out = HeldOut(val_images, test_images, eval_transform, batch_size=data.eval_batch_size,
+                       num_workers=data.num_workers, max_samples=run.eval_max_samples, accelerator=accelerator)
+    last_val = None
+    for epoch in range(int(state.counters["epoch"]), optim.epochs):
+        times = state.train_epoch(epoch)
+        last_val = state.end_epoch(epoch, times, held_out)
+    return state.finish(last_val, held_out)

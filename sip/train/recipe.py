@@ -28,6 +28,29 @@ class EvalSourceConfig(SourceConfig):
 
 
 @dataclass(frozen=True)
+class ValSection:
+    """The validation split: read every epoch and for every choice (best epoch, restarts, settings), so that the
+    test set (``data.eval``) is read once, at the end of a finished run.
+
+    By default it is drawn from the real training pool (``data.real`` without ``shots``): ``size`` images chosen
+    by ``seed`` among those that are not training shots. With ``shots`` null the whole pool trains, so the drawn
+    images leave the training set. ``source`` takes a separate labelled set instead (a folder of
+    ``<label>/<image>``, an HF dataset, or another Fashion-MNIST range); ``size`` then draws from it (null = all).
+    """
+
+    size: int | None = 1000  # validation images; 1,000 gives top-1 to about ±1.5 points (95 %)
+    seed: int = 0  # which images are drawn
+    source: SourceConfig | None = None  # a separate labelled set; null = carve from data.real's pool
+
+    def __post_init__(self):
+        if self.size is not None and self.size <= 0:
+            raise ValueError(f"data.val.size must be positive or null, got {self.size}")
+        if self.size is None and self.source is None:
+            raise ValueError("data.val.size is null but there is no data.val.source: a split carved from the "
+                             "training pool needs a size (e.g. 1000); or set data.val: null for no validation")
+
+
+@dataclass(frozen=True)
 class DataSection:
     """Which images, how they are mixed and preprocessed, and how they are batched."""
 
@@ -35,7 +58,10 @@ class DataSection:
     # a sip dataset folder (DIR/train/metadata.jsonl) or a list of them read as one; null = real only
     synthetic: str | list[str] | None = None
     mix: MixConfig = field(default_factory=MixConfig)  # how real and synthetic share an epoch
-    eval: EvalSourceConfig = field(default_factory=EvalSourceConfig)  # held-out set; its classes are the label space
+    # the test set (read once, at the end); its classes are the label space
+    eval: EvalSourceConfig = field(default_factory=EvalSourceConfig)
+    # validation split (per-epoch evaluation, every choice); null = none: no per-epoch evaluation at all
+    val: ValSection | None = field(default_factory=ValSection)
     img_size: int | None = 32  # network input size; null = the model's own (224 for most timm models)
     crop_pct: float | None = None  # eval resize-then-center-crop; null = 1.0 when img_size is set (no border loss)
     scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range; ImageNet's 0.08 is too harsh at 28 px
@@ -57,6 +83,10 @@ class DataSection:
     def __post_init__(self):
         if self.real is None and self.synthetic is None:
             raise ValueError("data needs real images (data.real), synthetic images (data.synthetic), or both")
+        if self.val is not None and self.val.source is None and self.real is None:
+            raise ValueError("data.val is carved from data.real's pool, but data.real is null (data-free): give a "
+                             "labelled set as data.val.source (e.g. {kind: fashion-mnist, split: train, start: "
+                             "50000}) or set data.val: null (no validation, no per-epoch evaluation)")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:

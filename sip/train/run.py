@@ -4,7 +4,8 @@
 2. build the data, 3. build the model (timm registry; unknown names list close matches), 4. build
 preprocessing from the model's own timm data config, 5. optimiser and schedule (AdamW, linear warm-up
 then cosine), 6. resume from the last checkpoint if there is one, 7. the epoch loop (progress bar,
-top-1/top-5 evaluation, metrics as JSON lines, safetensors checkpoints), 8. save the final model.
+top-1/top-5 on the validation split, metrics as JSON lines, safetensors checkpoints), 8. the test set, once,
+and the final model.
 
 The loop itself (:func:`fit`) is shared with distillation (``sip.distill``), which only swaps the loss.
 Runs are deterministic: the order of each epoch, every item's augmentation and every step's dropout are
@@ -14,11 +15,11 @@ ends with the same weights as an uninterrupted one (on the same machine and thre
 Run folder::
 
     config.yaml          the resolved recipe
-    metrics.jsonl        one JSON line per epoch (train loss/accuracy, eval top-1/top-5, lr, time)
+    metrics.jsonl        one JSON line per epoch (train loss/accuracy, validation top-1/top-5, lr, time)
     checkpoint/          model.safetensors + state.pt (optimizer, scheduler, counters) of the last save
     model.safetensors    final weights; its metadata names the timm model, its kwargs, the classes and the
                          preprocessing, so ``sip.distill.teachers`` can rebuild it without the recipe
-    final_metrics.json   what run_training returns
+    final_metrics.json   what run_training returns: test_* (the test set, read once, here), val_*, best_epoch
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from sip.models.classifiers import check_model_name
 from sip.models.input_checks import check_trainable
 from sip.train.inputs import (
     EpochView,
-    build_eval_images,
     build_model,
+    build_test_images,
     build_train_images,
+    build_val_images,
     build_transforms,
     class_names,
     resolve_input_config,
     seed_everything,
 )
-from sip.train.loop import fit, make_accelerator, merge_heads
+from sip.train.evaluate import merge_heads
+from sip.train.loop import fit, make_accelerator
 from sip.train.recipe import TrainRecipe
 from sip.train.run_dir import prepare_run_dir
 
@@ -61,7 +64,8 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
         run_dir (str | Path): output folder; a checkpoint there is resumed (``run.resume``).
 
     Returns:
-        dict: final metrics (``top1``, ``top5``, ``eval_loss``, ``best_top1``, ``steps``, timings, ...).
+        dict: final metrics (``test_top1`` = ``top1``, ``test_top5``, ``test_loss``, ``val_top1``, ``best_val_top1``,
+        ``best_epoch``, ``steps``, timings, ...).
     """
     # 1. check the recipe and the run folder (fail before any data or model is built)
     check_model_name(recipe.model.name)
@@ -70,10 +74,11 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
         torch.set_num_threads(recipe.run.threads)
     accelerator = make_accelerator(recipe.run, recipe.data.img_size)
 
-    # 2. data: the label space comes from the evaluation set
+    # 2. data: the label space comes from the test set; the validation split is disjoint from shots and test
     classes = class_names(recipe.data)
     train_images = build_train_images(recipe.data, classes, recipe.run.seed)
-    eval_images = build_eval_images(recipe.data)
+    val_images = build_val_images(recipe.data, classes)  # every epoch and every choice
+    test_images = build_test_images(recipe.data)  # once, at the end
 
     # 3. model (seeded init)
     seed_everything(recipe.run.seed)
@@ -102,8 +107,8 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
     # 5.-8. optimiser, schedule, resume, loop, final save
     meta = model_metadata(recipe.model.name, create_kwargs, classes, input_config)
     logger.info("training %s (%d classes) on %s", recipe.model.name, len(classes), train_images)
-    result = fit(model=model, train_view=view, eval_images=eval_images, eval_transform=eval_tf, step_fn=step_fn,
-                 optim=recipe.optim, run=recipe.run, data=recipe.data, run_dir=run_dir, accelerator=accelerator,
+    result = fit(model=model, train_view=view, val_images=val_images, test_images=test_images, eval_transform=eval_tf,
+                 step_fn=step_fn, optim=recipe.optim, run=recipe.run, data=recipe.data, run_dir=run_dir, accelerator=accelerator,
                  model_meta=meta, resume=resume, desc=recipe.model.name)
     return result.metrics
 

@@ -222,6 +222,8 @@ def parse_args() -> argparse.Namespace:
                         help="the shipped few-step model (scripts/train_tiny_lcm.py): rows, and --quality")
     parser.add_argument("--quality-sources", type=int, default=200, help="img2img sources (2 variants each)")
     parser.add_argument("--quality-per-class", type=int, default=40, help="txt2img images per class")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="shipped model: every way this many times in turn, the fastest round counts (default 2)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="also a generate.compile row on the shipped model (needs a C++ compiler; minutes)")

@@ -162,7 +162,9 @@ def bench_sd15(args: argparse.Namespace, peaks: Peaks, work: Path) -> dict:
     few = bench_few_step(pipe, jobs, settings, size, exact, base)
     work_runs.update(few)
     for key, x in few.items():
-        rows.append(Row(key.replace("sd15_", "").replace("_fp32_x", "").replace("_bf16_x", ""),
+        way = key.replace("sd15_", "").replace("_fp32_x", "").replace("_bf16_x", "")
+        way = way.replace("lcm", "LCM ").replace("_tome", " + ToMe 0.5").replace("_tinyvae", " + tiny VAE")
+        rows.append(Row(f"sip fast path, {way} (random UNet)",
                         "bf16" if "_bf16_" in key else "fp32", sd["best_fp32"].batch_size, x * base.rate, base.rate,
                         note="SPEED ONLY: LCMScheduler on a random-weight UNet never "
                                                        "distilled, quality not meaningful"))

@@ -43,6 +43,14 @@ from sip.distill.views import (  # re-exported: users of the store import the vi
     sample_view,
     view_input,
 )
+from sip.distill.logits_shards import (
+    _check_build,
+    _input_groups,
+    _shard_finished,
+    _shard_list,
+    _warn_idle,
+    _write_shard,
+)
 from sip.ids import stable_seed
 from sip.models.checkpoints import input_transform  # re-exported: sip.distill.run imports it from here
 
@@ -246,6 +254,13 @@ class TeacherLogitsStore:
     def missing(self, ids: Sequence[str]) -> list[str]:
         return [s for s in ids if s not in self.row]
 
+    def _record_identity_agreement(self) -> None:
+        """With an identity view: how often the teachers' mean agrees with the dataset's labels, in the manifest."""
+        if self.manifest["views"].get("identity_view"):
+            agree = (self.logits[:, 0].float().mean(1).argmax(-1) == self.labels).float().mean().item()
+            self.manifest["identity_view_top1"] = round(100.0 * agree, 3)
+            _write_manifest(self.root, self.manifest)
+
     # -- building -------------------------------------------------------------------------------------
     @classmethod
     def build(cls, root: str | Path, datasets: Sequence[Any], teachers: Sequence[Any], classes: Sequence[str],
@@ -255,10 +270,8 @@ class TeacherLogitsStore:
               world: int = 1) -> TeacherLogitsStore | None:
         """Run ``teachers`` over every image of ``datasets`` (in order) and write the store.
 
-        Under a multi-process launch process ``rank`` of ``world`` builds shards ``s`` with ``s % world == rank``
-        (the shard layout, and so every batch, is the one-process layout: each shard holds the same tensors and
-        metadata as a one-process build's), and whichever process finds every shard finished writes
-        ``store.json``; no process waits on another.
+        Process ``rank`` of ``world`` builds shards ``s % world == rank`` of the one-process layout (the same
+        bytes); whichever process finds every shard finished writes ``store.json`` (none waits on another).
 
         Args:
             root (str | Path): output folder.
@@ -268,54 +281,33 @@ class TeacherLogitsStore:
             views (ViewConfig, optional): views per image and how they are drawn.
             batch_size (int, optional): images per step (each with all its views). Defaults to 128.
             shard_size (int, optional): images per safetensors shard. Defaults to 10000.
-            dtype ("float16" | "float32", optional): stored logit precision; float16 halves the size and
-                keeps ~3 significant digits (logits are softened by T anyway). Defaults to "float16".
-            device (str | torch.device, optional): Defaults to "cpu".
-            num_workers (int, optional): DataLoader workers preparing the views. Defaults to 0.
-            autocast_dtype (torch.dtype, optional): bf16/fp16 autocast for the teachers. Defaults to None.
+            dtype ("float16" | "float32", optional): stored logit precision (float16 halves the size).
+            device, num_workers, autocast_dtype: where the teachers run (default cpu), DataLoader workers
+                preparing the views (0), bf16/fp16 autocast for the teachers (None: off).
             progress (bool, optional): tqdm bar. Defaults to True.
             rank, world (int, optional): this process's place in a launch. Defaults to 0 of 1.
 
         Returns:
             TeacherLogitsStore | None: the store, or None when other processes' shards are still being built.
         """
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
         from sip import __version__
-        from sip.distill.teachers import check_teacher_classes
 
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
-        if not teachers:
-            raise ValueError("a logits store needs at least one teacher")
-        check_teacher_classes(teachers, classes)
+        _check_build(teachers, classes, dtype, rank, world)
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         fingerprint = dataset_fingerprint(datasets)
         identities = [t.identity for t in teachers]
         digest = _teachers_digest(identities)
-        group_keys: list[str] = []
-        for t in teachers:
-            if t.input_key() not in group_keys:
-                group_keys.append(t.input_key())
-        groups = [next(t.input_config for t in teachers if t.input_key() == k) for k in group_keys]
-        teacher_group = [group_keys.index(t.input_key()) for t in teachers]
+        groups, teacher_group = _input_groups(teachers)
         offsets = np.cumsum([0] + [len(d) for d in datasets])
         total = int(offsets[-1])
         n_shards = max(1, math.ceil(total / shard_size))
+        _warn_idle(world, n_shards, shard_size, total)
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         device = torch.device(device)
-        for t in teachers:
-            t.model.to(device)
 
-        if not 0 <= rank < world:
-            raise ValueError(f"rank must be in [0, world), got {rank} of {world}")
-        if world > n_shards:
-            logger.warning("%d processes but the store has %d shard(s) of store.shard_size %d images: %d process(es) "
-                           "have nothing to build; set store.shard_size <= %d to use them all", world, n_shards,
-                           shard_size, world - n_shards, max(1, total // world))
 
         def span(s: int) -> tuple[str, _ViewBatchSource, list[str]]:
             start, stop = s * shard_size, min((s + 1) * shard_size, total)
@@ -324,18 +316,7 @@ class TeacherLogitsStore:
             return f"logits-{s:05d}-of-{n_shards:05d}.safetensors", source, ids
 
         def finished(name: str, ids: list[str]) -> bool:
-            """A shard file on disk that a build with these teachers, views and data wrote whole."""
-            path = root / name
-            if not path.is_file():
-                return False
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata()
-                return (meta.get("fingerprint") == fingerprint["sha256"] and meta.get("teachers") == digest
-                        and json.loads(meta["ids"]) == ids and meta.get("views") == json.dumps(asdict(views)))
-            except (OSError, ValueError, KeyError, SafetensorError) as e:  # half-written or foreign: rebuild
-                logger.info("rebuilding shard %s (%s)", path, e)
-                return False
+            return _shard_finished(root / name, fingerprint["sha256"], digest, ids, views)
 
         mine = [s for s in range(n_shards) if s % world == rank]
         t0 = time.perf_counter()
@@ -349,52 +330,22 @@ class TeacherLogitsStore:
                 bar.update(len(ids))
                 continue
             loader = torch.utils.data.DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-            out_logits, out_views, out_labels = [], [], []
-            with torch.no_grad():
-                for batch in loader:
-                    b, v = batch["views"].shape[:2]
-                    per_teacher = []
-                    for t, g in zip(teachers, teacher_group):
-                        x = batch[f"input_{g}"].flatten(0, 1).to(device)
-                        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                            z = t.model(x)
-                        z = z[0] if isinstance(z, (tuple, list)) else z
-                        per_teacher.append(z.float().view(b, v, -1).cpu())
-                    logits = torch.stack(per_teacher, dim=2)  # [b, V, K, C]
-                    out_logits.append(logits.to(torch_dtype))
-                    out_views.append(batch["views"])
-                    out_labels.append(batch["label"].long())
-                    bar.update(b)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"logits": torch.cat(out_logits).contiguous(), "views": torch.cat(out_views).contiguous(),
-                       "labels": torch.cat(out_labels).contiguous()}, str(tmp),
-                      metadata={"format": STORE_FORMAT, "fingerprint": fingerprint["sha256"], "teachers": digest,
-                                "views": json.dumps(asdict(views)), "ids": json.dumps(ids)})
-            tmp.replace(path)
+            _write_shard(path, loader, teachers, teacher_group, device, autocast_dtype, torch_dtype, bar,
+                         {"format": STORE_FORMAT, "fingerprint": fingerprint["sha256"], "teachers": digest,
+                          "views": json.dumps(asdict(views)), "ids": json.dumps(ids)})
         bar.close()
-        shards = []
-        for s in range(n_shards):  # every shard, whoever built it (other processes' may still be running)
-            name, _, ids = spans[s] if s in spans else span(s)
-            if s not in spans and not finished(name, ids):
-                logger.info("process %d of %d: shard %s not finished yet; the last process writes store.json",
-                            rank + 1, world, name)
-                return None
-            shards.append({"file": name, "start": s * shard_size, "count": len(ids)})
-        manifest = {
-            "format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
-            "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),
-            "views": asdict(views), "num_samples": total, "num_views": views.views, "num_teachers": len(teachers),
-            "num_classes": len(classes), "dtype": dtype, "shards": shards,
-            "build_time_s": round(time.perf_counter() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        shards = _shard_list(n_shards, shard_size, lambda s: spans[s] if s in spans else span(s),
+                             lambda s, name, ids: s in spans or finished(name, ids), rank, world)
+        if shards is None:  # other processes' shards are still being built
+            return None
+        manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
+                    "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),
+                    "views": asdict(views), "num_samples": total, "num_views": views.views,
+                    "num_teachers": len(teachers), "num_classes": len(classes), "dtype": dtype, "shards": shards,
+                    "build_time_s": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_manifest(root, manifest)
         store = cls(root)
-        if views.identity_view:  # how often the teachers' mean agrees with the dataset's labels
-            agree = (store.logits[:, 0].float().mean(1).argmax(-1) == store.labels).float().mean().item()
-            manifest["identity_view_top1"] = round(100.0 * agree, 3)
-            _write_manifest(root, manifest)
-            store.manifest = manifest
+        store._record_identity_agreement()
         return store
 
 

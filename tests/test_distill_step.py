@@ -173,3 +173,10 @@ def test_augmentation_a_logits_store_cannot_replay_is_refused():
     with pytest.raises(ValueError, match="data.re_prob, data.color_jitter and data.auto_augment"):
         DistillStep(build_kd_loss("hinton"), input_config=cfg, student_tail=input_transform(cfg), data=_Augmented(),
                     store=object(), num_classes=10, seed=0)
+
+
+def test_sip_logits_refuses_augmentation_its_store_cannot_hold(teachers):
+    from conftest import logits_recipe
+
+    with pytest.raises(ConfigError, match="data.re_prob, data.color_jitter and data.auto_augment"):
+        logits_recipe([teachers["test_resnet"]], "data.re_prob=0.25")

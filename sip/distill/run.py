@@ -138,6 +138,11 @@ class LogitsRecipe:
     def __post_init__(self):
         if not self.teachers:
             raise ValueError("sip logits needs at least one teacher (teachers: [{checkpoint: RUN_DIR}])")
+        d = self.data
+        if d.re_prob or d.color_jitter or d.auto_augment:
+            raise ValueError("a logits store labels crops and flips only: data.re_prob, data.color_jitter and "
+                             "data.auto_augment would be ignored by sip logits; set them to 0 / null (a distill "
+                             "recipe that needs them runs its teachers online)")
 
 
 # ----------------------------------------------------------------------------------------------------

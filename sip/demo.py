@@ -106,12 +106,14 @@ def _synth(recipe: DemoRecipe, out: Path, progress: bool):
 
 def _train_teacher(recipe: DemoRecipe, run_dir: Path) -> dict[str, Any]:
     from sip.data.sources import SourceConfig
-    from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe
+    from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, ValSection
     from sip.train.run import run_training
 
+    # the validation split leaves the teacher's pool: a tenth of it (at most the default 1,000)
+    val = ValSection(size=max(1, min(1000, recipe.teacher_images // 10)))
     cfg = TrainRecipe(
         data=DataSection(real=SourceConfig(kind="fashion-mnist", start=0, stop=recipe.teacher_images, size=None),
-                         img_size=28, scale=(0.6, 1.0), batch_size=128),
+                         val=val, img_size=28, scale=(0.6, 1.0), batch_size=128),
         model=ModelSection(name=recipe.teacher),
         optim=OptimSection(epochs=recipe.teacher_epochs, lr=3e-3, warmup_epochs=0.1, weight_decay=0.05),
         run=RunSection(seed=recipe.seed, eval_every=recipe.teacher_epochs))

@@ -32,7 +32,7 @@ from sip.config import from_dict, read_yaml  # noqa: E402
 from sip.models.checkpoints import load_classifier  # noqa: E402
 from sip.models.kdeformer import KDEformerConfig  # noqa: E402
 from sip.models.kdeformer_layers import use_kdeformer_in_vit  # noqa: E402
-from sip.train.inputs import TransformedImages, build_eval_images, build_transforms  # noqa: E402
+from sip.train.inputs import TransformedImages, build_test_images, build_transforms  # noqa: E402
 from sip.train.loop import merge_heads  # noqa: E402
 from sip.train.recipe import DataSection  # noqa: E402
 
@@ -113,7 +113,7 @@ def main() -> None:
             sys.exit(f"budget {samples}/{block} covers all {tokens} tokens (KDEformer would be exact attention); "
                      f"pick S + b < {tokens}")
     data = from_dict(DataSection, read_yaml(config_path).get("data", {}), source=str(config_path), prefix="data")
-    images = build_eval_images(data)
+    images = build_test_images(data)
     _, eval_tf = build_transforms(meta["input_config"], data)
     picked = range(min(args.samples, len(images))) if args.samples else None
     dataset = TransformedImages(images, eval_tf, picked)

@@ -70,7 +70,8 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +86,7 @@ def _owner_is_dead(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return False
     pid = owner["pid"]
-    if not _alive(pid):
+    if not pid_alive(pid):
         return True
     started = owner.get("proc_start")
     return started is not None and _process_start(pid) not in (None, started)

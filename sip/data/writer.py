@@ -25,6 +25,7 @@ from sip.data.durable import DiskFullError, append_jsonl, atomic_write, read_jso
 from sip.data.merge import merge_shards
 from sip.data.readers import METADATA, REJECTED, RUN_INFO, rows_of, run_info_at
 from sip.data.resume import LAUNCH_KEYS, config_differences, resolve_paths
+from sip.data.run_lock import pid_alive
 from sip.ids import sanitize_label
 
 __all__ = ["DatasetWriter", "WriteSummary", "label_folders"]
@@ -66,13 +67,7 @@ def _writer_alive(temp: Path) -> bool:
     pid = temp.name.rsplit(".", 2)[-2]
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def _shard_suffix(shard: tuple[int, int]) -> str:

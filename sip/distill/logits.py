@@ -308,11 +308,10 @@ class TeacherLogitsStore:
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         device = torch.device(device)
 
-
         def span(s: int) -> tuple[str, _ViewBatchSource, list[str]]:
             start, stop = s * shard_size, min((s + 1) * shard_size, total)
             source = _ViewBatchSource(datasets, offsets, views, groups, start, stop)
-            ids = [source.locate(i)[0].sample_id(source.locate(i)[1]) for i in range(start, stop)]
+            ids = [d.sample_id(j) for d, j in map(source.locate, range(start, stop))]  # one lookup per id
             return f"logits-{s:05d}-of-{n_shards:05d}.safetensors", source, ids
 
         def finished(name: str, ids: list[str]) -> bool:

@@ -335,7 +335,7 @@ class DiffusionGenerator:
     @torch.inference_mode()
     def text2img(self, prompts: Sequence[str], seeds: Sequence[int], negative_prompt: str = "", *,
                  guidance_scale: float | None = None, steps: int | None = None,
-                 guide: TargetedGuidance | None = None) -> list[Image.Image]:
+                 guide: TargetedGuidance | None = None, output_type: str = "pil") -> list:
         """Generate one image per prompt at the generation size, one seed per image.
 
         Args:
@@ -345,6 +345,8 @@ class DiffusionGenerator:
             guidance_scale (float, optional): classifier-free guidance. Defaults to ``config.guidance_scale``.
             steps (int, optional): denoising steps. Defaults to ``config.steps``.
             guide (TargetedGuidance, optional): as in :meth:`img2img`.
+            output_type (str, optional): "pil", or "latent" for the denoised latents (one tensor per image, not
+                decoded: :mod:`sip.augment.latent_mix` mixes two before decoding). Defaults to "pil".
         """
         _, guidance_scale, steps = self.sampling(None, guidance_scale, steps)
         if len(prompts) != len(seeds):
@@ -354,7 +356,8 @@ class DiffusionGenerator:
         if self.config.batch_invariant and len(prompts) > 1:
             return [im for i in range(len(prompts))
                     for im in self.text2img(prompts[i : i + 1], seeds[i : i + 1], negative_prompt, guidance_scale=
-                                            guidance_scale, steps=steps, guide=guide and guide[i : i + 1])]
+                                            guidance_scale, steps=steps, guide=guide and guide[i : i + 1],
+                                            output_type=output_type)]
         guided = runs_cfg(self.pipe.unet, guidance_scale)
         with self._autocast(), self._unet_speedups(), guiding(self.txt2img, guide):
             if self._fast:  # each distinct prompt encoded once
@@ -364,7 +367,7 @@ class DiffusionGenerator:
                 kwargs = {"prompt": list(prompts), "negative_prompt": [negative_prompt] * len(prompts) if guided else None}
             out = self.txt2img(height=self.size, width=self.size, num_inference_steps=steps,
                                guidance_scale=guidance_scale, generator=self._generators(seeds),
-                               output_type="pil", **kwargs)
+                               output_type=output_type, **kwargs)
         return list(out.images)
 
 

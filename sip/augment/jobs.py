@@ -28,6 +28,7 @@ from sip.augment.caption import CaptionConfig
 from sip.augment.filter import FilterConfig
 from sip.augment.generate import GenerateConfig
 from sip.augment.guidance import GuideConfig, check_guide
+from sip.augment.latent_mix import LatentMixConfig
 from sip.augment.loop import Job, batch_grid, run_info, variant_record
 from sip.augment.prompts import PromptBuilder, PromptConfig
 from sip.augment.variants import VariantPlan, VariantsConfig, variant_fields, variants_generator
@@ -96,6 +97,7 @@ class SynthRecipe:
         classes: label names to synthesise; empty uses ``source``'s classes.
         source: where class names come from when ``classes`` is empty (no image is read).
         prompt, generate, filter, output, shard, progress, engine, ray, guide: as in :class:`AugmentRecipe`.
+        latent_mix: latent CutMix / mixup of two classes before decoding (:mod:`sip.augment.latent_mix`).
     """
 
     classes: list[str] = field(default_factory=list)
@@ -109,20 +111,22 @@ class SynthRecipe:
     engine: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
     guide: GuideConfig = field(default_factory=GuideConfig)
+    latent_mix: LatentMixConfig = field(default_factory=LatentMixConfig)
 
     def __post_init__(self):
         parse_shard(self.shard)
         _check_engine(self.engine, self.shard)
-        _check_teaching(self, self.guide, False, False)
+        _check_teaching(self, self.guide, self.latent_mix.active, self.latent_mix.active)
 
 
 def _check_teaching(recipe: Any, guide: GuideConfig, variants: bool, interclass: bool) -> None:
     if recipe.engine == "ray" and (guide.teacher or variants):
-        raise ValueError("guide / variants run on engine local (one process per rank under torchrun / accelerate "
-                         "launch); engine ray does not draw them yet")
+        raise ValueError("guide / variants / latent_mix run on engine local (one process per rank under torchrun / "
+                         "accelerate launch); engine ray does not draw them yet")
     if guide.teacher and not guide.active and not interclass:
         raise ValueError(f"guide.teacher is {guide.teacher} but guide.scale and guide.student_scale are 0 and no "
-                         "variants.interclass pair needs labels: set guide.scale > 0 or drop guide.teacher")
+                         "variants.interclass pair (nor latent_mix) needs labels: set guide.scale > 0 or drop "
+                         "guide.teacher")
 
 
 def _check_engine(engine: str, shard: str | None) -> None:
@@ -279,7 +283,8 @@ def augment_grid(source_ids: Sequence[str], recipe: AugmentRecipe,
 
 def synth_grid(classes: Sequence[str], recipe: SynthRecipe, shard: tuple[int, int] | None = None) -> list[Batch]:
     """The one-process grid of ``sip synth`` over ``(label, k)`` items, only the batches of ``shard``."""
-    jobs = [(label, k) for label in classes for k in range(recipe.generate.per_class)]
+    per_class = recipe.generate.per_class + recipe.latent_mix.count  # mixed images after the plain ones
+    jobs = [(label, k) for label in classes for k in range(per_class)]
     return [b for k, b in enumerate(batch_grid(jobs, recipe.generate.batch_size)) if owns(k, shard)]
 
 

@@ -41,6 +41,7 @@ from sip.augment.jobs import (
     synth_job,
     synth_jobs,
 )
+from sip.augment.latent_mix import latent_mix_jobs
 from sip.augment.loop import generate_and_write
 from sip.augment.variants import Teaching, build_teaching
 from sip.data.run_lock import hold_output
@@ -222,8 +223,11 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
         bar, progress = _bar("synth", sum(len(b) for b in batches), recipe, launch, summary)
         builder, settings = prompt_builder(recipe.prompt, generator), teaching.settings(generator.settings())
         generate = batch_generator(generator, "txt2img", recipe.prompt.negative_prompt, teaching.guidance)
-        generate_and_write((synth_jobs(b, builder, recipe, settings) for b in batches), generate, writer,
-                           image_filter, summary, progress)
+        jobs, labeller = (synth_jobs(b, builder, recipe, settings) for b in batches), None
+        if recipe.latent_mix.active:  # image k >= per_class of a class: two classes' latents mixed, then decoded
+            jobs, generate, labeller = latent_mix_jobs(recipe, classes, generator, teaching, builder, settings,
+                                                       batches, synth_job)
+        generate_and_write(jobs, generate, writer, image_filter, summary, progress, labeller)
         bar.close()
         summary.complete = writer.finish()
     summary.seconds = time.perf_counter() - t0

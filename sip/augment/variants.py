@@ -153,8 +153,9 @@ def interclass_targets(pairs: list[list[str]] | str, classes: Sequence[str]) -> 
 
 
 class InterclassLabeller:
-    """The label of each generated image: intra-class jobs keep theirs; inter-class ones take the teacher's
-    prediction (its probabilities recorded as the soft label), else the larger share of the strength's soft label.
+    """The label of each generated image: intra-class jobs keep theirs; inter-class ones (and latent mixes,
+    :mod:`sip.augment.latent_mix`) take the teacher's prediction (its probabilities recorded as the soft label),
+    else the larger share of their soft label.
 
     Args:
         teacher (GuideClassifier, optional): labels inter-class images; None uses the soft label.
@@ -164,7 +165,7 @@ class InterclassLabeller:
         self.teacher = teacher
 
     def __call__(self, jobs: Sequence[Job], images: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
-        inter = [i for i, j in enumerate(jobs) if j.record.get("interclass")]
+        inter = [i for i, j in enumerate(jobs) if j.record.get("interclass") or j.record.get("latent_mix")]
         out = [(j.label, {}) for j in jobs]
         if not inter:
             return out

@@ -48,6 +48,7 @@ from sip.train.inputs import (
 from sip.train.loop import fit, make_accelerator
 from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection
 from sip.train.run_dir import prepare_run_dir
+from sip.train.soft_labels import SoftTargets
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class DistillRecipe:
     def __post_init__(self):
         if not self.teachers and not self.logits:
             raise ValueError("distillation needs teachers (teachers: [...]) or a logits store (logits: DIR)")
+        if self.data.soft_labels and not self.loss.use_labels:
+            raise ValueError("data.soft_labels is true but loss.use_labels is false: the labels (soft or not) are "
+                             "never read; set one of them")
         if self.batch_mix.enabled:
             if self.logits:
                 raise ValueError(
@@ -143,6 +147,9 @@ class LogitsRecipe:
             raise ValueError("a logits store labels crops and flips only: data.re_prob, data.color_jitter and "
                              "data.auto_augment would be ignored by sip logits; set them to 0 / null (a distill "
                              "recipe that needs them runs its teachers online)")
+        if d.soft_labels:
+            raise ValueError("data.soft_labels is read by sip train / sip distill (label targets), not by sip logits "
+                             "(the store holds teacher logits only): set data.soft_labels: false here")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,7 +334,8 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     step = DistillStep(loss_fn, input_config=input_config, student_tail=input_transform(input_config), data=data,
                        teachers=TeacherInputs.from_teachers(teachers, input_transform) if online else None,
                        store=store, store_columns=columns, mix=recipe.batch_mix, use_labels=recipe.loss.use_labels,
-                       num_classes=len(classes), seed=recipe.run.seed, device=accelerator.device)
+                       num_classes=len(classes), seed=recipe.run.seed, device=accelerator.device,
+                       soft_targets=SoftTargets.build(train_images, classes) if data.soft_labels else None)
     view = EpochView(train_images, step.make_item, recipe.run.seed, data.repeat, accelerator.process_index,
                      accelerator.num_processes)
 

@@ -78,12 +78,14 @@ class DistillStep:
         num_classes (int): for the mixed labels.
         seed (int): the run seed (batch mixes are drawn from (seed, epoch, step)).
         device: where batches go.
+        soft_targets (SoftTargets, optional): ``data.soft_labels``: each item's metadata soft label is its label
+            target (mixed like the labels under mixup / CutMix); None: the one-hot labels.
     """
 
     def __init__(self, loss_fn: nn.Module, *, input_config: dict[str, Any], student_tail, data: Any,
                  teachers: TeacherInputs | None = None, store: Any = None, store_columns: Sequence[int] = (),
                  mix: BatchMixConfig | None = None, use_labels: bool = True, num_classes: int, seed: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", soft_targets: Any = None):
         if teachers is not None and store is not None:
             raise ValueError("DistillStep takes online teachers or a logits store, not both")
         mix = mix if mix is not None and mix.enabled else None
@@ -95,6 +97,7 @@ class DistillStep:
         self.teachers, self.store, self.columns = teachers, store, list(store_columns)
         self.mix, self.use_labels, self.num_classes, self.seed = mix, use_labels, num_classes, seed
         self.device = torch.device(device)
+        self.soft_targets = soft_targets
         # sip train's augmentation after the crop (auto-augment / colour jitter, random erasing), drawn once per
         # item and replayed on every teacher's input
         self.augment = ViewAugmentation(data.color_jitter, data.auto_augment, data.re_prob, input_config)
@@ -112,6 +115,8 @@ class DistillStep:
         """Item ``index``: the student's view, the teachers' inputs of the same view or the stored logits."""
         image, label = images[index]
         item: dict[str, Any] = {"label": label}
+        if self.soft_targets is not None:
+            item["soft_target"] = self.soft_targets(images, index)
         if self.store is not None:
             v = rng.randrange(self.store.num_views)
             view, logits = self.store.get(images.sample_id(index), v)
@@ -163,7 +168,11 @@ class DistillStep:
             m = draw_batch_mix(self.mix, x.shape[0], tuple(x.shape[-2:]), self.seed, epoch, step)
             if m.lam < 1.0:
                 mix = _SameMix(m, tuple(x.shape[-2:]))
-        targets = y if mix is None else mix.targets(y, self.num_classes)
+        if "soft_target" in batch:  # data.soft_labels: the metadata's distributions are the label targets
+            y_target = batch["soft_target"].to(self.device, non_blocking=True)
+            targets = y_target if mix is None else mix.mix_soft(y_target)
+        else:
+            targets = y if mix is None else mix.targets(y, self.num_classes)
         student_in = x if mix is None else mix(x)
         teacher_out = self.teacher_logits(batch, mix)
         student_out = model(student_in)
@@ -190,3 +199,8 @@ class _SameMix:
 
     def targets(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         return self.mix.mix_targets(y, num_classes)
+
+    def mix_soft(self, targets: torch.Tensor) -> torch.Tensor:
+        """Soft targets ``[B, C]`` mixed as the images are (``lam`` of each, ``1 - lam`` of its partner's)."""
+        m = self.mix
+        return targets if m.lam >= 1.0 else targets * m.lam + targets[m.perm] * (1.0 - m.lam)

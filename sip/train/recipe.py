@@ -79,10 +79,16 @@ class DataSection:
     eval_batch_size: int = 512  # inference only: larger is faster until memory runs out
     num_workers: int = 0  # DataLoader workers; 0 decodes in the training process (best on 1-2 cores)
     repeat: int = 1  # passes over the training set per epoch: few-shot sets are too small for one epoch
+    # learn a synthetic image's metadata soft_label (inter-class / latent-mix share, a teacher's probabilities) as
+    # its cross-entropy target instead of its one-hot label (sip.train.soft_labels); false: the label only
+    soft_labels: bool = False
 
     def __post_init__(self):
         if self.real is None and self.synthetic is None:
             raise ValueError("data needs real images (data.real), synthetic images (data.synthetic), or both")
+        if self.soft_labels and self.synthetic is None:
+            raise ValueError("data.soft_labels is true but data.synthetic is null: soft labels come from a sip "
+                             "dataset's metadata; set data.synthetic or data.soft_labels: false")
         if self.val is not None and self.val.source is None and self.real is None:
             raise ValueError("data.val is carved from data.real's pool, but data.real is null (data-free): give a "
                              "labelled set as data.val.source (e.g. {kind: fashion-mnist, split: train, start: "

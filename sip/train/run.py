@@ -49,6 +49,7 @@ from sip.train.evaluate import merge_heads
 from sip.train.loop import fit, make_accelerator
 from sip.train.recipe import TrainRecipe
 from sip.train.run_dir import prepare_run_dir
+from sip.train.soft_labels import SoftTargets
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,14 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
                     name=recipe.model.name)
     train_tf, eval_tf = build_transforms(input_config, recipe.data)
 
+    soft = SoftTargets.build(train_images, classes) if recipe.data.soft_labels else None
+
     def make_item(images, index, rng):
         image, label = images[index]
-        return {"image": train_tf(image), "label": label}
+        item = {"image": train_tf(image), "label": label}
+        if soft is not None:  # data.soft_labels: the metadata's soft_label (one-hot where there is none)
+            item["soft_target"] = soft(images, index)
+        return item
 
     view = EpochView(train_images, make_item, recipe.run.seed, recipe.data.repeat,
                      accelerator.process_index, accelerator.num_processes)
@@ -102,7 +108,8 @@ def run_training(recipe: TrainRecipe, run_dir: str | Path) -> dict[str, Any]:
         x = batch["image"].to(accelerator.device, non_blocking=True)
         y = batch["label"].to(accelerator.device, non_blocking=True)
         logits = merge_heads(model(x))
-        return {"ce": criterion(logits.float(), y)}, logits, y
+        target = batch["soft_target"].to(accelerator.device) if "soft_target" in batch else y
+        return {"ce": criterion(logits.float(), target)}, logits, y
 
     # 5.-8. optimiser, schedule, resume, loop, final save
     meta = model_metadata(recipe.model.name, create_kwargs, classes, input_config)

@@ -208,6 +208,17 @@ def distill(recipe: Optional[Path] = RecipeArg,
 
 
 @app.command()
+def rounds(recipe: Optional[Path] = RecipeArg,
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (resumed when it exists)."),
+           set_: list[str] = SetOpt) -> None:
+    """Generation in rounds with the student: distil, find the classes it gets wrong against its teacher,
+    generate more of them (guided by teacher and student), distil again (resumable by round)."""
+    from sip.distill.rounds import RoundsRecipe, run_rounds
+
+    _run_recipe(RoundsRecipe, run_rounds, recipe, output, set_, "rounds")
+
+
+@app.command()
 def logits(recipe: Optional[Path] = RecipeArg,
            output: Optional[Path] = typer.Option(None, "--output", "-o", help="Logits store folder."),
            set_: list[str] = SetOpt) -> None:

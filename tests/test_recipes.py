@@ -11,6 +11,9 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 def recipe_class(path: Path):
     stem = path.stem
+    if "_rounds" in stem:
+        from sip.distill.rounds import RoundsRecipe
+        return RoundsRecipe
     if stem.endswith("_augment") or "_augment_" in stem:
         from sip.augment.run import AugmentRecipe
         return AugmentRecipe

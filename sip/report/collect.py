@@ -243,6 +243,25 @@ def metric_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, flo
     return series
 
 
+# the per-epoch evaluation a student curve shows, first found wins: the validation split's top-1 (sip train /
+# distill), then the older per-epoch keys
+EVAL_KEYS = ("val_top1", "eval_top1", "top1")
+
+
+def evaluation_curves(runs: dict[str, dict[str, list[tuple[float, float]]]]) -> tuple[str | None, dict[str, list]]:
+    """Each run's evaluation per epoch, ``(key, {run: [(epoch, value), ...]})``: one point per evaluated epoch
+    (a line written twice for an epoch, by a resumed run, counts once: its last value), in epoch order; runs
+    without the key are left out. ``(None, {})`` when no run has any of :data:`EVAL_KEYS`."""
+    key = next((k for k in EVAL_KEYS if any(series.get(k) for series in runs.values())), None)
+    if key is None:
+        return None, {}
+    curves = {}
+    for name, series in runs.items():
+        if series.get(key):
+            curves[name] = sorted(dict(series[key]).items())  # x -> its last y
+    return key, curves
+
+
 def read_metric_runs(metrics_files: list[Path], run_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """``{run name: metric_series(...)}`` of every metrics file with numeric values (torn lines skipped)."""
     runs = {}

@@ -89,6 +89,35 @@ def _panel_order(key: str) -> tuple[int, int, str]:
     return rank, 1 if "train" in k else 0, k
 
 
+def plot_evaluation(key: str, curves: dict[str, list[tuple[float, float]]],
+                    path: Path) -> dict[str, list[tuple[float, float]]]:
+    """One panel: each run's evaluation (``key``, e.g. val_top1) against the epoch, a marker per evaluated epoch
+    (a run evaluated once is a lone marker, labelled so); returns the points each line of the figure holds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, points in curves.items():
+        xs, ys = zip(*points)
+        label = name if len(points) > 1 else f"{name} (evaluated once)"
+        ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.5, label=label)
+    ax.set_xlabel("epoch", fontsize=9)
+    ax.set_ylabel(key, fontsize=9)
+    ax.set_title(f"{key} per evaluated epoch", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    drawn = {line.get_label(): list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+             for line in ax.get_lines()}
+    plt.close(fig)
+    return drawn
+
+
 def plot_curves(runs: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> list[str]:
     """One panel per metric key, one line per run; returns the keys plotted."""
     import matplotlib

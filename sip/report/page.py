@@ -18,7 +18,8 @@ What it looks for (a demo run folder: ``RUN/augmented/``, ``RUN/train/<name>/met
   such rows, or ``{name: {...}}``); without it, the ``final_metrics.json`` next to each metrics file.
 
 Any missing piece is left out with a note saying what was looked for. Output: ``RUN/report/report.html``,
-``grid-<dataset>.png``, ``curves.png``, ``accuracy.md`` (the table as Markdown, for a README) and
+``grid-<dataset>.png``, ``evaluation.png`` (each run's validation top-1 per evaluated epoch), ``curves.png``,
+``accuracy.md`` (the table as Markdown, for a README) and
 ``images/`` (the tiles the HTML shows). Matplotlib runs on its Agg backend (no display needed).
 """
 
@@ -39,6 +40,7 @@ from sip.report.collect import (
     REPORT_DIR,
     as_number,
     dataset_summary,
+    evaluation_curves,
     find_datasets,
     find_metrics,
     grid_rows,
@@ -46,7 +48,7 @@ from sip.report.collect import (
     read_results,
     run_names,
 )
-from sip.report.figures import plot_curves, plot_grid
+from sip.report.figures import plot_curves, plot_evaluation, plot_grid
 
 # --------------------------------------------------------------------------------------------------
 # accuracy table
@@ -169,6 +171,14 @@ def _curves_section(run_dir: Path, metrics_files: list[Path], out: Path, body: l
     """Append the training curves (one panel per numeric key, one line per run) to ``body``."""
     body.append("<h2>Training curves</h2>")
     runs = read_metric_runs(metrics_files, run_dir)
+    key, curves = evaluation_curves(runs)
+    if curves:  # the headline: each student's evaluation, a point per evaluated epoch
+        plot_evaluation(key, curves, out / "evaluation.png")
+        body.append(f"<p><img class='figure' src='evaluation.png' alt='{_esc(key)} per epoch'></p>")
+        once = [n for n, points in curves.items() if len(points) == 1]
+        if once:
+            body.append(f"<p class='note'>Evaluated once (no curve): {_esc(', '.join(once))}; set "
+                        "<code>run.eval_every: 1</code> for a point per epoch.</p>")
     if runs:
         keys = plot_curves(runs, out / "curves.png")
         body.append("<p><img class='figure' src='curves.png' alt='training curves'></p>")
@@ -239,7 +249,7 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
-    for old in [*out.glob("grid-*.png"), out / "curves.png", out / "accuracy.md"]:
+    for old in [*out.glob("grid-*.png"), out / "curves.png", out / "evaluation.png", out / "accuracy.md"]:
         old.unlink(missing_ok=True)
     notes: list[str] = []
     body: list[str] = []

@@ -92,10 +92,11 @@ def test_rounds_generate_what_the_student_gets_wrong_and_resume_by_round(teacher
     ("distill.logits=store", "exactly one online teacher"),
     ("synth.guide.scale=1.0", "synth.guide"),
     ("guide.scale=-1", "guide.scale must be a finite number >= 0"),
+    ("synth.latent_mix={mode: mixup}", "rounds.top_classes >= 2"),
 ])
 def test_bad_rounds_recipes_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(RoundsRecipe, overrides=["distill.teachers=[{checkpoint: t}]", override])
+        load_config(RoundsRecipe, overrides=["distill.teachers=[{checkpoint: t}]", "rounds.top_classes=1", override])
 
 
 def test_too_many_top_classes_is_refused_before_anything_runs(teachers, tiny_sd_dir, tmp_path):

@@ -109,6 +109,8 @@ class RoundsRecipe:
             raise ValueError(f"{', '.join(given)} are set by sip rounds each round (the output folder, "
                              "rounds.per_class, and guide: with distill's teacher and the previous round's student): "
                              "remove them")
+        if self.synth.latent_mix.active and self.rounds.top_classes < 2:
+            raise ValueError("synth.latent_mix mixes two of a round's classes: set rounds.top_classes >= 2")
         if self.synth.engine != "local":
             raise ValueError("sip rounds generates guided images: synth.engine must be local")
 

@@ -32,6 +32,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def check_device(name: str, key: str) -> None:
+    """Refuse a device string torch cannot parse (``"gpu"``, a typo), naming the recipe ``key``: said at load
+    time, not when the model is moved. Whether CUDA is present is asked later, where the device is used."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{key} must be auto, cpu, cuda, cuda:N, mps, xpu (any torch device), got {name!r}") from None
+
+
 def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16 matmuls beat fp32.
 

@@ -392,3 +392,32 @@ def test_training_ranges_are_checked_when_the_recipe_loads(override, message):
 
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         load_config(TrainRecipe, None, [override])
+
+
+@pytest.mark.parametrize("kind, override, message", [
+    ("augment", "caption.kind=blip", "caption.kind must be one of "),
+    ("augment", "caption.dtype=int8", "caption.dtype must be one of float32"),
+    ("augment", "caption.min_prob=1.5", "caption.min_prob is a probability in [0, 1]"),
+    ("augment", "caption.device=bogus", "caption.device must be auto, cpu, cuda"),
+    ("augment", "filter.device=gpu", "filter.device must be auto, cpu, cuda"),
+    ("augment", "generate.device=bogus", "generate.device must be auto, cpu, cuda"),
+    ("synth", "generate.device=bogus", "generate.device must be auto, cpu, cuda"),
+    ("train", "run.device=gpu", "run.device must be auto, cpu, cuda"),
+    ("train", "model.name=resnet99", "model.name: name must be a timm or sip model name: unknown timm model 'resnet99'"),
+    ("distill", "student.name=vit_bogus", "student.name: name must be a timm or sip model name"),
+])
+def test_unknown_names_and_devices_are_refused_when_the_recipe_loads(kind, override, message):
+    """Issue 26: a bad captioner kind, dtype, device or model name is said at load time, naming the key and the valid
+    values (it used to surface only when the model was built, after the data, or never)."""
+    from sip.augment.jobs import AugmentRecipe
+
+    cls, base = (AugmentRecipe, []) if kind == "augment" else _recipe(kind)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cls, None, [*base, override])
+
+
+def test_hub_and_tagged_model_names_still_load():
+    from sip.train.recipe import TrainRecipe
+
+    for name in ("resnet10t.c3_in1k", "hf-hub:timm/resnet10t.c3_in1k", "sip_rednet_tiny"):
+        assert load_config(TrainRecipe, None, [f"model.name={name}"]).model.name == name

@@ -29,7 +29,7 @@ from PIL import Image
 from sip.data.bank import repair_jsonl
 from sip.ids import image_hash
 from sip.registry import Registry
-from sip.runtime import autocast, large_input, resolve_precision
+from sip.runtime import DTYPES, autocast, check_device, large_input, resolve_precision
 
 
 class Captioner(Protocol):
@@ -86,9 +86,25 @@ class CaptionConfig:
             raise ValueError(f"caption.top_k must be positive, got {self.top_k}")
         if self.image_size < 32:
             raise ValueError(f"caption.image_size must be at least 32, got {self.image_size}")
+        if self.kind not in CAPTIONERS:  # said at load time, not when the captioner is built after the sources
+            raise ValueError(f"caption.kind must be one of {', '.join(CAPTIONERS.names())} (or a captioner you "
+                             f"registered in CAPTIONERS), got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"caption.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        other = {"imagenet-topk": "transformers", "transformers": "imagenet-topk"}.get(self.kind)
+        unread = [k for k in KIND_KEYS.get(other, ()) if getattr(self, k) != getattr(CaptionConfig, k)]
+        if unread:  # a built-in kind ignores the other's keys: refused, not run without them
+            raise ValueError(f"caption.{unread[0]} is read by caption.kind {other!r} only, not {self.kind!r}: remove "
+                             f"{', '.join('caption.' + k for k in unread)} (or set caption.kind: {other})")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"caption.min_prob is a probability in [0, 1], got {self.min_prob}")
+        check_device(self.device, "caption.device")
 
 
 CAPTIONERS: Registry[Callable[[CaptionConfig], Captioner]] = Registry("captioner")
+# the keys only one built-in kind reads (a captioner you register reads whichever it likes)
+KIND_KEYS = {"transformers": ("model", "prefix", "max_new_tokens", "dtype"),
+             "imagenet-topk": ("top_k", "min_prob", "image_size")}
 
 
 class TransformersCaptioner:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sip.registry import Registry
+from sip.runtime import check_device
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class FilterConfig:
                              f"classifier's probability)")
         if self.batch_size <= 0:
             raise ValueError(f"filter.batch_size must be positive, got {self.batch_size}")
+        if self.kind != "none" and self.kind not in FILTERS:  # said at load time, not after generation began
+            raise ValueError(f"filter.kind must be none or one of {', '.join(FILTERS.names())} (or a filter you "
+                             f"registered in FILTERS), got {self.kind!r}")
+        unread = [k for k in ("model", "threshold", "batch_size")  # device: set per process by the launcher
+                  if self.kind == "none" and getattr(self, k) != getattr(FilterConfig, k)]
+        if unread:  # no filter runs: its settings would be ignored
+            raise ValueError(f"filter.{unread[0]} is set but filter.kind is 'none' (no filter runs): set filter.kind "
+                             f"(classifier or clip) or remove {', '.join('filter.' + k for k in unread)}")
+        check_device(self.device, "filter.device")
 
 
 class ImageFilter(Protocol):

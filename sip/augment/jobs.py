@@ -36,6 +36,7 @@ from sip.config import to_dict
 from sip.data.bank import DatasetWriter
 from sip.data.sources import FASHION_MNIST_CLASSES, ImageSource, Sample, SourceConfig, open_source
 from sip.ids import image_seed, parse_shard, synthetic_id, variant_id
+from sip.runtime import check_device
 from sip.scale.ray_config import ENGINES, RayConfig
 
 __all__ = ["AugmentRecipe", "RunSummary", "SynthRecipe", "augment_grid", "augment_jobs", "batch_generator",
@@ -85,7 +86,7 @@ class AugmentRecipe:
         parse_shard(self.shard)
         if self.chunk <= 0:
             raise ValueError(f"chunk must be positive, got {self.chunk}")
-        _check_engine(self.engine, self.shard)
+        _check_engine(self.engine, self.shard, self.ray, self.generate)
         _check_teaching(self, self.guide, self.variants != VariantsConfig(), bool(self.variants.interclass))
 
 
@@ -115,7 +116,7 @@ class SynthRecipe:
 
     def __post_init__(self):
         parse_shard(self.shard)
-        _check_engine(self.engine, self.shard)
+        _check_engine(self.engine, self.shard, self.ray, self.generate)
         _check_teaching(self, self.guide, self.latent_mix.active, self.latent_mix.active)
 
 
@@ -129,9 +130,14 @@ def _check_teaching(recipe: Any, guide: GuideConfig, variants: bool, interclass:
                          "guide.teacher")
 
 
-def _check_engine(engine: str, shard: str | None) -> None:
+def _check_engine(engine: str, shard: str | None, ray: RayConfig, generate: GenerateConfig) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_device(generate.device, "generate.device")  # here, not in generate.py (at its line budget)
+    unread = [k for k, v in vars(ray).items() if engine != "ray" and v != getattr(RayConfig, k)]
+    if unread:  # the local engine reads no ray key: refused, not ignored
+        raise ValueError(f"ray.{unread[0]} is read only with engine: ray (--engine ray), not {engine!r}: set "
+                         f"engine: ray or remove {', '.join('ray.' + k for k in unread)} (--address)")
     if engine == "ray" and shard is not None:
         raise ValueError(f"engine ray splits the work over its actors itself: drop shard {shard} (--shard), or "
                          "run engine local per shard")

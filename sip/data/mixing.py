@@ -218,6 +218,10 @@ class MixConfig:
             raise ValueError(f"mix p must be in [0, 1], got {self.p}")
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ValueError(f"mix epoch_size must be positive or null, got {self.epoch_size}")
+        for key, mode in (("ratio", "ratio"), ("p", "swap")):  # read by one mode only: refused, not ignored
+            if self.mode != mode and getattr(self, key) != getattr(MixConfig, key):
+                raise ValueError(f"mix {key} is read by mode {mode!r} only, not {self.mode!r}: remove data.mix.{key} "
+                                 f"or set data.mix.mode: {mode}")
 
 
 def _draw(rng: np.random.Generator, members: np.ndarray, n: int) -> np.ndarray:

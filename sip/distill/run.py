@@ -102,6 +102,7 @@ class DistillRecipe:
     def __post_init__(self):
         if not self.teachers and not self.logits:
             raise ValueError("distillation needs teachers (teachers: [...]) or a logits store (logits: DIR)")
+        _check_one_teacher_weight(self.teachers, "the student learns from it alone")
         if self.data.soft_labels and not self.loss.use_labels:
             raise ValueError("data.soft_labels is true but loss.use_labels is false: the labels (soft or not) are "
                              "never read; set one of them")
@@ -115,6 +116,13 @@ class DistillRecipe:
                 raise ValueError(
                     "batch_mix with loss 'ce' learns from mixed hard labels only, never from a teacher's view of "
                     "the mixed image: pick a KD loss (hinton, multi_teacher, deit_soft, ...) or use sip train")
+
+
+def _check_one_teacher_weight(teachers, why: str) -> None:
+    """A lone teacher's weight is normalised to 1 whatever it is: refused rather than ignored."""
+    if len(teachers) == 1 and teachers[0].weight != 1.0:
+        raise ValueError(f"teachers[0].weight is {teachers[0].weight} but there is one teacher ({why}): weights are "
+                         "shares normalised over several teachers; remove it")
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,10 @@ class LogitsRecipe:
     def __post_init__(self):
         if not self.teachers:
             raise ValueError("sip logits needs at least one teacher (teachers: [{checkpoint: RUN_DIR}])")
+        weighted = [i for i, t in enumerate(self.teachers) if t.weight != 1.0]
+        if weighted:  # the store keeps each teacher's logits; shares are the distill recipe's teachers[i].weight
+            raise ValueError(f"teachers[{weighted[0]}].weight is not read by sip logits (the store keeps every "
+                             "teacher's logits): set the weights in the sip distill recipe's teachers")
         d = self.data
         if d.re_prob or d.color_jitter or d.auto_augment:
             raise ValueError("a logits store labels crops and flips only: data.re_prob, data.color_jitter and "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sip.models.checkpoints import load_checkpoint_file, load_weights, resolve_checkpoint_path
-from sip.models.classifiers import create_model
+from sip.models.classifiers import check_model_name, create_model
 from sip.train.inputs import resolve_input_config
 from sip.train.recipe import DataSection
 
@@ -41,6 +41,11 @@ class TeacherSection:
                              "set pretrained: true")
         if self.weight < 0:
             raise ValueError(f"teacher weight must be >= 0, got {self.weight}")
+        if self.name and not self.name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+            try:  # said at load time, not when the teachers are built after the data
+                check_model_name(self.name)
+            except ValueError as e:
+                raise ValueError(f"name must be a timm or sip model name: {e}") from None
 
 
 @dataclass

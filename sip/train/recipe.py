@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from sip.data.mixing import MixConfig
 from sip.data.sources import SourceConfig
+from sip.models.classifiers import check_model_name
 from sip.models.kdeformer import kdeformer_config
+from sip.runtime import check_device
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The recipe
@@ -140,6 +142,11 @@ class ModelSection:
     kdeformer: dict[str, Any] = field(default_factory=dict)  # its num_samples, block_size, n_hashes, seed, min_tokens
 
     def __post_init__(self):
+        if not self.name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):  # timm's hub / folder ids load as given
+            try:  # an unknown name is said at load time, with the closest known names
+                check_model_name(self.name)
+            except ValueError as e:
+                raise ValueError(f"name must be a timm or sip model name: {e}") from None
         kdeformer_config(self.attention, self.kdeformer, "model")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
@@ -196,6 +203,7 @@ class RunSection:
     threads: int | None = None  # torch CPU threads; null = torch's default
 
     def __post_init__(self):
+        check_device(self.device, "run.device")
         if self.eval_every <= 0:
             raise ValueError(f"eval_every must be positive, got {self.eval_every}")
         if self.checkpoint_every_steps < 0:

@@ -65,15 +65,16 @@ QUICK = ["per_image=2", "per_class=10", "steps=8", "teacher_images=3000", "teach
          "epoch_size=500"]
 
 
-def _augment(recipe: DemoRecipe, out: Path, progress: bool):
+def augment_recipe(recipe: DemoRecipe, out: Path, progress: bool = True):
+    """The ``sip augment`` recipe of stage 1: captions → SIP prompts → img2img of the real shots."""
     from sip.augment.caption import CaptionConfig
     from sip.augment.generate import GenerateConfig
+    from sip.augment.jobs import AugmentRecipe
     from sip.augment.prompts import PromptConfig
-    from sip.augment.run import AugmentRecipe, run_augment
     from sip.data.sources import SourceConfig
     from sip.models.diffusion import DEFAULT_SD_MODEL
 
-    aug = AugmentRecipe(
+    return AugmentRecipe(
         source=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000, size=32),
         caption=CaptionConfig(kind="imagenet-topk", image_size=96),
         prompt=PromptConfig(label_names=FASHION_MNIST_READABLE),
@@ -81,50 +82,45 @@ def _augment(recipe: DemoRecipe, out: Path, progress: bool):
                                 guidance_scale=recipe.guidance_scale, steps=recipe.steps, per_image=recipe.per_image,
                                 batch_size=128, seed=recipe.seed),
         output=str(out), progress=progress)
-    summary = run_augment(aug)
-    save_config(aug, out / "config.yaml")
-    return summary
 
 
-def _synth(recipe: DemoRecipe, out: Path, progress: bool):
+def synth_recipe(recipe: DemoRecipe, out: Path, progress: bool = True):
+    """The ``sip synth`` recipe of stage 1: txt2img from label prompts (the data-free part)."""
     from sip.augment.generate import GenerateConfig
+    from sip.augment.jobs import SynthRecipe
     from sip.augment.prompts import PromptConfig
-    from sip.augment.run import SynthRecipe, run_synth
     from sip.data.sources import SourceConfig
     from sip.models.diffusion import DEFAULT_SD_MODEL
 
-    syn = SynthRecipe(
+    return SynthRecipe(
         source=SourceConfig(kind="fashion-mnist"),
         prompt=PromptConfig(label_names=FASHION_MNIST_READABLE),
         generate=GenerateConfig(model=recipe.model or DEFAULT_SD_MODEL, guidance_scale=recipe.txt2img_guidance,
                                 steps=recipe.steps, per_class=recipe.per_class, batch_size=128, seed=recipe.seed),
         output=str(out), progress=progress)
-    summary = run_synth(syn)
-    save_config(syn, out / "config.yaml")
-    return summary
 
 
-def _train_teacher(recipe: DemoRecipe, run_dir: Path) -> dict[str, Any]:
+def teacher_recipe(recipe: DemoRecipe):
+    """The ``sip train`` recipe of stage 2: the teacher on Fashion-MNIST 0 … teacher_images - 1."""
     from sip.data.sources import SourceConfig
     from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, ValSection
-    from sip.train.run import run_training
 
     # the validation split leaves the teacher's pool: a tenth of it (at most the default 1,000)
     val = ValSection(size=max(1, min(1000, recipe.teacher_images // 10)))
-    cfg = TrainRecipe(
+    return TrainRecipe(
         data=DataSection(real=SourceConfig(kind="fashion-mnist", start=0, stop=recipe.teacher_images, size=None),
                          val=val, img_size=28, scale=(0.6, 1.0), batch_size=128),
         model=ModelSection(name=recipe.teacher),
         optim=OptimSection(epochs=recipe.teacher_epochs, lr=3e-3, warmup_epochs=0.1, weight_decay=0.05),
         run=RunSection(seed=recipe.seed, eval_every=recipe.teacher_epochs))
-    return run_training(cfg, run_dir)
 
 
-def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path], run_dir: Path) -> dict[str, Any]:
+def student_recipe(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path]):
+    """The ``sip distill`` recipe of stage 3: a student on the real shots (+ ``synthetic`` folders) from the teacher."""
     from sip.data.mixing import MixConfig
     from sip.data.sources import SourceConfig
     from sip.distill.mixup import BatchMixConfig
-    from sip.distill.run import DistillRecipe, LossSection, run_distillation
+    from sip.distill.run import DistillRecipe, LossSection
     from sip.distill.teachers import TeacherSection
     from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection
 
@@ -135,7 +131,7 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path], run_d
     data = DataSection(real=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000,
                                          size=None),
                        synthetic=[str(p) for p in synthetic] or None, mix=mix, img_size=28, batch_size=64)
-    cfg = DistillRecipe(
+    return DistillRecipe(
         data=data,
         student=ModelSection(name=recipe.student),
         teachers=[TeacherSection(checkpoint=str(teacher_dir))],
@@ -143,17 +139,37 @@ def _distill(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path], run_d
         batch_mix=BatchMixConfig(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha),
         optim=OptimSection(epochs=recipe.student_epochs, lr=3e-3, warmup_epochs=0.5),
         run=RunSection(seed=recipe.seed, eval_every=recipe.student_epochs))
-    return run_distillation(cfg, run_dir)
+
+
+def demo_recipes(recipe: DemoRecipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Every stage's recipe, built from the demo's keys (pure: nothing runs, nothing is written).
+
+    Returns:
+        dict: ``augment`` (AugmentRecipe), ``synth`` (SynthRecipe), ``teacher`` (TrainRecipe), ``student-real`` and
+        ``student-real+sip`` (DistillRecipe), with the run folders ``run_demo`` uses under ``out``.
+    """
+    out = Path(out)
+    teacher_dir = out / "train" / "teacher"
+    return {"augment": augment_recipe(recipe, out / "augmented", progress),
+            "synth": synth_recipe(recipe, out / "synthetic", progress),
+            "teacher": teacher_recipe(recipe),
+            "student-real": student_recipe(recipe, teacher_dir, []),
+            "student-real+sip": student_recipe(recipe, teacher_dir, [out / "augmented", out / "synthetic"])}
 
 
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: list[str] | None = None,
              progress: bool = True) -> str:
     """Run the demo into ``output`` and return a short text summary (the accuracy table)."""
+    from sip.augment.run import run_augment, run_synth
+    from sip.distill.run import run_distillation
+    from sip.train.run import run_training
+
     t0 = time.perf_counter()
     recipe = load_config(DemoRecipe, None, (QUICK if quick else []) + list(overrides or []))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     save_config(recipe, out / "demo.yaml")
+    recipes = demo_recipes(recipe, out, progress)
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -161,22 +177,23 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: l
 
     stage("1/4 SIP augmentation (caption → prompt → img2img → dataset) and txt2img")
     t = time.perf_counter()
-    summary = _augment(recipe, out / "augmented", progress)
+    summary = run_augment(recipes["augment"])
+    save_config(recipes["augment"], out / "augmented" / "config.yaml")
     print(summary.line(), flush=True)
-    synth = _synth(recipe, out / "synthetic", progress)
+    synth = run_synth(recipes["synth"])
+    save_config(recipes["synth"], out / "synthetic" / "config.yaml")
     print(synth.line(), flush=True)
     timings["generate"] = time.perf_counter() - t
 
     stage("2/4 teacher")
     t = time.perf_counter()
-    teacher = _train_teacher(recipe, out / "train" / "teacher")
+    teacher = run_training(recipes["teacher"], out / "train" / "teacher")
     timings["teacher"] = time.perf_counter() - t
 
     stage("3/4 students: the same KD recipe on 10 real shots, with and without sip data")
     t = time.perf_counter()
-    teacher_dir = out / "train" / "teacher"
-    real_only = _distill(recipe, teacher_dir, [], out / "train" / "student-real")
-    with_sip = _distill(recipe, teacher_dir, [out / "augmented", out / "synthetic"], out / "train" / "student-real+sip")
+    real_only = run_distillation(recipes["student-real"], out / "train" / "student-real")
+    with_sip = run_distillation(recipes["student-real+sip"], out / "train" / "student-real+sip")
     timings["students"] = time.perf_counter() - t
 
     runs = [

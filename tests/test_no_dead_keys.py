@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 import typing
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -140,6 +141,15 @@ def model(cfg) -> Any:
     return type(net).__name__, kwargs, modules, [tuple(p.shape) for p in net.parameters()], _digest(out)
 
 
+def two_class_model(cfg) -> Any:
+    """The built 2-class model's weights (what model.checkpoint loads into it)."""
+    from sip.train.inputs import build_model
+
+    torch.manual_seed(0)
+    net, _ = build_model(cfg.model, 2, 32)
+    return _digest(torch.cat([p.detach().flatten() for p in net.parameters()]))
+
+
 def batch_mix(cfg) -> Any:
     from sip.distill.mixup import draw_batch_mix
 
@@ -211,6 +221,264 @@ def guidance_terms(cfg) -> Any:
     return round(float(guidance.loss(images, aimed.targets)), 6), sorted(aimed.guided_steps(10))
 
 
+def generation_plan(cfg) -> Any:
+    """What generate.per_image / per_class feed: the variant plan of a source and the txt2img job grid."""
+    from sip.augment.jobs import SynthRecipe, synth_grid
+
+    syn = SynthRecipe(generate=cfg.generate, classes=["a", "b"])
+    return variant_plan(cfg), [tuple(b) for b in synth_grid(["a", "b"], syn, None)]
+
+
+def unet_batches(cfg) -> Any:
+    """The batch sizes the UNet sees for two seeded img2img images, and the images (batch_invariant: one at a time)."""
+    from sip.augment.generate import DiffusionGenerator
+
+    gen = DiffusionGenerator.from_config(cfg.generate)
+    sizes = []
+    hook = gen.pipe.unet.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+    sources = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)) for i in range(2)]
+    try:
+        images = gen.img2img(sources, ["a shirt", "a bag"], [1, 2])
+    finally:
+        hook.remove()
+    return sizes, [_digest(im) for im in images]
+
+
+def demo(cfg) -> Any:
+    """Every stage's recipe the demo builds from its keys (sip.demo.demo_recipes: nothing runs)."""
+    from sip.config import to_dict
+    from sip.demo import demo_recipes
+
+    return {name: to_dict(r) for name, r in demo_recipes(cfg, "OUT", progress=False).items()}
+
+
+def output_folder(cfg) -> Any:
+    """The checked output folder and the classes a run writes (sip.augment.jobs.prepare_*: no model is loaded)."""
+    from sip.augment.jobs import SynthRecipe, prepare_augment, prepare_synth
+
+    if isinstance(cfg, SynthRecipe):
+        return prepare_synth(cfg)
+    source, out = prepare_augment(cfg)
+    return str(out), source.classes
+
+
+_CAPTIONERS: dict[Any, Any] = {}
+
+
+def captions(cfg) -> Any:
+    """Captions of three fixed images through caption_images: the captioner's identity and dtype, the captions
+    (a prefilled caption.cache answers from the file), and the batch sizes the captioner was called with."""
+    from sip.augment.caption import CaptionCache, build_captioner, caption_images
+
+    if cfg.caption not in _CAPTIONERS:  # one build per distinct config (EfficientNet-Lite0 loads in ~1 s)
+        _CAPTIONERS[cfg.caption] = build_captioner(cfg.caption)
+    captioner, calls = _CAPTIONERS[cfg.caption], []
+
+    def counted(images):
+        calls.append(len(images))
+        return captioner(images)
+
+    counted.identity = captioner.identity
+    model = getattr(captioner, "model", None)
+    out = caption_images(CAPTION_IMAGES, counted, CaptionCache(cfg.caption.cache), cfg.caption.batch_size)
+    return captioner.identity, type(captioner).__name__, model and str(next(model.parameters()).dtype), out, calls
+
+
+CAPTION_IMAGES = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+                  for i in range(3)]
+
+
+class _PlugIn:
+    """A registered plug-in captioner / filter (the registries' user path): says what it was built from."""
+
+    identity = "dead-keys-plug-in"
+
+    def __init__(self, config):
+        self.config = config
+
+    def __call__(self, images, labels=None, prompts=None):
+        if labels is None:
+            return [f"a {im.width} px picture" for im in images]
+        return [(True, {"plug_in": self.config.threshold}) for _ in images]
+
+
+def _register_plug_ins() -> None:
+    from sip.augment.caption import CAPTIONERS
+    from sip.augment.filter import FILTERS
+
+    CAPTIONERS.register("dead-keys-test", _PlugIn, overwrite=True)
+    FILTERS.register("dead-keys-test", _PlugIn, overwrite=True)
+
+
+def image_filter(cfg) -> Any:
+    """The built filter on four fixed images (keep flags and scores) and the batch sizes its classifier saw."""
+    from sip.augment.filter import build_filter
+
+    f = build_filter(cfg.filter)
+    if f is None:
+        return None
+    sizes = []
+    hook = f.model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0]))) if hasattr(f, "model") else None
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(4)]
+    out = f(images, ["cat", "dog", "cat", "dog"], ["p"] * 4)
+    if hook is not None:
+        hook.remove()
+    return type(f).__name__, [(keep, json.dumps(scores, sort_keys=True)) for keep, scores in out], sizes
+
+
+def val_split(cfg) -> Any:
+    """The training and validation images' ids (sip.train.inputs.open_splits)."""
+    from sip.train.inputs import open_splits
+
+    real, held = open_splits(cfg.data)
+    return list(real.source_ids()), held and list(held.source_ids())
+
+
+def train_images(cfg) -> Any:
+    """Two epochs of the training images (real and synthetic, mixed per data.mix): their ids, in order."""
+    from sip.train.inputs import build_train_images, class_names
+
+    images = build_train_images(cfg.data, class_names(cfg.data), cfg.run.seed)
+    epochs = []
+    for epoch in range(2):
+        images.set_epoch(epoch)
+        epochs.append([images.sample_id(i) for i in range(len(images))])
+    return epochs
+
+
+def eval_loaders(cfg) -> Any:
+    """The evaluation DataLoader the loop builds (sip.train.evaluate.HeldOut): its batching and workers."""
+    from sip.train.evaluate import HeldOut
+
+    from sip.train.loop import make_accelerator
+
+    held = HeldOut([0] * 4, [0] * 4, None, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+                   max_samples=cfg.run.eval_max_samples, accelerator=make_accelerator(cfg.run, cfg.data.img_size))
+    loader = held._loader([0] * 4)
+    return loader.batch_size, loader.num_workers
+
+
+def _tiny_config() -> dict[str, Any]:
+    return {"input_size": (3, 8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+            "crop_pct": 1.0}
+
+
+class _Heads(torch.nn.Module):
+    """A tiny seeded classifier over 8x8 images; ``heads`` > 1 returns (cls, dist_1, ...) as distilled ViTs do."""
+
+    def __init__(self, seed: int, heads: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc, self.heads = torch.nn.Linear(3 * 8 * 8, 4), heads
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        return z if self.heads == 1 else tuple(z * (k + 1) for k in range(self.heads))
+
+
+def distill_terms(cfg) -> Any:
+    """One DistillStep on a fixed batch with a tiny online teacher: the loss module and its named terms."""
+    from sip.distill.run import build_loss
+    from sip.distill.step import DistillStep, TeacherInputs
+
+    loss_fn = build_loss(cfg.loss)
+    heads = 2 if cfg.loss.name in ("multi_token", "deit_soft", "deit_hard") else 1
+    teachers = TeacherInputs([_Heads(1)], [0], [_tiny_config()], [None])
+    step = DistillStep(loss_fn, input_config=_tiny_config(), student_tail=None, data=cfg.data, teachers=teachers,
+                       mix=cfg.batch_mix, use_labels=cfg.loss.use_labels, num_classes=4, seed=cfg.run.seed)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    terms, _, labels = step(_Heads(0, heads), {"image": x, "label": torch.tensor([0, 1, 2, 3]),
+                                               "teacher_image_0": x}, 0, 0)
+    return repr(loss_fn), {k: round(float(v.detach()), 6) for k, v in terms.items()}, labels is None
+
+
+def distill_views(cfg) -> Any:
+    """The student's view of one seeded image as sip distill draws it (DistillStep.make_item), six draws."""
+    from sip.distill.logits import input_transform
+    from sip.distill.step import DistillStep
+    from sip.train.inputs import resolve_input_config
+    from sip.train.views import seed_item_rngs
+
+    net, _ = _tiny_model(cfg.data)
+    input_config = resolve_input_config(net, cfg.data)
+    step = DistillStep(torch.nn.Identity(), input_config=input_config, student_tail=input_transform(input_config),
+                       data=cfg.data, num_classes=10, seed=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    outs = []
+    for seed in range(6):
+        seed_item_rngs(seed)
+        outs.append(_digest(step.make_item([(image, 0)], 0, random.Random(seed))["image"]))
+    return outs
+
+
+def teacher(cfg) -> Any:
+    """The built teacher (sip.distill.teachers.build_teacher): identity, input config, logits on a fixed batch."""
+    from sip.distill.teachers import build_teacher
+
+    t = build_teacher(cfg.teachers[0], cfg.data)
+    size = list(t.input_config["input_size"])[-2:]
+    out = t.model(torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0)))
+    return {k: v for k, v in t.identity.items() if k != "source"}, repr(t.input_config), _digest(out), t.weight
+
+
+def trained(cfg) -> Any:
+    """A real sip train run on 4 tiny images (2 epochs of 2 steps, test_resnet at 32 px, ~1 s): the final weights,
+    the per-epoch validation rows, the final metrics, the checkpoint saves and the torch threads it ran with."""
+    import tempfile
+
+    import sip.train.loop as loop
+    from safetensors.torch import load_file
+
+    from sip.train.run import run_training
+
+    saves, save, threads = [], loop.save_checkpoint, torch.get_num_threads()
+
+    def counted(*args, **kwargs):
+        saves.append(int(args[4].get("global_step", 0)))
+        return save(*args, **kwargs)
+
+    loop.save_checkpoint = counted
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            metrics = run_training(cfg, run_dir)
+            used = torch.get_num_threads()
+            weights = load_file(f"{run_dir}/model.safetensors")
+            rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    finally:
+        loop.save_checkpoint = save
+        torch.set_num_threads(threads)
+    keep = ("top1", "loss", "samples", "steps", "epoch", "lr")
+    return (_digest(torch.cat([v.flatten().float() for v in weights.values()])),
+            [{k: v for k, v in r.items() if any(w in k for w in keep)} for r in rows],
+            {k: v for k, v in metrics.items() if any(w in k for w in keep)}, saves, used)
+
+
+def resumes(cfg) -> Any:
+    """Whether a run folder holding a checkpoint is continued (sip.train.run_dir.prepare_run_dir)."""
+    import tempfile
+
+    from sip.train.run_dir import prepare_run_dir
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        (Path(run_dir) / "checkpoint").mkdir()
+        (Path(run_dir) / "checkpoint" / "state.pt").write_bytes(b"")
+        return prepare_run_dir(cfg, run_dir)[1]
+
+
+def store(cfg) -> Any:
+    """A real sip logits store of the tiny teacher over 4 images: its manifest, shards and stored logits."""
+    import tempfile
+
+    from sip.distill.logits import TeacherLogitsStore
+    from sip.distill.run import run_logits
+
+    with tempfile.TemporaryDirectory() as out:
+        run_logits(cfg, out)
+        st = TeacherLogitsStore(out)
+        return (st.manifest["dtype"], str(st.logits.dtype), len(st.manifest["shards"]), st.ids,
+                st.views.tolist(), _digest(st.logits))
+
+
 GUIDED = ("guide.teacher=runs/teacher", "guide.scale=1.0")
 STUDENT = (*GUIDED, "guide.student=runs/student", "guide.student_scale=1.0")
 INTERCLASS = ("variants.interclass=all",)
@@ -241,6 +509,17 @@ class Pending:
 
 
 FOLDER = ("source.kind=folder", "source.path=FOLDER")
+IMAGES = ("data.real.kind=folder", "data.real.path=FOLDER", "data.eval.kind=folder", "data.eval.path=FOLDER2",
+          "data.val.size=2")  # sip train's images from two small folders: 4 train, 2 validation, 4 test
+TINY_RUN = (*IMAGES, "data.img_size=32", "data.batch_size=2", "model.name=test_resnet", "optim.epochs=2",
+            "run.device=cpu", "run.precision=fp32", "run.progress=false", "run.threads=1")
+TEACHER = ("teachers=[{checkpoint: CLS}]",)
+STORE = ("data.real.kind=folder", "data.real.path=FOLDER", "data.eval.kind=folder", "data.eval.path=FOLDER2",
+         "data.val=null", "data.img_size=32", *TEACHER, "store.views=2", "run.device=cpu", "run.precision=fp32",
+         "run.progress=false")
+CAPTION_T = ("caption.kind=transformers", "caption.model=BLIP", "caption.max_new_tokens=4")
+FILTER_CLS = ("filter.kind=classifier", "filter.model=CLS")
+OUTPUT = ("output=OUT",)
 HF = ("source.kind=hf", "source.path=HF")
 TINY = ("generate.model=TINY_SD", "generate.device=cpu", "generate.steps=4")
 SMALL = ("source.shots=2",)
@@ -286,28 +565,34 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("train", "data.interpolation"): Changes("nearest", transforms),
     ("train", "data.mean"): Changes([0.5, 0.5, 0.5], transforms),
     ("train", "data.std"): Changes([0.2, 0.2, 0.2], transforms),
-    ("distill", "data.re_prob"): Pending(DISTILL_VIEWS),
-    ("distill", "data.color_jitter"): Pending(DISTILL_VIEWS),
-    ("distill", "data.auto_augment"): Pending(DISTILL_VIEWS),
-    ("train", "data.synthetic"): Pending(TRAIN_RUN),
-    ("train", "data.mix.mode"): Pending(TRAIN_RUN),
-    ("train", "data.mix.ratio"): Pending(TRAIN_RUN),
-    ("train", "data.mix.p"): Pending(TRAIN_RUN),
-    ("train", "data.mix.class_balanced"): Pending(TRAIN_RUN),
-    ("train", "data.mix.epoch_size"): Pending(TRAIN_RUN),
-    ("train", "data.batch_size"): Pending(TRAIN_RUN),
-    ("train", "data.eval_batch_size"): Pending(TRAIN_RUN + " (inference batch size: changes speed, not results)"),
-    ("train", "data.num_workers"): Pending(TRAIN_RUN + " (DataLoader workers: changes speed, not results)"),
-    ("train", "data.repeat"): Pending(TRAIN_RUN),
+    ("distill", "data.re_prob"): Changes(1.0, distill_views),
+    ("distill", "data.color_jitter"): Changes(0.4, distill_views),
+    ("distill", "data.auto_augment"): Changes("rand-m9-mstd0.5", distill_views),
+    ("train", "data.synthetic"): Changes("SYN", train_images, IMAGES),
+    ("train", "data.mix.mode"): (Changes("swap", train_images, (*IMAGES, "data.synthetic=SYN")),
+                                 Refused("ratio", IMAGES, "needs both real and synthetic", train_images)),
+    ("train", "data.mix.ratio"): (Changes(0.2, train_images, (*IMAGES, "data.synthetic=SYN", "data.mix.mode=ratio")),
+                                  Refused(0.2, (), "read by mode 'ratio' only")),
+    ("train", "data.mix.p"): (Changes(1.0, train_images, (*IMAGES, "data.synthetic=SYN", "data.mix.mode=swap")),
+                              Refused(0.2, (), "read by mode 'swap' only")),
+    ("train", "data.mix.class_balanced"): Changes(True, train_images, (*IMAGES, "data.synthetic=SYN")),
+    ("train", "data.mix.epoch_size"): Changes(5, train_images, (*IMAGES, "data.synthetic=SYN")),
+    ("train", "data.batch_size"): Changes(4, trained, TINY_RUN),
+    ("train", "data.eval_batch_size"): Changes(3, eval_loaders),
+    ("train", "data.num_workers"): Changes(1, eval_loaders),
+    ("train", "data.repeat"): Changes(2, trained, TINY_RUN),
+    ("train", "data.val.size"): Changes(3, val_split, IMAGES),
+    ("train", "data.val.seed"): Changes(1, val_split, IMAGES),
     # -- the model ------------------------------------------------------------------------------------------------
-    ("train", "model.name"): Changes("resnet14t", model, ("model.name=resnet10t",)),
+    ("train", "model.name"): (Changes("resnet14t", model, ("model.name=resnet10t",)),
+                              Refused("resnet99", (), "model.name: name must be a timm or sip model")),
     ("train", "model.in_chans"): Changes(1, model, ("model.name=resnet10t",)),
     ("train", "model.img_size"): Changes(16, model, ("model.patch_size=4", "model.kwargs={depth: 1}")),
     ("train", "model.patch_size"): Changes(8, model, ("model.kwargs={depth: 1}",)),
     ("train", "model.drop_rate"): Changes(0.5, model, ("model.name=resnet10t",)),
     ("train", "model.drop_path_rate"): Changes(0.5, model, ("model.patch_size=4", "model.kwargs={depth: 1}")),
     ("train", "model.pretrained"): Pending("needs timm's hub weights (no network here)"),
-    ("train", "model.checkpoint"): Pending(TRAIN_RUN + " (a run folder to start from)"),
+    ("train", "model.checkpoint"): Changes("CLS", two_class_model, ("model.name=test_resnet",)),
     ("train", "model.kwargs"): Changes({"depth": 2}, model, ("model.patch_size=4", "model.kwargs={depth: 1}")),
     ("train", "model.attention"): Changes("kdeformer", model, ("model.patch_size=4", "model.kwargs={depth: 1}")),
     ("train", "model.kdeformer"): Changes({"min_tokens": 4, "num_samples": 2, "block_size": 4}, model,
@@ -320,8 +605,42 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("train", "optim.betas"): Changes([0.8, 0.99], optimiser, ("optim.epochs=3",)),
     ("train", "optim.warmup_epochs"): Changes(0.0, optimiser, ("optim.epochs=3",)),
     ("train", "optim.min_lr_ratio"): Changes(0.5, optimiser, ("optim.epochs=3",)),
-    ("train", "optim.label_smoothing"): Pending(TRAIN_RUN + " (a loss term)"),
-    ("train", "optim.grad_clip"): Pending(TRAIN_RUN),
+    ("train", "optim.label_smoothing"): Changes(0.3, trained, TINY_RUN),
+    ("train", "optim.grad_clip"): Changes(0.001, trained, TINY_RUN),
+    # -- the run section (a real tiny sip train run per value) -------------------------------------------------
+    ("train", "run.seed"): Changes(1, trained, TINY_RUN),
+    ("train", "run.device"): Refused("bogus", (), "run.device must be auto, cpu, cuda"),
+    ("train", "run.precision"): Changes("bf16", trained, TINY_RUN),
+    ("train", "run.eval_every"): Changes(2, trained, TINY_RUN),
+    ("train", "run.eval_max_samples"): Changes(1, trained, TINY_RUN),
+    ("train", "run.checkpoint_every_steps"): Changes(1, trained, TINY_RUN),
+    ("train", "run.resume"): Changes(False, resumes),
+    ("train", "run.threads"): Changes(2, trained, TINY_RUN),
+    ("train", "run.progress"): Pending("a tqdm progress bar: display only (what runs is the same; the bar's "
+                                       "disable flag is all it sets)"),
+    # -- distillation: the loss, the teachers, the store ---------------------------------------------------------
+    ("distill", "loss.name"): Changes("ce", distill_terms),
+    ("distill", "loss.temperature"): Changes(2.0, distill_terms),
+    ("distill", "loss.alpha"): Changes(0.9, distill_terms),
+    ("distill", "loss.mode"): Changes("soft", distill_terms, ("loss.name=multi_token",)),
+    ("distill", "loss.label_smoothing"): Changes(0.2, distill_terms),
+    ("distill", "loss.use_labels"): Changes(False, distill_terms, ("loss.alpha=1.0",)),
+    ("distill", "student.name"): Refused("vit_bogus", (), "student.name: name must be a timm or sip model"),
+    ("distill", "teachers[0].checkpoint"): Changes("CLS2", teacher, TEACHER),
+    ("distill", "teachers[0].kwargs"): Changes({"act_layer": "gelu"}, teacher, TEACHER),
+    ("distill", "teachers[0].name"): Refused("resnet99", (), "teachers\\[0\\].name: name must be a timm"),
+    ("distill", "teachers[0].weight"): Refused(0.5, TEACHER, "one teacher"),
+    ("distill", "teachers[0].pretrained"): Pending("timm's hub weights (no network here); a name without a "
+                                                   "checkpoint or pretrained: true is refused (test_distill_teachers)"),
+    ("distill", "logits"): Pending("a logits store is read by a distillation run (tests/test_distill_logits.py); "
+                                   "its probe would need a tiny run_distillation, not written in this pass"),
+    ("logits", "store.views"): Changes(3, store, STORE),
+    ("logits", "store.identity_view"): Changes(False, store, STORE),
+    ("logits", "store.seed"): Changes(1, store, STORE),
+    ("logits", "store.dtype"): Changes("float32", store, STORE),
+    ("logits", "store.shard_size"): Changes(2, store, STORE),
+    ("logits", "store.batch_size"): Pending("teacher forward batch size: the same logits at any batch (speed only; "
+                                            "a shard is resumed whole, so it changes no file either)"),
     # -- batch mix (distill) ------------------------------------------------------------------------------------
     ("distill", "batch_mix.mixup_alpha"): Changes(0.5, batch_mix, ("batch_mix.mixup_alpha=1.0",)),
     ("distill", "batch_mix.cutmix_alpha"): Changes(1.0, batch_mix),
@@ -367,33 +686,77 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("augment", "variants.interclass_strengths"): Changes([0.4], variant_plan, INTERCLASS),
     ("augment", "variants.interclass_per_source"): Changes(2, variant_plan, INTERCLASS),
     ("augment", "variants.soft_gamma"): Changes(0.5, variant_plan, INTERCLASS),
+    ("augment", "generate.per_image"): Changes(3, generation_plan),
+    ("augment", "generate.per_class"): Changes(3, generation_plan),
+    ("augment", "generate.batch_invariant"): Changes(True, unet_batches, TINY),
+    ("augment", "generate.token_merge_ratio"): Changes(0.5, generation, TINY),
+    ("augment", "generate.device"): Refused("bogus", (), "generate.device must be auto, cpu, cuda"),
+    # -- captioning (EfficientNet-Lite0 from PyPI, a tiny random BLIP, a registered plug-in) ---------------------
+    ("augment", "caption.kind"): (Changes("dead-keys-test", captions),
+                                  Refused("blip", (), "caption.kind must be one of")),
+    ("augment", "caption.model"): (Changes("BLIP2", captions, CAPTION_T),
+                                   Refused("BLIP", (), "read by caption.kind 'transformers' only")),
+    ("augment", "caption.prefix"): Changes("a photo of", captions, CAPTION_T),
+    ("augment", "caption.max_new_tokens"): Changes(6, captions, CAPTION_T),
+    ("augment", "caption.dtype"): (Changes("bfloat16", captions, CAPTION_T),
+                                   Refused("int8", CAPTION_T, "caption.dtype must be one of"),
+                                   Refused("bfloat16", (), "read by caption.kind 'transformers' only")),
+    ("augment", "caption.top_k"): (Changes(3, captions),
+                                   Refused(3, CAPTION_T, "read by caption.kind 'imagenet-topk' only")),
+    ("augment", "caption.min_prob"): (Changes(0.5, captions), Refused(1.5, (), "caption.min_prob is a probability")),
+    ("augment", "caption.image_size"): Changes(64, captions),
+    ("augment", "caption.batch_size"): Changes(2, captions),
+    ("augment", "caption.device"): Refused("bogus", (), "caption.device must be auto, cpu, cuda"),
+    ("augment", "caption.precision"): Changes("bf16", captions, ("caption.precision=fp32",)),
+    ("augment", "caption.cache"): Changes("CAPTION_CACHE", captions),
+    # -- the filter (a classifier trained by sip train on the tiny folders, a registered plug-in) -----------------
+    ("augment", "filter.kind"): (Changes("classifier", image_filter, ("filter.kind=dead-keys-test", "filter.model=CLS")),
+                                 Refused("bogus", ("filter.model=CLS",), "filter.kind must be none or one of")),
+    ("augment", "filter.model"): (Changes("CLS2", image_filter, FILTER_CLS),
+                                  Refused("CLS", (), "filter.kind is 'none'")),
+    ("augment", "filter.threshold"): Changes(0.99, image_filter, FILTER_CLS),
+    ("augment", "filter.batch_size"): Changes(3, image_filter, FILTER_CLS),
+    ("augment", "filter.device"): Refused("bogus", (), "filter.device must be auto, cpu, cuda"),
+    # -- ray.*: read by engine ray only (tests/test_scale_ray*.py run it); the local engine refuses them --------
+    **{(verb, f"ray.{key}"): Refused(value, (), f"ray.{key} is read only with engine: ray")
+       for verb in ("augment", "synth") for key, value in
+       {"address": "auto", "workers": 3, "caption_workers": 2, "num_cpus": 2.0, "num_gpus": 1.0}.items()},
+    # -- where a run writes, which classes synth draws ----------------------------------------------------------
+    ("augment", "output"): Changes("OUT2", output_folder, (*FOLDER, *OUTPUT)),
+    ("synth", "output"): Changes("OUT2", output_folder, OUTPUT),
+    ("synth", "classes"): Changes(["sock", "hat"], output_folder, OUTPUT),
+    # -- sip demo: the stage recipes it builds (sip.demo.demo_recipes) -------------------------------------------
+    **{("demo", key): Changes(value, demo) for key, value in {
+        "shots": 5, "seed": 1, "per_image": 3, "per_class": 7, "strength": 0.3, "guidance_scale": 2.0,
+        "txt2img_guidance": 5.0, "steps": 4, "teacher": "resnet14t", "teacher_images": 500, "teacher_epochs": 2,
+        "student": "resnet14t", "student_epochs": 2, "epoch_size": 100, "mixup_alpha": 0.5, "cutmix_alpha": 0.0,
+        "alpha": 0.7, "temperature": 4.0, "model": "runs/my-sd"}.items()},
 }
 
 _PENDING_SECTIONS = {  # whole sections whose probes need a model run, not written in this pass
-    "generate.": GEN + " (lora, tiny_vae: tests/test_few_step.py, tests/test_models.py)", "caption.": "probe needs a captioner run (EfficientNet / BLIP); not written in this pass",
-    "filter.": "probe needs a filter model; not written in this pass",
-    "ray.": "read only with engine: ray (tests/test_scale_ray*.py); probe not written in this pass",
-    "run.": TRAIN_RUN, "teachers[0].": TRAIN_RUN, "loss.": TRAIN_RUN + " (loss terms)", "store.": TRAIN_RUN,
+    "generate.": GEN + " (lora, lora_scale, tiny_vae: tests/test_few_step.py, tests/test_models.py)",
     "student.": "the same ModelSection as train's model.* (probed there)",
-    "data.val.": "the validation split (issue 26 finding 7, another helper's work in progress); probe not written",
 }
-_PENDING_KEYS = {"output": "the output folder: where, not what (tests/test_augment_run.py)",
-                 "progress": "a progress bar: display only", "classes": "synth's class list; probe not written",
-                 "logits": TRAIN_RUN}
+_PENDING_KEYS = {"progress": "a progress bar: display only",
+                 "data.soft_labels": "added this session (issue 27, commit a880c69); its probe is its author's to write",
+                 **{f"latent_mix.{k}": "added this session (issue 27, commit 8b22b95); its probe is its author's to "
+                                       "write" for k in ("mode", "alpha", "per_class", "lam")}}
 
 
 def entry_for(verb: str, key: str) -> Any:
-    """The entry of ``key`` in ``verb``: its own, else the section rule, else None."""
+    """The entry of ``key`` in ``verb`` (one, or a tuple of them): its own, else the section rule, else None."""
     if (verb, key) in ENTRIES:
         return ENTRIES[verb, key]
-    if verb == "demo":
-        return Pending("sip demo's keys build the other verbs' recipes (sip/demo.py); probe not written in this pass")
     for prefix, reason in _PENDING_SECTIONS.items():
         if key.startswith(prefix):
             return Pending(reason)
     if key in _PENDING_KEYS:
         return Pending(_PENDING_KEYS[key])
     return None
+
+
+def _each(entry: Any) -> tuple:
+    return entry if isinstance(entry, tuple) else (entry,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,15 +786,19 @@ def _params():
                 seen.add(name)
     out = []
     for (verb, key), entry in sorted(entries.items(), key=lambda kv: kv[0]):
-        marks = [pytest.mark.xfail(reason=entry.reason, run=False)] if isinstance(entry, Pending) else []
-        out.append(pytest.param(verb, key, entry, id=f"{verb}:{key}", marks=marks))
+        for n, one in enumerate(_each(entry)):
+            marks = [pytest.mark.xfail(reason=one.reason, run=False)] if isinstance(one, Pending) else []
+            out.append(pytest.param(verb, key, one, id=f"{verb}:{key}" + (f"#{n + 1}" if n else ""), marks=marks))
     return out
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tiny_sd_dir):
-    """A small image folder (two of them) and a saved HF dataset with other column names."""
+def paths(tmp_path_factory, tiny_sd_dir, tiny_blip_dir):
+    """Small image folders, a saved HF dataset with other column names, a sip dataset of variants of the first
+    folder, two classifiers trained by sip train on the folders, a second tiny BLIP and a prefilled caption cache."""
     import datasets
+
+    from conftest import build_tiny_blip
 
     root = tmp_path_factory.mktemp("dead-keys")
     rng = np.random.default_rng(0)
@@ -450,27 +817,85 @@ def paths(tmp_path_factory, tiny_sd_dir):
                                features=features).save_to_disk(str(root / "hf"))
     from sip.models.diffusion import DEFAULT_SD_MODEL
 
-    return {"FOLDER": str(root / "folder"), "FOLDER2": str(root / "folder2"), "HF": str(root / "hf"),
-            "TINY_SD": str(tiny_sd_dir), "SHIPPED": DEFAULT_SD_MODEL}
+    out = {"FOLDER": str(root / "folder"), "FOLDER2": str(root / "folder2"), "HF": str(root / "hf"),
+           "TINY_SD": str(tiny_sd_dir), "SHIPPED": DEFAULT_SD_MODEL, "BLIP": str(tiny_blip_dir),
+           "BLIP2": str(build_tiny_blip(root / "blip2", seed=1)), "OUT": str(root / "out"),
+           "OUT2": str(root / "out2"), "SYN": str(_synthetic_set(root / "syn", str(root / "folder"))),
+           "CAPTION_CACHE": str(root / "caption-cache.jsonl")}
+    for name, seed in (("CLS", 0), ("CLS2", 1)):  # sip train's own output: what filters and teachers load
+        from sip.train.run import run_training
+
+        run_training(_load("train", [*TINY_RUN, f"run.seed={seed}"], out), root / name.lower())
+        out[name] = str(root / name.lower())
+    _prefill_caption_cache(out["CAPTION_CACHE"])
+    return out
+
+
+def _synthetic_set(root: Path, real_folder: str) -> Path:
+    """A sip dataset: one variant of each real image of ``real_folder`` (its source id recorded) + two txt2img."""
+    from sip.data.sources import SourceConfig, open_source
+
+    rows = []
+    real = open_source(SourceConfig(kind="folder", path=real_folder))
+    for k, sample in enumerate(real):
+        rows.append((f"v{k}", sample.label_name, sample.source_id))
+    rows += [("t0", "cat", None), ("t1", "dog", None)]
+    for k, (image_id, label, source) in enumerate(rows):
+        (root / "train" / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 24), (k * 30, 90, 200)).save(root / "train" / label / f"{image_id}.png")
+    with open(root / "train" / "metadata.jsonl", "w") as f:
+        for image_id, label, source in rows:
+            f.write(json.dumps({"file_name": f"{label}/{image_id}.png", "label": label, "source": source}) + "\n")
+    return root
+
+
+def _prefill_caption_cache(path: str) -> None:
+    """Captions "from the cache" for the probe's images under the default captioner's identity."""
+    from sip.augment.caption import build_captioner
+    from sip.ids import image_hash
+
+    cfg = load_config(verbs()["augment"]).caption
+    _CAPTIONERS.setdefault(cfg, build_captioner(cfg))
+    with open(path, "w") as f:
+        for im in CAPTION_IMAGES:
+            f.write(json.dumps({"hash": image_hash(im), "captioner": _CAPTIONERS[cfg].identity,
+                                "caption": "from the cache"}) + "\n")
 
 
 _BASE: dict[tuple, Any] = {}
+DEFAULT_TEACHER = "teachers=[{name: resnet10t, pretrained: true}]"
 
 
 def _load(verb: str, overrides: list[str], paths: dict[str, str]):
-    for name, value in paths.items():
-        overrides = [o.replace(f"={name}", f"={value}") for o in overrides]
+    import re
+
     if verb == "distill":
-        overrides = ["teachers=[{name: resnet10t, pretrained: true}]", *overrides]
+        overrides = [DEFAULT_TEACHER, *overrides]
+    for name, value in paths.items():  # whole words only: FOLDER is not FOLDER2
+        overrides = [re.sub(rf"\b{name}\b", value, o) for o in overrides]
     return load_config(verbs()[verb], None, overrides)
+
+
+def _change(verb: str, key: str, value: Any, base: tuple[str, ...]) -> str:
+    """``key=value`` as an override; a key inside a list of sections (``teachers[0].name``) rewrites the list."""
+    import yaml
+
+    from sip.config import to_dict
+
+    if "[0]." not in key:
+        return f"{key}={json.dumps(to_dict(value))}"
+    section, field = key.split("[0].")
+    given = [o for o in ([DEFAULT_TEACHER] if verb == "distill" else []) + list(base) if o.startswith(section + "=")]
+    items = yaml.safe_load(given[-1].split("=", 1)[1])
+    items[0][field] = to_dict(value)
+    return f"{section}={json.dumps(items)}"
 
 
 @pytest.mark.parametrize("verb, key, entry", _params())
 def test_a_key_changes_what_runs_or_is_refused(verb, key, entry, paths):
-    from sip.config import to_dict
-
+    _register_plug_ins()
     value = paths.get(entry.value, entry.value) if isinstance(entry.value, str) else entry.value
-    change = f"{key}={json.dumps(to_dict(value))}"
+    change = _change(verb, key, value, entry.base)
     if isinstance(entry, Refused):
         with pytest.raises(ValueError if entry.probe else ConfigError, match=entry.match):
             loaded = _load(verb, [*entry.base, change], paths)
@@ -487,6 +912,6 @@ def test_a_key_changes_what_runs_or_is_refused(verb, key, entry, paths):
 
 def test_pending_entries_are_listed():
     """Every key left without a probe is named with its reason (so the gap is visible, not silent)."""
-    pending = {f"{verb}: {key}": entry_for(verb, key).reason for verb, cls in verbs().items()
-               for key in recipe_fields(cls) if isinstance(entry_for(verb, key), Pending)}
+    pending = {f"{verb}: {key}": one.reason for verb, cls in verbs().items() for key in recipe_fields(cls)
+               for one in _each(entry_for(verb, key)) if isinstance(one, Pending)}
     assert all(reason for reason in pending.values())

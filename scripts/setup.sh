@@ -30,6 +30,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
   # ray: Ray Data for `--engine ray` and its slow tests (tests/test_scale_ray.py -m slow);
   # lora: peft, for `generate.lora` (LCM-LoRA, style LoRAs) and its tests (tests/test_few_step.py)
-  .venv/bin/pip install -q -e ".[test,ray,lora]"
+  .venv/bin/pip install -q -e ".[test,ray,lora,detect]"
   echo "$want" > "$stamp"
 fi

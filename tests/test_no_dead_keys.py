@@ -1,11 +1,14 @@
 """No dead keys (issue 26): every field of every verb's recipe changes what runs, or the loader refuses it.
 
-``ENTRIES`` maps a verb and a dotted key to how that is shown: ``Changes(value, probe)`` loads the recipe with and
-without ``key=value`` and compares what ``probe`` builds from each (the resolved object the key feeds: a source's
-items, the prompts, the training transforms' output, the model, the batch mix, the optimiser and its schedule — all
-built without training or generating); ``Refused(value)`` expects a ConfigError naming the key; ``Pending(reason)``
-is an xfail naming why (a dead key in another area, or a key whose probe needs a generation or training run and is
-not written yet). ``test_every_recipe_field_has_an_entry`` fails when a field is added without an entry.
+``ENTRIES`` maps a verb and a dotted key to how that is shown (one entry, or a tuple of them): ``Changes(value,
+probe)`` loads the recipe with and without ``key=value`` and compares what ``probe`` builds from each (the resolved
+object the key feeds: a source's items, the prompts, the training transforms' output, the model, the batch mix, the
+optimiser and its schedule, the captioner and its captions, the filter's verdicts, the loss and its named terms, the
+teacher, the validation split, the demo's stage recipes — built without training or generating — or, for the run
+section, the logits store and the distillation store, a real run of a few steps on four tiny images);
+``Refused(value)`` expects a ConfigError naming the key; ``Pending(reason)`` is an xfail naming why (display only,
+speed only, hub weights, or a key added by another change whose probe is still to write).
+``test_every_recipe_field_has_an_entry`` fails when a field is added without an entry.
 """
 
 from __future__ import annotations
@@ -244,6 +247,16 @@ def unet_batches(cfg) -> Any:
     return sizes, [_digest(im) for im in images]
 
 
+def latent_mixes(cfg) -> Any:
+    """sip synth's txt2img grid and each mixed image's draw (partner, seed, share, latent box: latent_mix.*)."""
+    from sip.augment.jobs import synth_grid
+    from sip.augment.latent_mix import draw_mix
+
+    draws = [draw_mix(cfg.latent_mix, ["a", "b", "c"], "a", k, cfg.generate.seed, (8, 8))
+             for k in range(cfg.latent_mix.count)]
+    return [tuple(b) for b in synth_grid(["a", "b", "c"], cfg, None)], draws
+
+
 def demo(cfg) -> Any:
     """Every stage's recipe the demo builds from its keys (sip.demo.demo_recipes: nothing runs)."""
     from sip.config import to_dict
@@ -453,6 +466,22 @@ def trained(cfg) -> Any:
             {k: v for k, v in metrics.items() if any(w in k for w in keep)}, saves, used)
 
 
+def distilled(cfg) -> Any:
+    """A real sip distill run on the tiny folders (1 epoch, test_resnet at 32 px): the student's final weights and
+    what the run reports it learnt from."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from sip.distill.run import run_distillation
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        metrics = run_distillation(cfg, run_dir)
+        weights = load_file(f"{run_dir}/model.safetensors")
+    return (_digest(torch.cat([v.flatten().float() for v in weights.values()])), bool(metrics["logits"]),
+            metrics.get("store_views"))
+
+
 def resumes(cfg) -> Any:
     """Whether a run folder holding a checkpoint is continued (sip.train.run_dir.prepare_run_dir)."""
     import tempfile
@@ -517,17 +546,16 @@ TEACHER = ("teachers=[{checkpoint: CLS}]",)
 STORE = ("data.real.kind=folder", "data.real.path=FOLDER", "data.eval.kind=folder", "data.eval.path=FOLDER2",
          "data.val=null", "data.img_size=32", *TEACHER, "store.views=2", "run.device=cpu", "run.precision=fp32",
          "run.progress=false")
+DISTILL_RUN = ("data.real.kind=folder", "data.real.path=FOLDER", "data.eval.kind=folder", "data.eval.path=FOLDER2",
+               "data.val=null", "data.img_size=32", "data.batch_size=2", *TEACHER, "student.name=test_resnet",
+               "student.patch_size=null", "student.kwargs={}", "optim.epochs=1", "run.device=cpu", "run.precision=fp32",
+               "run.progress=false", "run.threads=1")
 CAPTION_T = ("caption.kind=transformers", "caption.model=BLIP", "caption.max_new_tokens=4")
 FILTER_CLS = ("filter.kind=classifier", "filter.model=CLS")
 OUTPUT = ("output=OUT",)
 HF = ("source.kind=hf", "source.path=HF")
 TINY = ("generate.model=TINY_SD", "generate.device=cpu", "generate.steps=4")
 SMALL = ("source.shots=2",)
-GEN = "probe needs a generation run (a tiny SD per value); not written in this pass: see tests/test_generate.py, " \
-      "tests/test_few_step.py, tests/test_augment.py for the key's own test"
-TRAIN_RUN = "probe needs a training / distillation run; not written in this pass"
-DISTILL_VIEWS = ("issue 26 finding 4 (H3): sip distill's views only crop and flip, so this data key (honoured by "
-                 "sip train) does not reach the student's view")
 
 ENTRIES: dict[tuple[str, str], Any] = {
     # -- sources (the same SourceConfig in every verb) ---------------------------------------------------------
@@ -632,8 +660,7 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("distill", "teachers[0].weight"): Refused(0.5, TEACHER, "one teacher"),
     ("distill", "teachers[0].pretrained"): Pending("timm's hub weights (no network here); a name without a "
                                                    "checkpoint or pretrained: true is refused (test_distill_teachers)"),
-    ("distill", "logits"): Pending("a logits store is read by a distillation run (tests/test_distill_logits.py); "
-                                   "its probe would need a tiny run_distillation, not written in this pass"),
+    ("distill", "logits"): Changes("LOGITS", distilled, DISTILL_RUN),
     ("logits", "store.views"): Changes(3, store, STORE),
     ("logits", "store.identity_view"): Changes(False, store, STORE),
     ("logits", "store.seed"): Changes(1, store, STORE),
@@ -690,6 +717,9 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("augment", "generate.per_class"): Changes(3, generation_plan),
     ("augment", "generate.batch_invariant"): Changes(True, unet_batches, TINY),
     ("augment", "generate.token_merge_ratio"): Changes(0.5, generation, TINY),
+    ("augment", "generate.tiny_vae"): Changes("TAESD", generation, TINY),
+    ("augment", "generate.lora"): Changes("LORA", generation, TINY),
+    ("augment", "generate.lora_scale"): Changes(0.3, generation, (*TINY, "generate.lora=LORA")),
     ("augment", "generate.device"): Refused("bogus", (), "generate.device must be auto, cpu, cuda"),
     # -- captioning (EfficientNet-Lite0 from PyPI, a tiny random BLIP, a registered plug-in) ---------------------
     ("augment", "caption.kind"): (Changes("dead-keys-test", captions),
@@ -723,6 +753,11 @@ ENTRIES: dict[tuple[str, str], Any] = {
        {"address": "auto", "workers": 3, "caption_workers": 2, "num_cpus": 2.0, "num_gpus": 1.0}.items()},
     # -- where a run writes, which classes synth draws ----------------------------------------------------------
     ("augment", "output"): Changes("OUT2", output_folder, (*FOLDER, *OUTPUT)),
+    ("synth", "latent_mix.mode"): Changes("cutmix", latent_mixes),
+    ("synth", "latent_mix.alpha"): Changes(0.2, latent_mixes, ("latent_mix.mode=cutmix",)),
+    ("synth", "latent_mix.per_class"): Changes(2, latent_mixes, ("latent_mix.mode=cutmix",)),
+    ("synth", "latent_mix.lam"): Changes(0.25, latent_mixes, ("latent_mix.mode=mixup",)),
+    ("train", "data.soft_labels"): Changes(True, trained, (*TINY_RUN, "data.synthetic=SYN")),
     ("synth", "output"): Changes("OUT2", output_folder, OUTPUT),
     ("synth", "classes"): Changes(["sock", "hat"], output_folder, OUTPUT),
     # -- sip demo: the stage recipes it builds (sip.demo.demo_recipes) -------------------------------------------
@@ -734,13 +769,9 @@ ENTRIES: dict[tuple[str, str], Any] = {
 }
 
 _PENDING_SECTIONS = {  # whole sections whose probes need a model run, not written in this pass
-    "generate.": GEN + " (lora, lora_scale, tiny_vae: tests/test_few_step.py, tests/test_models.py)",
     "student.": "the same ModelSection as train's model.* (probed there)",
 }
-_PENDING_KEYS = {"progress": "a progress bar: display only",
-                 "data.soft_labels": "added this session (issue 27, commit a880c69); its probe is its author's to write",
-                 **{f"latent_mix.{k}": "added this session (issue 27, commit 8b22b95); its probe is its author's to "
-                                       "write" for k in ("mode", "alpha", "per_class", "lam")}}
+_PENDING_KEYS = {"progress": "a progress bar: display only"}
 
 
 def entry_for(verb: str, key: str) -> Any:
@@ -828,7 +859,41 @@ def paths(tmp_path_factory, tiny_sd_dir, tiny_blip_dir):
         run_training(_load("train", [*TINY_RUN, f"run.seed={seed}"], out), root / name.lower())
         out[name] = str(root / name.lower())
     _prefill_caption_cache(out["CAPTION_CACHE"])
+    out["TAESD"], out["LORA"] = _tiny_vae(root / "taesd"), _tiny_lora(tiny_sd_dir, root / "lora")
+    from sip.distill.run import run_logits
+
+    run_logits(_load("logits", list(STORE), out), root / "logits")  # a store of CLS over the tiny folder
+    out["LOGITS"] = str(root / "logits")
     return out
+
+
+def _tiny_vae(out: Path) -> str:
+    """A random AutoencoderTiny (TAESD layout) that fits the tiny SD's 2x, 4-channel latents."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(out)
+    return str(out)
+
+
+def _tiny_lora(sd_dir: Path, out: Path) -> str:
+    """A seeded rank-4 LoRA of the tiny SD's attention (lora_B non-zero, so fusing it changes the images)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
+    return str(out)
 
 
 def _synthetic_set(root: Path, real_folder: str) -> Path:
@@ -840,12 +905,14 @@ def _synthetic_set(root: Path, real_folder: str) -> Path:
     for k, sample in enumerate(real):
         rows.append((f"v{k}", sample.label_name, sample.source_id))
     rows += [("t0", "cat", None), ("t1", "dog", None)]
+    soft = {"t0": {"cat": 0.6, "dog": 0.4}}  # an inter-class image's soft label (data.soft_labels reads it)
     for k, (image_id, label, source) in enumerate(rows):
         (root / "train" / label).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 24), (k * 30, 90, 200)).save(root / "train" / label / f"{image_id}.png")
     with open(root / "train" / "metadata.jsonl", "w") as f:
         for image_id, label, source in rows:
-            f.write(json.dumps({"file_name": f"{label}/{image_id}.png", "label": label, "source": source}) + "\n")
+            f.write(json.dumps({"file_name": f"{label}/{image_id}.png", "label": label, "source": source,
+                                "soft_label": soft.get(image_id)}) + "\n")
     return root
 
 

@@ -188,8 +188,10 @@ class _Fit:
     """The state of one :func:`fit` (model, optimiser, schedule, counters, the epoch's tally) and its steps."""
 
     def __init__(self, *, model: nn.Module, train_view: EpochView, step_fn: StepFn, optim: OptimSection,
-                 run: RunSection, data: DataSection, run_dir: Path, accelerator, model_meta: dict, desc: str):
+                 run: RunSection, data: DataSection, run_dir: Path, accelerator, model_meta: dict, desc: str,
+                 collate_fn: Callable | None = None, score_key: str = "top1"):
         self.model, self.train_view, self.step_fn, self.optim, self.run = model, train_view, step_fn, optim, run
+        self.collate_fn, self.score_key = collate_fn, score_key  # detection: lists of boxes; best epoch by mAP
         self.data, self.run_dir, self.accelerator, self.model_meta, self.desc = data, run_dir, accelerator, model_meta, desc
         n_epoch = train_view.epoch_length
         self.drop_last = n_epoch >= data.batch_size
@@ -257,7 +259,8 @@ class _Fit:
         c, tally = self.counters, self.tally
         self.train_view.set_epoch(epoch, start=int(c["epoch_items"]))
         loader = torch.utils.data.DataLoader(self.train_view, batch_size=self.data.batch_size, shuffle=False,
-                                             drop_last=self.drop_last, num_workers=self.data.num_workers)
+                                             drop_last=self.drop_last, num_workers=self.data.num_workers,
+                                             collate_fn=self.collate_fn)
         self.model.train()
         t0 = t_mark = t_ready = time.perf_counter()
         seen_mark, data_wait = tally.seen, 0.0
@@ -307,8 +310,8 @@ class _Fit:
             if val is not None:
                 line["val_time_s"] = round(time.perf_counter() - t_eval, 3)
                 line.update({f"val_{k}": v for k, v in val.items() if k != "samples"})
-                if val["top1"] > c["best_val_top1"]:
-                    c["best_val_top1"], c["best_epoch"] = val["top1"], epoch + 1
+                if val[self.score_key] > c["best_val_top1"]:  # the counter keeps its name: old checkpoints resume
+                    c["best_val_top1"], c["best_epoch"] = val[self.score_key], epoch + 1
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
@@ -328,11 +331,12 @@ class _Fit:
         test = held_out.test(self.model, self.progress)
         c = self.counters
         metrics: dict[str, Any] = {f"test_{k}": v for k, v in test.items()}
-        metrics.update(top1=test["top1"], top5=test["top5"])  # the test set's, as drivers and reports read them
+        if "top1" in test:  # classification: the test set's, as drivers and reports read them
+            metrics.update(top1=test["top1"], top5=test["top5"])
         if last_val is not None:
             metrics.update({f"val_{k}": v for k, v in last_val.items()})
-            metrics.update(best_val_top1=max(c["best_val_top1"], last_val["top1"]),
-                           best_epoch=int(c["best_epoch"]) or self.optim.epochs)
+            metrics.update({f"best_val_{self.score_key}": max(c["best_val_top1"], last_val[self.score_key]),
+                            "best_epoch": int(c["best_epoch"]) or self.optim.epochs})
         metrics.update({"epochs": self.optim.epochs, "steps": int(c["global_step"]),
                         "train_time_s": round(c["train_time_s"], 2),
                         "train_images_per_s": round(c["train_images"] / max(c["train_time_s"], 1e-9), 2),
@@ -348,7 +352,8 @@ class _Fit:
 def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test_images: Any,
         eval_transform: Callable, step_fn: StepFn, optim: OptimSection, run: RunSection, data: DataSection,
         run_dir: Path, accelerator, model_meta: dict, resume: bool, desc: str = "train",
-        modules_to_device: Sequence[nn.Module] = ()) -> FitResult:
+        modules_to_device: Sequence[nn.Module] = (), held_out: Any | None = None,
+        collate_fn: Callable | None = None) -> FitResult:
     """The epoch loop: train with ``step_fn``, validate, log, checkpoint, resume; test once; returns final metrics.
 
     Args:
@@ -366,16 +371,23 @@ def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test
         resume (bool): continue from ``run_dir/checkpoint``.
         desc (str, optional): progress-bar label. Defaults to "train".
         modules_to_device (Sequence[nn.Module], optional): extra modules (teachers) to move to the device.
+        held_out (optional): another task's evaluator (``validate(model, progress, whole)`` / ``test(model,
+            progress)`` returning metric dicts, ``score_key`` naming the one that picks the best epoch, e.g.
+            :class:`sip.detect.evaluate.DetectionHeldOut`'s mAP); ``val_images`` / ``test_images`` /
+            ``eval_transform`` are then unused. Defaults to None (top-1 on the images given).
+        collate_fn (Callable, optional): the training DataLoader's (detection batches hold lists of boxes).
     """
     state = _Fit(model=model, train_view=train_view, step_fn=step_fn, optim=optim, run=run, data=data,
-                 run_dir=run_dir, accelerator=accelerator, model_meta=model_meta, desc=desc)
+                 run_dir=run_dir, accelerator=accelerator, model_meta=model_meta, desc=desc, collate_fn=collate_fn,
+                 score_key=getattr(held_out, "score_key", "top1"))
     if resume:
         state.resume()
     state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
     for m in modules_to_device:
         m.to(accelerator.device)
-    held_out = HeldOut(val_images, test_images, eval_transform, batch_size=data.eval_batch_size,
-                       num_workers=data.num_workers, max_samples=run.eval_max_samples, accelerator=accelerator)
+    if held_out is None:
+        held_out = HeldOut(val_images, test_images, eval_transform, batch_size=data.eval_batch_size,
+                           num_workers=data.num_workers, max_samples=run.eval_max_samples, accelerator=accelerator)
     last_val = None
     for epoch in range(int(state.counters["epoch"]), optim.epochs):
         times = state.train_epoch(epoch)

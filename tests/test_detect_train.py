@@ -118,3 +118,25 @@ def test_tiny_detector_map_rises_above_chance(tmp_path):
                          train=sets["train"], val=sets["val"], test=sets["test"], batch_size=8, eval_batch_size=16))
     metrics = run_detection(recipe, tmp_path / "run")
     assert metrics["test_map50"] > 5.0, metrics
+
+
+def test_shipped_detection_recipes_load_and_dispatch():
+    from sip.config import load_config
+    from sip.detect.train import task_of
+
+    for name in ("teacher", "kd", "datafree"):
+        path = f"pipelines/fmnist_detect_{name}.yaml"
+        assert task_of(path, []) == "detection"
+        load_config(DetectRecipe, path)
+    assert task_of("pipelines/fmnist_teacher.yaml", []) == "classification"
+
+
+def test_classification_recipe_with_a_detection_key_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from sip.cli import app
+
+    recipe = tmp_path / "cls.yaml"
+    recipe.write_text("detector: {head: fcos}\n")  # no task: detection -> a classification recipe
+    res = CliRunner().invoke(app, ["train", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "detector" in res.output

@@ -140,3 +140,10 @@ def test_classification_recipe_with_a_detection_key_is_refused(tmp_path):
     recipe.write_text("detector: {head: fcos}\n")  # no task: detection -> a classification recipe
     res = CliRunner().invoke(app, ["train", str(recipe), "-o", str(tmp_path / "run")])
     assert res.exit_code == 2 and "detector" in res.output
+
+
+def test_finished_detection_run_resumes_without_retraining(scene_sets, trained):
+    run_dir, metrics = trained
+    again = run_detection(_recipe(scene_sets), run_dir)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert again["steps"] == metrics["steps"] and again["test_map"] == pytest.approx(metrics["test_map"])

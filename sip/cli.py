@@ -28,6 +28,8 @@ StudentOpt = typer.Option(None, "--student", help="sip run folder of the student
                                                     "with the teacher (guide.student; set guide.student_scale).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster to join with --engine ray (e.g. auto, "
                                                   "ray://head:10001); default: a local Ray for this run.")
+AdapterOpt = typer.Option(None, "--adapter", help="Output folder of `sip adapt` (generate.adapter): its class tokens, "
+                                                  "LoRA or fine-tuned UNet, for the model it was adapted from.")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -120,6 +122,7 @@ def augment(
     address: Optional[str] = AddressOpt,
     teacher: Optional[str] = TeacherOpt,
     student: Optional[str] = StudentOpt,
+    adapter: Optional[str] = AdapterOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Caption → SIP prompt → img2img → filter → write an augmented dataset (resumable)."""
@@ -129,7 +132,7 @@ def augment(
         "output": str(output) if output else None, "generate.model": model, "generate.per_image": per_image,
         "generate.strength": strength, "generate.guidance_scale": guidance, "generate.steps": steps,
         "generate.seed": seed, "shard": shard, "engine": engine, "ray.address": address, "guide.teacher": teacher,
-        "guide.student": student}) + list(set_)
+        "guide.student": student, "generate.adapter": adapter}) + list(set_)
     cfg = _load(AugmentRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_augment, cfg))
 
@@ -149,6 +152,7 @@ def synth(
     address: Optional[str] = AddressOpt,
     teacher: Optional[str] = TeacherOpt,
     student: Optional[str] = StudentOpt,
+    adapter: Optional[str] = AdapterOpt,
     set_: list[str] = SetOpt,
 ) -> None:
     """Data-free: txt2img from label prompts, N images per class, written as a dataset (resumable)."""
@@ -157,7 +161,8 @@ def synth(
     overrides = _flags(**{"output": str(output) if output else None, "generate.model": model,
                           "generate.per_class": per_class, "generate.guidance_scale": guidance,
                           "generate.steps": steps, "generate.seed": seed, "shard": shard, "engine": engine,
-                          "ray.address": address, "guide.teacher": teacher, "guide.student": student}) + list(set_)
+                          "ray.address": address, "guide.teacher": teacher, "guide.student": student,
+                          "generate.adapter": adapter}) + list(set_)
     cfg = _load(SynthRecipe, recipe, overrides)
     _finish_generation(cfg, _run(run_synth, cfg))
 
@@ -180,6 +185,29 @@ def scenes(
         "objects.start=0", "objects.stop=null"]  # a Fashion-MNIST range does not carry over to another folder
     cfg = _load(SceneRecipe, recipe, objects + _flags(output=str(output) if output else None) + list(set_))
     result = _run(run_scenes, cfg)
+    save_config(cfg, Path(cfg.output) / "config.yaml")
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def adapt(
+    recipe: Optional[Path] = RecipeArg,
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Shots: image folder root/<label>/* or a saved HF "
+                                         "dataset (replaces the recipe's source)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (rerun to resume)."),
+    model: Optional[str] = typer.Option(None, help="Base Stable Diffusion hub id or folder (default: the shipped model)."),
+    method: Optional[str] = typer.Option(None, help="textual_inversion, lora or finetune."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps."),
+    set_: list[str] = SetOpt,
+) -> None:
+    """Teach the generator the user's few shots (textual inversion, LoRA, fine-tuning); resumable."""
+    from sip.adapt.recipe import AdaptRecipe
+    from sip.adapt.run import run_adapt
+
+    overrides = _input_overrides(input) + _flags(**{"output": str(output) if output else None, "model": model,
+                                                    "method": method, "steps": steps}) + list(set_)
+    cfg = _load(AdaptRecipe, recipe, overrides)
+    result = _run(run_adapt, cfg)
     save_config(cfg, Path(cfg.output) / "config.yaml")
     typer.echo(json.dumps(result))
 

@@ -20,8 +20,8 @@ from PIL import Image
 from sip.augment.guidance import TargetedGuidance, guiding
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
-from sip.models.diffusion import (DEFAULT_SD_MODEL, check_decoder_fits, check_generation_paths, few_step_advice,
-                                  load_diffusion_pipeline, load_lora, load_tiny_vae, resolve_scheduler, runs_cfg)
+from sip.adapt.use import load_generation_models
+from sip.models.diffusion import DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, resolve_scheduler, runs_cfg
 from sip.models.kdeformer import kdeformer_config
 from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, resolve_precision
 
@@ -69,6 +69,7 @@ class GenerateConfig:
         lora: a LoRA (hub id, folder or ``.safetensors`` file) fused into the model at ``lora_scale``: an LCM-LoRA
             (``latent-consistency/lcm-lora-sdv1-5`` with ``scheduler: LCMScheduler``, 4 steps, guidance 1) or a
             style LoRA. Needs ``pip install 'sip[lora]'`` (peft). null: none.
+        adapter: a ``sip adapt`` output (:mod:`sip.adapt.use`): TI tokens in prompts, LoRA or UNet; base checked.
         compile: ``torch.compile`` the UNet on first use, with inductor freezing (weights folded as
             constants, their casts included; prepacked for oneDNN on a CPU). One-off compile time per
             shape (25-85 s for SD 1.5 on 2 CPU cores), then faster steps: SD 1.5 on an AMX CPU 1.08-1.22x
@@ -104,6 +105,7 @@ class GenerateConfig:
     tiny_vae: str | None = None
     lora: str | None = None
     lora_scale: float = 1.0
+    adapter: str | None = None
     compile: bool = False
     cache_interval: int = 1
     token_merge_ratio: float = 0.0
@@ -197,11 +199,8 @@ class DiffusionGenerator:
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:
         """Load ``config.model`` (hub id or folder) and build the generator."""
-        check_generation_paths(config.lora, config.tiny_vae)  # a bad LoRA / tiny VAE path fails before the model loads
-        pipe = load_diffusion_pipeline(config.model, "img2img", config.dtype, config.device, config.scheduler)
-        pipe = prepare_pipeline(load_lora(pipe, config.lora, config.lora_scale) if config.lora else pipe, config)
-        tiny = load_tiny_vae(config.tiny_vae, config.dtype, config.device) if config.tiny_vae else None
-        return cls(pipe, config, tiny_vae=tiny)
+        pipe, tiny = load_generation_models(config)  # lora / tiny_vae / adapter paths checked before the model loads
+        return cls(prepare_pipeline(pipe, config), config, tiny_vae=tiny)
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sip.adapt.use import adapter_tokens
 from sip.augment.caption import CaptionConfig
 from sip.augment.filter import FilterConfig
 from sip.augment.generate import GenerateConfig
@@ -371,4 +372,4 @@ def prompt_builder(prompt: PromptConfig, generator: Any) -> PromptBuilder:
     """The recipe's prompt builder, within the generator's text-encoder budget and counting its tokens."""
     budget = min(prompt.max_tokens, generator.max_prompt_tokens)
     return PromptBuilder.for_tokenizer(PromptConfig(**{**to_dict(prompt), "max_tokens": budget}),
-                                       generator.pipe.tokenizer)
+                                       generator.pipe.tokenizer, adapter_tokens(generator.config.adapter))

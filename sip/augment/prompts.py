@@ -89,21 +89,26 @@ class PromptBuilder:
         count_tokens (Callable[[str], int], optional): tokens a prompt takes *including* the begin/end
             tokens (e.g. from the pipeline's tokenizer). Defaults to a word count + 2, which
             under-counts sub-word splits: pass the real tokenizer's counter when you have one.
+        label_tokens (dict[str, str], optional): a learned token per raw label (``sip adapt``'s textual
+            inversion, :mod:`sip.adapt.use`), put in the prompt in place of the label's name. Defaults to none.
     """
 
-    def __init__(self, config: PromptConfig = PromptConfig(), count_tokens: Callable[[str], int] | None = None):
+    def __init__(self, config: PromptConfig = PromptConfig(), count_tokens: Callable[[str], int] | None = None,
+                 label_tokens: dict[str, str] | None = None):
         self.config = config
         self.count_tokens = count_tokens or (lambda text: len(text.split()) + 2)
+        self.label_tokens = dict(label_tokens or {})
 
     @classmethod
-    def for_tokenizer(cls, config: PromptConfig, tokenizer) -> PromptBuilder:
+    def for_tokenizer(cls, config: PromptConfig, tokenizer,
+                      label_tokens: dict[str, str] | None = None) -> PromptBuilder:
         """A builder that counts tokens with a transformers tokenizer (e.g. ``pipe.tokenizer``)."""
-        return cls(config, lambda text: len(tokenizer(text, truncation=False)["input_ids"]))
+        return cls(config, lambda text: len(tokenizer(text, truncation=False)["input_ids"]), label_tokens)
 
     def __call__(self, label: str, caption: str | None = None, variant: int = 0) -> str:
         """Return the prompt for one image (or, with no caption, for txt2img of ``label``)."""
         cfg = self.config
-        name = readable_name(label, cfg, variant)
+        name = self.label_tokens.get(label) or readable_name(label, cfg, variant)
         caption = (caption or "").strip().rstrip(".")
         if not caption or cfg.parts == "label":
             return cfg.template_no_caption.format(label=name)

@@ -1,0 +1,159 @@
+"""The ``sip adapt`` recipe: which model learns the user's classes, from which shots, by which method.
+
+A section per stage (``textual_inversion``, ``lora``, ``validation``); a method's section set while another
+method runs is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sip.adapt.use import METHODS
+from sip.data.sources import SourceConfig
+from sip.models.diffusion import DEFAULT_SD_MODEL
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig:
+    """Textual inversion (Gal et al., "An Image is Worth One Word", ICLR 2023): a new token per class whose
+    ``vectors`` input embeddings are learned; the model is frozen.
+
+    Attributes:
+        vectors: embedding vectors per token (k): more vectors hold more detail, at more risk of overfitting.
+        tokens: each class's token, e.g. {"Bag": "<my-bag>"}; a class not named gets ``<sip-LABEL>``. A token the
+            tokenizer already knows is refused (it would overwrite a word).
+        init_word: the word whose embedding starts every vector; null: the class's own name (its tokens' mean).
+    """
+
+    vectors: int = 1
+    tokens: dict[str, str] = field(default_factory=dict)
+    init_word: str | None = None
+
+    def __post_init__(self):
+        if self.vectors < 1:
+            raise ValueError(f"textual_inversion.vectors must be >= 1, got {self.vectors}")
+        for label, token in self.tokens.items():
+            if not token or any(c.isspace() for c in token):
+                raise ValueError(f"textual_inversion.tokens[{label!r}] must be one word with no spaces, got {token!r}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (Hu et al., ICLR 2022) through peft on the UNet's attention projections (DataDream, ECCV 2024, also
+    adapts the text encoder's).
+
+    Attributes:
+        rank: the low rank r of each update; higher adapts more, with more parameters.
+        alpha: the update's scale numerator (scale alpha / r); null: alpha = r.
+        text_encoder: also a LoRA on the text encoder's attention (q, k, v, out projections).
+        target_modules: the UNet's module names that get a LoRA.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    text_encoder: bool = False
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be a positive finite number or null, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The validation grid: txt2img of every class from the current weights, every ``every`` steps.
+
+    Attributes:
+        every: steps between grids (0: only at the end).
+        per_class: images per class in a grid (one row per class).
+        steps: denoising steps per image.
+        guidance_scale: classifier-free guidance of the grid's images.
+        seed: the grid's seed (the same noise at every step, so grids compare).
+    """
+
+    every: int = 100
+    per_class: int = 4
+    steps: int = 20
+    guidance_scale: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.every < 0 or self.per_class < 1 or self.steps < 1:
+            raise ValueError(f"validation: every must be >= 0, per_class and steps >= 1; got every {self.every}, "
+                             f"per_class {self.per_class}, steps {self.steps}")
+
+
+@dataclass(frozen=True)
+class AdaptRecipe:
+    """``sip adapt``: teach a Stable Diffusion model the user's labelled few shots.
+
+    Attributes:
+        method: "textual_inversion" (a token per class), "lora" (one LoRA for the dataset) or "finetune" (the
+            whole UNet, DreamBooth-style without prior preservation; saves a whole pipeline).
+        model: the base model, a folder or hub id (default: the shipped model).
+        source: the shots, as ``sip augment`` reads them (``--input`` / ``source:``).
+        template: the training prompt; ``{label}`` is the class's token (textual inversion) or name.
+        label_names: readable names for raw labels in ``template`` (lora, finetune), as ``prompt.label_names``.
+        steps: optimiser steps.
+        batch_size: images per step.
+        lr: peak learning rate (after ``warmup_steps`` of linear warm-up, cosine decay to 0 at ``steps``).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay (0 for textual inversion: its vectors would shrink toward 0).
+        max_grad_norm: gradient clipping norm (0: none).
+        seed: every step's batch, noise and timesteps derive from it and the step (a resumed run draws the same).
+        checkpoint_every: steps between resumable checkpoints (the last step always saves).
+        device: "auto", "cpu", "cuda", ...
+        output: the output folder (``-o``); rerunning into it resumes.
+        progress: show a progress bar.
+        textual_inversion, lora, validation: the sections above.
+    """
+
+    method: Literal["textual_inversion", "lora", "finetune"] = "lora"
+    model: str = DEFAULT_SD_MODEL
+    source: SourceConfig = field(default_factory=SourceConfig)
+    template: str = "a photo of a {label}"
+    label_names: dict[str, str] = field(default_factory=dict)
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: str = "auto"
+    output: str = "runs/adapt"
+    progress: bool = True
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} (steps {self.steps})")
+        if "{label}" not in self.template:
+            raise ValueError(f"template must contain {{label}}, got {self.template!r}")
+        if self.method != "textual_inversion" and self.textual_inversion != TextualInversionConfig():
+            raise ValueError(f"the textual_inversion section is read by method textual_inversion only; method is "
+                             f"{self.method}: remove it or set method: textual_inversion")
+        if self.method != "lora" and self.lora != LoraSettings():
+            raise ValueError(f"the lora section is read by method lora only; method is {self.method}: remove it or "
+                             f"set method: lora")
+        if self.method == "textual_inversion" and self.label_names:
+            raise ValueError("label_names names classes in the prompt of lora / finetune; textual inversion puts each "
+                             "class's token there: remove label_names (or name tokens in textual_inversion.tokens)")

@@ -199,3 +199,15 @@ def test_generation_with_adapter_puts_the_token_in_prompts(adapted, tiny_sd_dir,
     prompts = {json.loads(line)["label"]: json.loads(line)["prompt"]
                for line in (tmp_path / "synth" / "train" / "metadata.jsonl").read_text().splitlines()}
     assert prompts == {"red": "a photo of a <sip-red>", "blue": "a photo of a <sip-blue>"}
+
+
+@pytest.mark.parametrize("method", ["lora", "finetune"])
+def test_generator_with_a_lora_or_finetune_adapter_draws_differently(method, adapted, tiny_sd_dir):
+    from sip.augment.generate import DiffusionGenerator, GenerateConfig
+
+    def draw(adapter):
+        config = GenerateConfig(model=str(tiny_sd_dir), adapter=adapter, steps=2, device="cpu", guidance_scale=1.0)
+        generator = DiffusionGenerator.from_config(config)
+        return np.asarray(generator.text2img(["a photo of a red"], [0])[0])
+
+    assert not np.array_equal(draw(str(adapted[method])), draw(None))

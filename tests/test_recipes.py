@@ -11,6 +11,15 @@ PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 def recipe_class(path: Path):
     stem = path.stem
+    if stem.startswith("adapt_"):
+        from sip.adapt.recipe import AdaptRecipe
+        return AdaptRecipe
+    if stem.endswith("_scenes"):
+        from sip.detect.coco import SceneRecipe
+        return SceneRecipe
+    if "_detect_" in stem:  # sip train dispatches on the recipe's task key
+        from sip.detect.train import DetectRecipe
+        return DetectRecipe
     if "_rounds" in stem:
         from sip.distill.rounds import RoundsRecipe
         return RoundsRecipe
@@ -33,3 +42,10 @@ def recipe_class(path: Path):
 @pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
 def test_recipe_loads(path):
     load_config(recipe_class(path), path)
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("*_detect_*.yaml")), ids=lambda p: p.name)
+def test_detection_recipes_name_their_task(path):
+    from sip.detect.train import task_of
+
+    assert task_of(path, []) == "detection"

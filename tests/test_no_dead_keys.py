@@ -5,7 +5,9 @@ probe)`` loads the recipe with and without ``key=value`` and compares what ``pro
 object the key feeds: a source's items, the prompts, the training transforms' output, the model, the batch mix, the
 optimiser and its schedule, the captioner and its captions, the filter's verdicts, the loss and its named terms, the
 teacher, the validation split, the demo's stage recipes — built without training or generating — or, for the run
-section, the logits store and the distillation store, a real run of a few steps on four tiny images);
+section, the logits store and the distillation store, a real run of a few steps on four tiny images; for sip adapt,
+a real 2-step run of the tiny SD; for sip scenes, the composed scenes; for detection, the scene sets, the built
+detector, one KD step's terms or a real 1-epoch run; for sip rounds, the driver's plan of generations and students);
 ``Refused(value)`` expects a ConfigError naming the key; ``Pending(reason)`` is an xfail naming why (display only,
 speed only, hub weights, or a key added by another change whose probe is still to write).
 ``test_every_recipe_field_has_an_entry`` fails when a field is added without an entry.
@@ -35,13 +37,19 @@ from sip.config import ConfigError, load_config
 
 
 def verbs() -> dict[str, type]:
+    """Each verb's recipe (``detect``: sip train's ``task: detection`` recipe)."""
+    from sip.adapt.recipe import AdaptRecipe
     from sip.augment.run import AugmentRecipe, SynthRecipe
     from sip.demo import DemoRecipe
+    from sip.detect.coco import SceneRecipe
+    from sip.detect.train import DetectRecipe
+    from sip.distill.rounds import RoundsRecipe
     from sip.distill.run import DistillRecipe, LogitsRecipe
     from sip.train.recipe import TrainRecipe
 
     return {"augment": AugmentRecipe, "synth": SynthRecipe, "train": TrainRecipe, "distill": DistillRecipe,
-            "logits": LogitsRecipe, "demo": DemoRecipe}
+            "logits": LogitsRecipe, "demo": DemoRecipe, "adapt": AdaptRecipe, "scenes": SceneRecipe,
+            "detect": DetectRecipe, "rounds": RoundsRecipe}
 
 
 def recipe_fields(cls: type, prefix: str = "") -> dict[str, str]:
@@ -508,6 +516,203 @@ def store(cfg) -> Any:
                 st.views.tolist(), _digest(st.logits))
 
 
+def adapted(cfg) -> Any:
+    """A real sip adapt run of the tiny SD on the tiny folder (2 steps, a fresh folder): the checkpoint's tensor
+    shapes and digest, the losses, each class's prompt word and token, the files written (the validation grids'
+    pixels) and the steps that saved a checkpoint."""
+    import tempfile
+
+    import sip.adapt.run as adapt_run
+    from sip.adapt.loop import CHECKPOINT_FILE, load_checkpoint
+
+    saves, save = [], adapt_run.save_checkpoint
+
+    def counted(path, state, optimizer, step, info):
+        saves.append(step)
+        return save(path, state, optimizer, step, info)
+
+    adapt_run.save_checkpoint = counted
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "adapt"
+            adapt_run.run_adapt(dataclasses.replace(cfg, output=str(out)))
+            state, _, _, info = load_checkpoint(out / CHECKPOINT_FILE)
+            run = json.loads((out / "run.json").read_text())
+            files = {p.relative_to(out).as_posix(): _digest(Image.open(p)) if p.suffix == ".png" else None
+                     for p in sorted(out.rglob("*")) if p.is_file()}
+    finally:
+        adapt_run.save_checkpoint = save
+    return ({k: tuple(v.shape) for k, v in state.items()}, _digest(torch.cat([v.flatten().float() for v in state.values()])),
+            info["losses"], run["names"], run["tokens"], run["template"], files, saves)
+
+
+def adapt_written(cfg) -> Any:
+    """Where a real sip adapt run writes (the run's own output folder) and what it writes there."""
+    from sip.adapt.run import run_adapt
+
+    result = run_adapt(cfg)
+    return result["output"], sorted(p.name for p in Path(cfg.output).iterdir())
+
+
+def adapter_prompts(cfg) -> Any:
+    """The prompts sip augment / synth build with the generator's adapter (sip.augment.jobs.prompt_builder) and the
+    loaded pipeline's vocabulary (a textual-inversion adapter adds each class's token to both)."""
+    from sip.augment.generate import DiffusionGenerator
+    from sip.augment.jobs import prompt_builder
+
+    gen = DiffusionGenerator.from_config(cfg.generate)
+    build = prompt_builder(cfg.prompt, gen)
+    return [build(label, "a small thing", 0) for label in ("cat", "dog")], len(gen.pipe.tokenizer)
+
+
+def scenes(cfg) -> Any:
+    """The object pool's classes and four composed scenes (records and pixels): sip.detect.scenes."""
+    from sip.detect.scenes import compose_scene, load_object_pool
+
+    pool = load_object_pool(cfg.objects)
+    out = [compose_scene(pool, cfg.scenes, i) for i in range(4)]
+    return pool.classes, [(record, _digest(image)) for image, record in out]
+
+
+def scene_run(cfg) -> Any:
+    """A real sip scenes run into a fresh folder named as ``output`` is: the COCO file's place, the counts, the
+    statistics (``output: null`` is refused by the run)."""
+    import tempfile
+
+    from sip.detect.coco import run_scenes
+
+    if cfg.output is None:
+        return run_scenes(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_scenes(dataclasses.replace(cfg, output=str(Path(tmp) / Path(cfg.output).name)))
+        return Path(result["annotations"]).relative_to(tmp).as_posix(), result["written"], result["stats"]
+
+
+def scene_sets(cfg) -> Any:
+    """The checked train / validation / test scene sets of a detection recipe (sip.detect.train._scene_sets)."""
+    from sip.detect.train import _scene_sets
+
+    return [s and (s.classes, len(s), s.size, _digest(s.item(0)["image"]), _digest(s.item(0)["boxes"]))
+            for s in _scene_sets(cfg.data)]
+
+
+def scene_items(cfg) -> Any:
+    """Six seeded draws of a training scene's boxes as the loop's items take them (scene_item_maker)."""
+    from sip.detect.data import SceneImages, scene_item_maker
+
+    train, make = SceneImages(cfg.data.train), scene_item_maker(cfg.data.hflip)
+    return [_digest(make(train, i % len(train), random.Random(i))["boxes"]) for i in range(6)]
+
+
+def detector(cfg) -> Any:
+    """The built detector (seeded): class, module types, parameter shapes and weights, and its detections on a
+    fixed 64 px scene in eval mode (count and scores)."""
+    from sip.detect.models import build_detector
+
+    torch.manual_seed(0)
+    net = build_detector(cfg.detector, 2, 64).eval()
+    with torch.no_grad():
+        out = net([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])[0]
+    return (type(net).__name__, sorted({type(m).__name__ for m in net.modules()}),
+            [tuple(p.shape) for p in net.parameters()], _digest(torch.cat([p.flatten() for p in net.parameters()])),
+            len(out["boxes"]), _digest(out["scores"]))
+
+
+def detection_terms(cfg) -> Any:
+    """One detection step (sip.detect.step.make_detection_step) of a seeded student on two training scenes, with
+    the recipe's teacher: the named loss terms."""
+    from sip.detect.data import SceneImages, collate_scenes
+    from sip.detect.models import build_detector, load_detector
+    from sip.detect.step import make_detection_step
+
+    train = SceneImages(cfg.data.train)
+    torch.manual_seed(0)
+    student = build_detector(cfg.detector, len(train.classes), train.size).train()
+    teacher = load_detector(cfg.kd.teacher)[0] if cfg.kd.teacher else None
+    box_low = 0.0 if cfg.detector.head == "fcos" else -cfg.kd.box_max
+    step = make_detection_step(cfg.kd, teacher, "cpu", train.size, box_low)
+    terms, _, _ = step(student, collate_scenes([train.item(0), train.item(1)]), 0, 0)
+    return {k: round(float(v.detach()), 6) for k, v in terms.items()}
+
+
+def detected(cfg) -> Any:
+    """A real sip train (task: detection) run on the tiny scenes (1 epoch): the final weights, the training
+    DataLoader's batching and workers, the evaluation batches and the final metrics."""
+    import tempfile
+
+    import sip.detect.evaluate as evaluate
+    from safetensors.torch import load_file
+
+    from sip.detect.train import run_detection
+
+    loaders, eval_batches, threads = [], [], torch.get_num_threads()
+    real_loader, real_collate = torch.utils.data.DataLoader, evaluate.collate_scenes
+
+    class Recorded(real_loader):
+        def __init__(self, dataset, *args, **kwargs):
+            loaders.append((len(dataset), kwargs.get("batch_size"), kwargs.get("num_workers"), kwargs.get("drop_last")))
+            super().__init__(dataset, *args, **kwargs)
+
+    def collate(items):
+        eval_batches.append(len(items))
+        return real_collate(items)
+
+    torch.utils.data.DataLoader, evaluate.collate_scenes = Recorded, collate
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            metrics = run_detection(cfg, run_dir)
+            weights = load_file(f"{run_dir}/model.safetensors")
+    finally:
+        torch.utils.data.DataLoader, evaluate.collate_scenes = real_loader, real_collate
+        torch.set_num_threads(threads)
+    return (_digest(torch.cat([v.flatten().float() for v in weights.values()])), loaders, eval_batches,
+            {k: v for k, v in metrics.items() if "map" in k})
+
+
+def round_plan(cfg) -> Any:
+    """sip rounds' real driver (sip.distill.rounds.run_rounds) with its stages recorded instead of run: each
+    generation (folder, classes, per class, seed, guide) and each student (folder, warm start, data), the teacher-
+    student KL fixed (dog above cat). The stages themselves run in tests/test_rounds.py."""
+    import tempfile
+
+    import sip.augment.run as augment_run
+    from sip.distill import rounds as rounds_module
+
+    calls: list[tuple] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def rel(p):
+            return p and Path(p).relative_to(tmp).as_posix()
+
+        def synth(c, generator=None):
+            g = c.guide
+            calls.append(("synth", rel(c.output), list(c.classes), c.generate.per_class, c.generate.seed, g.scale,
+                          g.student_scale, list(g.steps), g.every, g.teacher, rel(g.student)))
+
+        def distill(c, run_dir):
+            synthetic = c.data.synthetic
+            calls.append(("distill", rel(run_dir), rel(c.student.checkpoint),
+                          synthetic and [rel(s) for s in ([synthetic] if isinstance(synthetic, str) else synthetic)]))
+            return {}
+
+        class Classifier:
+            @staticmethod
+            def from_checkpoint(path, device="cpu"):
+                return path
+
+        saved = (augment_run.run_synth, rounds_module.run_distillation, rounds_module.GuideClassifier,
+                 rounds_module.class_disagreement)
+        augment_run.run_synth, rounds_module.run_distillation = synth, distill
+        rounds_module.GuideClassifier = Classifier
+        rounds_module.class_disagreement = lambda teacher, student, pool, batch_size=64: {"cat": 0.1, "dog": 0.2}
+        try:
+            summary = rounds_module.run_rounds(cfg, tmp, generator=object())
+        finally:
+            (augment_run.run_synth, rounds_module.run_distillation, rounds_module.GuideClassifier,
+             rounds_module.class_disagreement) = saved
+    return calls, [r["classes"] for r in summary["rounds"]]
+
+
 GUIDED = ("guide.teacher=runs/teacher", "guide.scale=1.0")
 STUDENT = (*GUIDED, "guide.student=runs/student", "guide.student_scale=1.0")
 INTERCLASS = ("variants.interclass=all",)
@@ -556,6 +761,31 @@ OUTPUT = ("output=OUT",)
 HF = ("source.kind=hf", "source.path=HF")
 TINY = ("generate.model=TINY_SD", "generate.device=cpu", "generate.steps=4")
 SMALL = ("source.shots=2",)
+
+ADAPT = ("model=TINY_SD", "source.kind=folder", "source.path=FOLDER", "steps=2", "batch_size=2", "lr=0.01",
+         "checkpoint_every=2", "validation.every=0", "progress=false")  # 2 steps of the tiny SD on 6 shots
+ADAPT_TI = (*ADAPT, "method=textual_inversion")
+ADAPT_VAL = (*ADAPT, "validation.every=2", "validation.per_class=1", "validation.steps=2")
+SCENE = ("objects.kind=folder", "objects.path=FOLDER", "objects.stop=null", "scenes.count=2", "scenes.size=64",
+         "scenes.object_size=[12, 30]", "scenes.max_objects=4")  # scenes of the tiny folder's cat / dog crops
+DETECTOR = ("detector.backbone=test_resnet", "detector.fpn_channels=32", "detector.head_convs=1")
+DETECT_DATA = ("data.train=SCENES_A", "data.test=SCENES_B")
+DETECT_RUN = (*DETECT_DATA, *DETECTOR, "data.batch_size=2", "data.eval_batch_size=2", "optim.epochs=1",
+              "run.device=cpu", "run.precision=fp32", "run.progress=false", "run.threads=1")
+KD = (*DETECT_DATA, *DETECTOR, "kd.teacher=DETECTOR")
+ROUNDS = ("distill.teachers=[{checkpoint: CLS}]", "distill.data.real.kind=folder", "distill.data.real.path=FOLDER",
+          "distill.data.eval.kind=folder", "distill.data.eval.path=FOLDER2", "rounds.rounds=1", "rounds.top_classes=1", "rounds.per_class=2",
+          "rounds.pool_per_class=1")
+
+
+def _peft_takes_text_encoder() -> bool:
+    """Whether the installed peft adapts transformers 5's text encoder (0.22+; older: sip adapt refuses it)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("peft")) >= Version("0.22")
+
 
 ENTRIES: dict[tuple[str, str], Any] = {
     # -- sources (the same SourceConfig in every verb) ---------------------------------------------------------
@@ -766,6 +996,114 @@ ENTRIES: dict[tuple[str, str], Any] = {
         "txt2img_guidance": 5.0, "steps": 4, "teacher": "resnet14t", "teacher_images": 500, "teacher_epochs": 2,
         "student": "resnet14t", "student_epochs": 2, "epoch_size": 100, "mixup_alpha": 0.5, "cutmix_alpha": 0.0,
         "alpha": 0.7, "temperature": 4.0, "model": "runs/my-sd"}.items()},
+    # -- sip adapt: a real 2-step run of the tiny SD per value (sip.adapt.run.run_adapt) ---------------------------
+    ("adapt", "method"): (Changes("textual_inversion", adapted, ADAPT), Changes("finetune", adapted, ADAPT),
+                          Refused("dreambooth", (), "method: must be one of")),
+    ("adapt", "model"): Changes("TINY_SD2", adapted, ADAPT),
+    ("adapt", "template"): (Changes("a {label} picture", adapted, ADAPT),
+                            Refused("a photo", (), "template must contain")),
+    ("adapt", "label_names"): (Changes({"cat": "kitty"}, adapted, ADAPT),
+                               Refused({"cat": "kitty"}, ("method=textual_inversion",), "label_names names classes")),
+    ("adapt", "steps"): Changes(3, adapted, ADAPT),
+    ("adapt", "batch_size"): Changes(3, adapted, ADAPT),
+    ("adapt", "lr"): Changes(0.05, adapted, ADAPT),
+    ("adapt", "warmup_steps"): (Changes(1, adapted, ADAPT), Refused(2, ADAPT, "warmup_steps must be in")),
+    ("adapt", "weight_decay"): Changes(0.5, adapted, ADAPT),
+    ("adapt", "max_grad_norm"): Changes(0.0, adapted, (*ADAPT, "max_grad_norm=0.000000001")),
+    ("adapt", "seed"): Changes(1, adapted, ADAPT),
+    ("adapt", "checkpoint_every"): Changes(1, adapted, ADAPT),
+    ("adapt", "device"): (Changes("cpu", adapted, ADAPT) if torch.cuda.is_available()
+                          else Refused("cuda", ADAPT, "CUDA is not available", adapted)),
+    ("adapt", "output"): Changes("ADAPT_OUT2", adapt_written, (*ADAPT, "output=ADAPT_OUT")),
+    ("adapt", "textual_inversion.vectors"): (Changes(2, adapted, ADAPT_TI),
+                                             Refused(0, ("method=textual_inversion",), "vectors must be >= 1")),
+    ("adapt", "textual_inversion.tokens"): (Changes({"cat": "<kitty>"}, adapted, ADAPT_TI),
+                                            Refused({"cat": "a"}, ADAPT_TI, "already a word", adapted),
+                                            Refused({"cat": "<k>"}, (), "read by method textual_inversion only")),
+    ("adapt", "textual_inversion.init_word"): Changes("shirt", adapted, ADAPT_TI),
+    ("adapt", "lora.rank"): (Changes(2, adapted, ADAPT), Refused(0, (), "lora.rank must be a positive integer")),
+    ("adapt", "lora.alpha"): Changes(16.0, adapted, ADAPT),
+    ("adapt", "lora.text_encoder"): (Changes(True, adapted, ADAPT) if _peft_takes_text_encoder()
+                                     else Refused(True, ADAPT, "lora.text_encoder: .*pip install -U peft", adapted)),
+    ("adapt", "lora.target_modules"): Changes(["to_q"], adapted, ADAPT),
+    ("adapt", "validation.every"): Changes(1, adapted, ADAPT_VAL),
+    ("adapt", "validation.per_class"): Changes(2, adapted, ADAPT_VAL),
+    ("adapt", "validation.steps"): Changes(3, adapted, ADAPT_VAL),
+    ("adapt", "validation.guidance_scale"): Changes(1.0, adapted, ADAPT_VAL),
+    ("adapt", "validation.seed"): Changes(1, adapted, ADAPT_VAL),
+    # -- generate.adapter: a finished textual-inversion adapter of the tiny SD puts its tokens in the prompts -------
+    ("augment", "generate.adapter"): (Changes("ADAPTER", adapter_prompts, TINY),
+                                      Refused("ADAPTER", ("generate.model=TINY_SD2", "generate.device=cpu"),
+                                              "an adapter only fits its own base", adapter_prompts)),
+    # -- sip scenes: the composed scenes of the tiny folder's crops (sip.detect.scenes) ------------------------------
+    ("scenes", "objects.kind"): Changes("sip-dataset", scenes, (*SCENE, "objects.path=SYN")),
+    ("scenes", "objects.path"): Changes("FOLDER2", scenes, SCENE),
+    ("scenes", "objects.split"): (Changes("test", scenes, ("objects.stop=200", *SCENE[3:])),
+                                  Refused("test", SCENE, "objects.split 'test' is read by kind fashion-mnist only")),
+    ("scenes", "objects.start"): Changes(2, scenes, SCENE),
+    ("scenes", "objects.stop"): Changes(4, scenes, SCENE),
+    ("scenes", "objects.mask_threshold"): Changes(100, scenes, SCENE),
+    ("scenes", "objects.classes"): Changes(["cat"], scenes, SCENE),
+    ("scenes", "scenes.count"): Changes(3, scene_run, (*SCENE, "output=SCENES_OUT")),
+    ("scenes", "scenes.size"): Changes(48, scenes, SCENE),
+    ("scenes", "scenes.min_objects"): Changes(3, scenes, SCENE),
+    ("scenes", "scenes.max_objects"): Changes(2, scenes, SCENE),
+    ("scenes", "scenes.object_size"): Changes([20, 40], scenes, SCENE),
+    ("scenes", "scenes.max_overlap"): Changes(0.0, scenes, SCENE),
+    ("scenes", "scenes.min_visible"): Changes(1.0, scenes, SCENE),
+    ("scenes", "scenes.tries"): Changes(1, scenes, SCENE),
+    ("scenes", "scenes.background"): Changes("black", scenes, SCENE),
+    ("scenes", "scenes.background_max"): Changes(10, scenes, SCENE),
+    ("scenes", "scenes.seed"): Changes(1, scenes, SCENE),
+    ("scenes", "output"): (Changes("SCENES_OUT2", scene_run, (*SCENE, "output=SCENES_OUT")),
+                           Refused(None, SCENE, "needs an output folder", scene_run)),
+    # -- sip train with task: detection (tiny scene sets of the folder's crops, a test_resnet FCOS) ---------------
+    ("detect", "task"): Refused("classification", (), "task: must be one of 'detection'"),
+    ("detect", "data.train"): Changes("SCENES_B", scene_sets, DETECT_DATA),
+    ("detect", "data.val"): Changes("SCENES_A", scene_sets, DETECT_DATA),
+    ("detect", "data.test"): Changes("SCENES_A", scene_sets, DETECT_DATA),
+    ("detect", "data.classes"): Refused(["dog", "cat"], DETECT_DATA, "do not match the run's classes", scene_sets),
+    ("detect", "data.hflip"): Changes(0.0, scene_items, DETECT_DATA),
+    ("detect", "data.repeat"): Changes(2, detected, DETECT_RUN),
+    ("detect", "data.batch_size"): Changes(4, detected, DETECT_RUN),
+    ("detect", "data.eval_batch_size"): Changes(1, detected, DETECT_RUN),
+    ("detect", "data.num_workers"): Changes(1, detected, DETECT_RUN),
+    ("detect", "detector.head"): Changes("retinanet", detector, DETECTOR[:2]),
+    ("detect", "detector.backbone"): (Changes("resnet10t", detector, DETECTOR),
+                                      Refused("vit_tiny_patch16_224", (), "a timm ResNet is needed")),
+    ("detect", "detector.norm"): Changes("group", detector, DETECTOR),
+    ("detect", "detector.gn_groups"): (Changes(4, detector, (*DETECTOR, "detector.norm=group")),
+                                       Refused(4, (), "read by norm: group only")),
+    ("detect", "detector.fpn_channels"): (Changes(64, detector, DETECTOR), Refused(48, (), "multiple of 32")),
+    ("detect", "detector.head_convs"): Changes(2, detector, DETECTOR),
+    ("detect", "detector.score_thresh"): Changes(0.5, detector, DETECTOR),
+    ("detect", "detector.detections_per_img"): Changes(1, detector, DETECTOR),
+    ("detect", "detector.checkpoint"): Changes("DETECTOR", detected, DETECT_RUN),
+    ("detect", "kd.teacher"): Changes("DETECTOR", detection_terms, (*DETECT_DATA, *DETECTOR)),
+    ("detect", "kd.gt"): (Changes(0.5, detection_terms, KD), Refused(0.0, (), "kd.gt is 0 without kd.teacher")),
+    ("detect", "kd.cls"): Changes(0.5, detection_terms, KD),
+    ("detect", "kd.box"): Changes(0.5, detection_terms, KD),
+    ("detect", "kd.feat"): Changes(1.0, detection_terms, KD),
+    ("detect", "kd.temperature"): Changes(2.0, detection_terms, KD),
+    ("detect", "kd.box_temperature"): Changes(5.0, detection_terms, KD),
+    ("detect", "kd.box_bins"): Changes(8, detection_terms, KD),
+    ("detect", "kd.box_max"): Changes(4.0, detection_terms, KD),
+    ("detect", "kd.feat_alpha"): Changes(2.0, detection_terms, (*KD, "kd.feat=1.0")),
+    ("detect", "kd.feat_beta"): Changes(1.0, detection_terms, (*KD, "kd.feat=1.0")),
+    ("detect", "optim.label_smoothing"): Refused(0.1, (), "classification loss setting"),
+    # -- sip rounds: the driver's plan of generations and students (its distill / synth keys: those verbs') -------
+    ("rounds", "rounds.rounds"): (Changes(2, round_plan, ROUNDS), Refused(0, (), "rounds.rounds must be >= 1")),
+    ("rounds", "rounds.top_classes"): Changes(2, round_plan, ROUNDS),
+    ("rounds", "rounds.per_class"): Changes(3, round_plan, ROUNDS),
+    ("rounds", "rounds.pool_per_class"): Changes(2, round_plan, ROUNDS),
+    ("rounds", "rounds.warm_start"): Changes(False, round_plan, ROUNDS),
+    ("rounds", "guide.scale"): Changes(1.0, round_plan, ROUNDS),
+    ("rounds", "guide.student_scale"): Changes(1.0, round_plan, ROUNDS),
+    ("rounds", "guide.steps"): Changes([0.5, 1.0], round_plan, (*ROUNDS, "guide.scale=1.0")),
+    ("rounds", "guide.every"): Changes(2, round_plan, (*ROUNDS, "guide.scale=1.0")),
+    ("rounds", "synth.output"): Refused("OUT", (), "set by sip rounds each round"),
+    ("rounds", "synth.generate.per_class"): Refused(5, (), "set by sip rounds each round"),
+    ("rounds", "distill.logits"): Refused("LOGITS", (), "exactly one online teacher"),
 }
 
 _PENDING_SECTIONS = {  # whole sections whose probes need a model run, not written in this pass
@@ -796,11 +1134,10 @@ def _each(entry: Any) -> tuple:
 
 def test_every_recipe_field_has_an_entry():
     """A new recipe field without a probe, a refusal or a stated reason fails here."""
+    # a field shared by several verbs (sip rounds' distill.* / synth.* sections) is shown once, by any verb's entry
+    covered = {n for v, c in verbs().items() for k, n in recipe_fields(c).items() if entry_for(v, k) is not None}
     missing = [f"{verb}: {key} ({name})" for verb, cls in verbs().items()
-               for key, name in recipe_fields(cls).items()
-               if entry_for(verb, key) is None and name not in {n for v, c in verbs().items()
-                                                                for k, n in recipe_fields(c).items()
-                                                                if (v, k) in ENTRIES}]
+               for key, name in recipe_fields(cls).items() if entry_for(verb, key) is None and name not in covered]
     assert not missing, "recipe fields with no entry in tests/test_no_dead_keys.py ENTRIES: " + ", ".join(missing)
     stale = [f"{verb}: {key}" for verb, key in ENTRIES if key not in recipe_fields(verbs()[verb])]
     assert not stale, f"entries for keys that no longer exist: {stale}"
@@ -859,12 +1196,34 @@ def paths(tmp_path_factory, tiny_sd_dir, tiny_blip_dir):
         run_training(_load("train", [*TINY_RUN, f"run.seed={seed}"], out), root / name.lower())
         out[name] = str(root / name.lower())
     _prefill_caption_cache(out["CAPTION_CACHE"])
+    out.update(_new_verbs_inputs(root, out))
     out["TAESD"], out["LORA"] = _tiny_vae(root / "taesd"), _tiny_lora(tiny_sd_dir, root / "lora")
     from sip.distill.run import run_logits
 
     run_logits(_load("logits", list(STORE), out), root / "logits")  # a store of CLS over the tiny folder
     out["LOGITS"] = str(root / "logits")
     return out
+
+
+def _new_verbs_inputs(root: Path, out: dict[str, str]) -> dict[str, str]:
+    """A second tiny SD, a finished textual-inversion adapter of the first (sip adapt, 1 step), two scene sets of
+    the tiny folder's crops (sip scenes) and a tiny FCOS trained on one (sip train task: detection)."""
+    from conftest import build_tiny_sd
+    from sip.adapt.run import run_adapt
+    from sip.detect.coco import run_scenes
+    from sip.detect.train import run_detection
+
+    new = {"TINY_SD2": str(build_tiny_sd(root / "sd2", seed=1)), "ADAPTER": str(root / "adapter"),
+           "ADAPT_OUT": str(root / "adapt-out"), "ADAPT_OUT2": str(root / "adapt-out2"),
+           "SCENES_A": str(root / "scenes-a"), "SCENES_B": str(root / "scenes-b"), "DETECTOR": str(root / "detector"),
+           "SCENES_OUT": str(root / "scenes-out"), "SCENES_OUT2": str(root / "scenes-out2")}
+    paths = {**out, **new}
+    run_adapt(_load("adapt", [*ADAPT_TI, "steps=1", "output=ADAPTER"], paths))
+    for name, seed in (("SCENES_A", 0), ("SCENES_B", 1)):
+        run_scenes(_load("scenes", [*SCENE, "scenes.count=4", "scenes.max_objects=3", f"scenes.seed={seed}",
+                                    "progress=false", f"output={name}"], paths))
+    run_detection(_load("detect", DETECT_RUN, paths), new["DETECTOR"])
+    return new
 
 
 def _tiny_vae(out: Path) -> str:

@@ -332,7 +332,7 @@ def demo(
     quick: bool = typer.Option(False, help="Smaller everything (a smoke run, ~1 minute)."),
     set_: list[str] = SetOpt,
 ) -> None:
-    """The main job on the embedded default: 10-shot Fashion-MNIST → captions → SIP prompts → img2img
+    """The main job on the embedded default: 1-shot Fashion-MNIST → captions → SIP prompts → img2img
     → dataset → student with vs. without sip data (KD from a teacher) → report."""
     from sip.demo import run_demo
 

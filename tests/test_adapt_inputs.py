@@ -29,6 +29,7 @@ def shots(tmp_path_factory):
     ("method=dreambooth", "method"),
     ("textual_inversion.vectors=2", "the textual_inversion section is read by method textual_inversion only"),
     ("template=a photo", "template must contain {label}"),
+    ("device=gpu", "device must be auto, cpu, cuda"),  # at load, before any model is read
 ])
 def test_recipe_errors(override, message):
     with pytest.raises((ConfigError, ValueError), match=message.replace("{", r"\{").replace("}", r"\}")):

@@ -13,6 +13,7 @@ from typing import Literal
 from sip.adapt.use import METHODS
 from sip.data.sources import SourceConfig
 from sip.models.diffusion import DEFAULT_SD_MODEL
+from sip.runtime import check_device
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class AdaptRecipe:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        check_device(self.device, "device")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps} (steps {self.steps})")
         if "{label}" not in self.template:

@@ -92,6 +92,15 @@ def test_transformers_captioner_on_tiny_blip(tiny_blip_dir):
     assert len(with_prefix(_images(2, size=32))) == 2
 
 
+def test_captioner_weight_dtype_is_part_of_the_cache_key(tiny_blip_dir):
+    def identity(dtype):
+        return TransformersCaptioner.from_config(CaptionConfig(
+            kind="transformers", model=str(tiny_blip_dir), max_new_tokens=5, device="cpu", dtype=dtype)).identity
+
+    fp32, bf16 = identity("float32"), identity("bfloat16")
+    assert fp32 != bf16 and "bfloat16" in bf16  # a cache written with bf16 weights is not read by an fp32 run
+
+
 def test_transformers_captioner_passes_generate_kwargs(tiny_blip_dir):
     base = TransformersCaptioner.from_config(
         CaptionConfig(kind="transformers", model=str(tiny_blip_dir), max_new_tokens=6, device="cpu"))

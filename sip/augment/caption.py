@@ -134,6 +134,9 @@ class TransformersCaptioner:
             self.identity += ":" + json.dumps(self.generate_kwargs, sort_keys=True, default=str)
         if self.precision != "fp32":
             self.identity += f":{self.precision}"
+        weights = next(model.parameters()).dtype  # caption.dtype: bf16 weights give other captions than fp32
+        if weights != torch.float32:
+            self.identity += f":weights={str(weights).removeprefix('torch.')}"
 
     @classmethod
     def from_config(cls, config: CaptionConfig) -> TransformersCaptioner:

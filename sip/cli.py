@@ -49,6 +49,15 @@ def _load(cls, recipe: Optional[Path], overrides: list[str]):
         _fail(str(e))
 
 
+def _run_and_record(cls, run, recipe: Optional[Path], overrides: list[str]) -> None:
+    """Load ``recipe`` with ``overrides`` into ``cls``, run it, save the resolved recipe beside its output and
+    print the result as one JSON line (the verbs whose job writes one output folder)."""
+    cfg = _load(cls, recipe, overrides)
+    result = _run(run, cfg)
+    save_config(cfg, Path(cfg.output) / "config.yaml")
+    typer.echo(json.dumps(result))
+
+
 def _input_overrides(input: Optional[Path]) -> list[str]:
     if input is None:
         return []
@@ -183,10 +192,8 @@ def scenes(
     objects = [] if input is None else _flags(**{
         "objects.kind": "sip-dataset" if is_dataset(input) else "folder", "objects.path": str(input)}) + [
         "objects.start=0", "objects.stop=null"]  # a Fashion-MNIST range does not carry over to another folder
-    cfg = _load(SceneRecipe, recipe, objects + _flags(output=str(output) if output else None) + list(set_))
-    result = _run(run_scenes, cfg)
-    save_config(cfg, Path(cfg.output) / "config.yaml")
-    typer.echo(json.dumps(result))
+    _run_and_record(SceneRecipe, run_scenes, recipe, objects + _flags(output=str(output) if output else None)
+                    + list(set_))
 
 
 @app.command()
@@ -206,10 +213,7 @@ def adapt(
 
     overrides = _input_overrides(input) + _flags(**{"output": str(output) if output else None, "model": model,
                                                     "method": method, "steps": steps}) + list(set_)
-    cfg = _load(AdaptRecipe, recipe, overrides)
-    result = _run(run_adapt, cfg)
-    save_config(cfg, Path(cfg.output) / "config.yaml")
-    typer.echo(json.dumps(result))
+    _run_and_record(AdaptRecipe, run_adapt, recipe, overrides)
 
 
 @app.command()

@@ -259,7 +259,7 @@ def downstream(args, root: Path, judge) -> dict[str, object]:
         adapted = synth(root / "pool", args.output / f"synth-{method}-{seed}", args.per_class, run, seed)
         fidelity_per_seed.append(judge_synth(judge, adapted)["acc"])
         for arm, synthetic in (("real", None), ("real+adapted", adapted), ("real+unadapted", base)):
-            name = f"student-{arm.replace('+', '-')}-{seed}"
+            name = f"student-{'real-' + method if arm == 'real+adapted' else arm.replace('+', '-')}-{seed}"
             arms[arm].append(train_student(root, shots, synthetic, args.output / name, seed, args.epochs))
             print(f"  seed {seed} {arm}: test top-1 {arms[arm][-1]:.4f}", flush=True)
     pct = {arm: [100 * v for v in values] for arm, values in arms.items()}  # gains in points of top-1

@@ -292,8 +292,6 @@ class TeacherLogitsStore:
         """
         from tqdm.auto import tqdm
 
-        from sip import __version__
-
         _check_build(teachers, classes, dtype, rank, world)
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -337,15 +335,23 @@ class TeacherLogitsStore:
                              lambda s, name, ids: s in spans or finished(name, ids), rank, world)
         if shards is None:  # other processes' shards are still being built
             return None
-        manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
-                    "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),
-                    "views": asdict(views), "num_samples": total, "num_views": views.views,
-                    "num_teachers": len(teachers), "num_classes": len(classes), "dtype": dtype, "shards": shards,
-                    "build_time_s": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_manifest(root, manifest)
+        _write_manifest(root, _new_manifest(fingerprint, identities, classes, views, total, dtype, shards,
+                                            time.perf_counter() - t0))
         store = cls(root)
         store._record_identity_agreement()
         return store
+
+
+def _new_manifest(fingerprint: dict[str, Any], identities: list[dict], classes: Sequence[str], views: ViewConfig,
+                  total: int, dtype: str, shards: list[dict], seconds: float) -> dict[str, Any]:
+    """``store.json`` of a finished build: what was stored, from which data and teachers, in which shards."""
+    from sip import __version__
+
+    return {"format": STORE_FORMAT, "version": STORE_VERSION, "sip_version": __version__,
+            "fingerprint": fingerprint, "teachers": identities, "classes": list(classes),
+            "views": asdict(views), "num_samples": total, "num_views": views.views,
+            "num_teachers": len(identities), "num_classes": len(classes), "dtype": dtype, "shards": shards,
+            "build_time_s": round(seconds, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -34,6 +34,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from sip.data.readers import read_metadata  # noqa: E402
 SIZE = 28  # exported digits, the Fashion-MNIST size
 JUDGE_SIZE = 16  # the judge's input: each image resized to 16x16 grey
 TEMPLATE = "a photo of the digit {label}"
@@ -107,10 +109,14 @@ def make_shots(root: Path, shots: int, seed: int) -> Path:
 # 2. The judge
 # --------------------------------------------------------------------------------------------------
 
+def judge_input(image: Image.Image) -> np.ndarray:
+    """An image as the judge sees it: grey, resized to 16x16, scaled to [0, 1]."""
+    return np.asarray(image.convert("L").resize((JUDGE_SIZE, JUDGE_SIZE), Image.BILINEAR), np.float32).ravel() / 255
+
+
 def features(path: Path) -> np.ndarray:
-    """A PNG as the judge sees it: grey, resized to 16x16, scaled to [0, 1]."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("L").resize((JUDGE_SIZE, JUDGE_SIZE), Image.BILINEAR), np.float32).ravel() / 255
+        return judge_input(im)
 
 
 def folder_xy(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -129,11 +135,9 @@ def train_judge(root: Path) -> tuple[object, dict[str, float]]:
 
 def judge_synth(judge, out: Path) -> dict[str, object]:
     """The judge's accuracy on a sip synth dataset (intended class = its prompt label)."""
-    from sip.data.readers import read_metadata
-
     rows = read_metadata(out)
     x = np.stack([features(out / "train" / r["file_name"]) for r in rows])
-    y = np.array([int(r["label"]) if str(r["label"]).isdigit() else CLASSES.index(r["label"]) for r in rows])
+    y = np.array([int(r["label"]) for r in rows])  # the labels are the folder names "0".."9"
     pred = judge.predict(x)
     per_class = {c: float(np.mean(pred[y == int(c)] == int(c))) for c in CLASSES if np.any(y == int(c))}
     return {"acc": float(np.mean(pred == y)), "n": len(y), "per_class": per_class,
@@ -155,8 +159,7 @@ def vae_ceiling(root: Path, judge) -> float:
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     grey = ((rec.mean(1) + 1) * 127.5).round().byte().numpy()
-    feats = np.stack([np.asarray(Image.fromarray(g).resize((JUDGE_SIZE, JUDGE_SIZE), Image.BILINEAR),
-                                 np.float32).ravel() / 255 for g in grey])
+    feats = np.stack([judge_input(Image.fromarray(g)) for g in grey])
     return float(judge.score(feats, np.array([y for _, y in paths])))
 
 
@@ -175,14 +178,10 @@ def adapt(method: str, shots: Path, out: Path, steps: int | None) -> Path:
     args = ["adapt", path, "--input", shots, "-o", out, "--set", "progress=false"]
     if steps:
         args += ["--steps", str(steps)]
-    if not (out / "run.json").exists() or not _adapt_finished(out):
+    run = out / "run.json"
+    if not (run.exists() and json.loads(run.read_text()).get("finished")):  # else sip adapt resumes it
         sip(*args)
     return out
-
-
-def _adapt_finished(out: Path) -> bool:
-    run = json.loads((out / "run.json").read_text())
-    return bool(run.get("finished"))
 
 
 def synth(pool: Path, out: Path, per_class: int, adapter: Path | None, seed: int) -> Path:
@@ -195,15 +194,9 @@ def synth(pool: Path, out: Path, per_class: int, adapter: Path | None, seed: int
     args = ["synth", path, "-o", out, "--seed", str(seed)]
     if adapter is not None:
         args += ["--adapter", adapter]
-    if not (out / "train" / "metadata.jsonl").exists() or len(_rows(out)) < 10 * per_class:
-        sip(*args)
+    if not (out / "train" / "metadata.jsonl").exists() or len(read_metadata(out)) < 10 * per_class:
+        sip(*args)  # sip synth resumes a partial folder
     return out
-
-
-def _rows(out: Path) -> list:
-    from sip.data.readers import read_metadata
-
-    return read_metadata(out)
 
 
 def fidelity(args, root: Path, judge) -> dict[str, dict]:
@@ -241,9 +234,7 @@ def train_student(root: Path, shots: Path, synthetic: Path | None, out: Path, se
     final = out / "final_metrics.json"
     if not final.exists():
         sip("train", path, "-o", out)
-    metrics = json.loads(final.read_text())
-    value = metrics.get("test_top1", metrics.get("top1"))
-    return float(value) / (100.0 if value > 1 else 1.0)
+    return json.loads(final.read_text())["test_top1"] / 100.0  # sip train's test top-1, in percent
 
 
 def downstream(args, root: Path, judge) -> dict[str, object]:

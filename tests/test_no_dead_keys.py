@@ -765,6 +765,8 @@ SMALL = ("source.shots=2",)
 ADAPT = ("model=TINY_SD", "source.kind=folder", "source.path=FOLDER", "steps=2", "batch_size=2", "lr=0.01",
          "checkpoint_every=2", "validation.every=0", "progress=false")  # 2 steps of the tiny SD on 6 shots
 ADAPT_TI = (*ADAPT, "method=textual_inversion")
+ADAPT_FT = (*ADAPT, "method=finetune")
+ADAPT_FT_TEXT = (*ADAPT_FT, "finetune.text_encoder=true")
 ADAPT_VAL = (*ADAPT, "validation.every=2", "validation.per_class=1", "validation.steps=2")
 SCENE = ("objects.kind=folder", "objects.path=FOLDER", "objects.stop=null", "scenes.count=2", "scenes.size=64",
          "scenes.object_size=[12, 30]", "scenes.max_objects=4")  # scenes of the tiny folder's cat / dog crops
@@ -1026,6 +1028,12 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("adapt", "lora.text_encoder"): (Changes(True, adapted, ADAPT) if _peft_takes_text_encoder()
                                      else Refused(True, ADAPT, "lora.text_encoder: .*pip install -U peft", adapted)),
     ("adapt", "lora.target_modules"): Changes(["to_q"], adapted, ADAPT),
+    ("adapt", "finetune.text_encoder"): (Changes(True, adapted, ADAPT_FT),
+                                         Refused(True, (), "read by method finetune only; method is lora"),
+                                         Refused(True, ("method=textual_inversion",), "read by method finetune only")),
+    ("adapt", "finetune.text_encoder_lr"): (Changes(0.5, adapted, ADAPT_FT_TEXT),
+                                            Refused(0.5, ADAPT_FT, "read only when finetune.text_encoder is true"),
+                                            Refused(0, ADAPT_FT_TEXT, "text_encoder_lr must be a finite number > 0")),
     ("adapt", "validation.every"): Changes(1, adapted, ADAPT_VAL),
     ("adapt", "validation.per_class"): Changes(2, adapted, ADAPT_VAL),
     ("adapt", "validation.steps"): Changes(3, adapted, ADAPT_VAL),

@@ -5,8 +5,8 @@ checkpoint state, and the final files in the layouts diffusers' own loaders read
   stays frozen. Saved as ``embeddings/<label>/learned_embeds.safetensors`` (``pipe.load_textual_inversion``).
 - :class:`Lora` (Hu et al., ICLR 2022; DataDream, ECCV 2024): peft ``LoraConfig`` adapters on the UNet's attention
   (and the text encoder's). Saved with ``save_lora_weights`` (``pipe.load_lora_weights(OUT)``).
-- :class:`Finetune` (DreamBooth-style, Ruiz et al., CVPR 2023, without prior preservation): the whole UNet. Saved as
-  a whole pipeline (``from_pretrained(OUT/pipeline)``).
+- :class:`Finetune` (DreamBooth-style, Ruiz et al., CVPR 2023, without prior preservation): the whole UNet, and with
+  ``finetune.text_encoder`` the whole text encoder. Saved as a whole pipeline (``from_pretrained(OUT/pipeline)``).
 """
 
 from __future__ import annotations
@@ -18,24 +18,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from sip.adapt.recipe import AdaptRecipe, LoraSettings, TextualInversionConfig
+from sip.adapt.recipe import AdaptRecipe, FinetuneSettings, LoraSettings, TextualInversionConfig
 from sip.adapt.use import LORA_FILE, PIPELINE_DIR, embedding_folder
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class Method:
-    """The common shape: ``params()``, ``encode(input_ids)``, ``names`` (what ``{label}`` becomes),
-    ``state()`` / ``load_state()`` for checkpoints, ``save(folder)`` for the final files."""
+    """The common shape: ``params()`` (and ``param_groups(lr)`` for the optimiser), ``encode(input_ids)``, ``names``
+    (what ``{label}`` becomes), ``trained`` (what learns, for run.json and the model card), ``state()`` /
+    ``load_state()`` for checkpoints, ``save(folder)`` for the final files."""
 
     name = ""
 
     def __init__(self, pipe: Any, classes: list[str]):
         self.pipe, self.classes = pipe, classes
         self.names: dict[str, str] = {c: c for c in classes}
+        self.trained: list[str] = []
 
     def params(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups, each with its peak ``lr`` (the loop scales each by the schedule)."""
+        return [{"params": self.params(), "lr": lr}]
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The text encoder's hidden states for ``input_ids``, through the trainable parameters."""
@@ -102,6 +108,7 @@ class TextualInversion(Method):
         self.names = {c: " ".join(added[i * self.k:(i + 1) * self.k]) for i, c in enumerate(classes)}
         self._key = next(n for n, p in encoder.named_parameters() if p is weight)
         encoder.requires_grad_(False)
+        self.trained = ["text_encoder: the new tokens' input embeddings"]
 
     def _init_vector(self, word: str) -> torch.Tensor:
         ids = self.pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -157,6 +164,7 @@ class Lora(Method):
         except ValueError as e:
             raise ValueError(f"lora.target_modules {config.target_modules}: {e}") from e
         self.text_encoder = config.text_encoder
+        self.trained = ["unet: LoRA"] + (["text_encoder: LoRA"] if self.text_encoder else [])
         if self.text_encoder:
             self.text_config = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                           target_modules=TEXT_ENCODER_TARGETS)
@@ -205,29 +213,52 @@ class Lora(Method):
 
 
 class Finetune(Method):
-    """The whole UNet trained (text encoder and VAE frozen)."""
+    """The whole UNet trained, and with ``finetune.text_encoder`` the whole text encoder (in its own parameter group,
+    at ``finetune.text_encoder_lr``); the VAE stays frozen.
+
+    Checkpoint state: the UNet's state dict under its own keys and, when it trains, the text encoder's under
+    ``text_encoder.`` (a UNet has no module of that name).
+    """
 
     name = "finetune"
+    TEXT = "text_encoder."
 
-    def __init__(self, pipe: Any, classes: list[str], names: dict[str, str]):
+    def __init__(self, pipe: Any, classes: list[str], config: FinetuneSettings, names: dict[str, str]):
         super().__init__(pipe, classes)
         self.names = {c: names.get(c, c) for c in classes}
-        pipe.text_encoder.requires_grad_(False)
+        self.text_encoder, self.text_encoder_lr = config.text_encoder, config.text_encoder_lr
+        pipe.text_encoder.requires_grad_(self.text_encoder)
         pipe.unet.requires_grad_(True)
+        self.trained = ["unet"] + (["text_encoder"] if self.text_encoder else [])
 
     def params(self) -> list[nn.Parameter]:
-        return list(self.pipe.unet.parameters())
+        return [p for group in self.param_groups(0.0) for p in group["params"]]
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        groups = [{"params": list(self.pipe.unet.parameters()), "lr": lr}]
+        if self.text_encoder:
+            groups.append({"params": list(self.pipe.text_encoder.parameters()), "lr": self.text_encoder_lr or lr})
+        return groups
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.pipe.unet.state_dict().items()}
+        state = {k: v.detach() for k, v in self.pipe.unet.state_dict().items()}
+        if self.text_encoder:
+            state.update({self.TEXT + k: v.detach() for k, v in self.pipe.text_encoder.state_dict().items()})
+        return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         from sip.models.checkpoints import load_weights
 
-        load_weights(self.pipe.unet, state, "the adapt checkpoint")
+        text = {k[len(self.TEXT):]: v for k, v in state.items() if k.startswith(self.TEXT)}
+        if text and not self.text_encoder:
+            raise ValueError("the adapt checkpoint holds a trained text encoder but finetune.text_encoder is false")
+        load_weights(self.pipe.unet, {k: v for k, v in state.items() if not k.startswith(self.TEXT)},
+                     "the adapt checkpoint (UNet)")
+        if self.text_encoder:
+            load_weights(self.pipe.text_encoder, text, "the adapt checkpoint (text encoder)")
 
     def save(self, folder: Path) -> None:
-        self.pipe.save_pretrained(str(folder / PIPELINE_DIR), safe_serialization=True)
+        self.pipe.save_pretrained(str(folder / PIPELINE_DIR), safe_serialization=True)  # the tuned text encoder too
 
 
 def build_method(recipe: AdaptRecipe, pipe: Any, classes: list[str]) -> Method:
@@ -236,4 +267,4 @@ def build_method(recipe: AdaptRecipe, pipe: Any, classes: list[str]) -> Method:
         return TextualInversion(pipe, classes, recipe.textual_inversion)
     if recipe.method == "lora":
         return Lora(pipe, classes, recipe.lora, recipe.label_names)
-    return Finetune(pipe, classes, recipe.label_names)
+    return Finetune(pipe, classes, recipe.finetune, recipe.label_names)

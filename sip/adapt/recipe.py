@@ -1,7 +1,7 @@
 """The ``sip adapt`` recipe: which model learns the user's classes, from which shots, by which method.
 
-A section per stage (``textual_inversion``, ``lora``, ``validation``); a method's section set while another
-method runs is an error, never ignored.
+A section per stage (``textual_inversion``, ``lora``, ``finetune``, ``validation``); a method's section set while
+another method runs is an error, never ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +67,32 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class FinetuneSettings:
+    """Full fine-tuning (DreamBooth, Ruiz et al., CVPR 2023, without prior preservation): the UNet, and with
+    ``text_encoder`` the text encoder too (DreamBooth's ``--train_text_encoder``).
+
+    Attributes:
+        text_encoder: also train the whole text encoder. A frozen encoder that never read the user's class names
+            (e.g. digits to a Fashion-MNIST model) gives the UNet near-identical conditioning for every class, so
+            the UNet cannot learn which class to draw; training it lets the prompts move apart. The saved pipeline
+            then carries the tuned encoder.
+        text_encoder_lr: the text encoder's peak learning rate (same warm-up and cosine as ``lr``); null: ``lr``.
+            A small encoder next to a large UNet often wants more than the UNet's small ``lr``.
+    """
+
+    text_encoder: bool = False
+    text_encoder_lr: float | None = None
+
+    def __post_init__(self):
+        lr = self.text_encoder_lr
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"finetune.text_encoder_lr must be a finite number > 0 or null, got {lr}")
+        if lr is not None and not self.text_encoder:
+            raise ValueError("finetune.text_encoder_lr is read only when finetune.text_encoder is true: set "
+                             "finetune.text_encoder: true or remove finetune.text_encoder_lr")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """The validation grid: txt2img of every class from the current weights, every ``every`` steps.
 
@@ -96,7 +122,8 @@ class AdaptRecipe:
 
     Attributes:
         method: "textual_inversion" (a token per class), "lora" (one LoRA for the dataset) or "finetune" (the
-            whole UNet, DreamBooth-style without prior preservation; saves a whole pipeline).
+            whole UNet, and the text encoder with ``finetune.text_encoder``, DreamBooth-style without prior
+            preservation; saves a whole pipeline).
         model: the base model, a folder or hub id (default: the shipped model).
         source: the shots, as ``sip augment`` reads them (``--input`` / ``source:``).
         template: the training prompt; ``{label}`` is the class's token (textual inversion) or name.
@@ -112,7 +139,7 @@ class AdaptRecipe:
         device: "auto", "cpu", "cuda", ...
         output: the output folder (``-o``); rerunning into it resumes.
         progress: show a progress bar.
-        textual_inversion, lora, validation: the sections above.
+        textual_inversion, lora, finetune, validation: the sections above.
     """
 
     method: Literal["textual_inversion", "lora", "finetune"] = "lora"
@@ -133,6 +160,7 @@ class AdaptRecipe:
     progress: bool = True
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
@@ -156,6 +184,10 @@ class AdaptRecipe:
         if self.method != "lora" and self.lora != LoraSettings():
             raise ValueError(f"the lora section is read by method lora only; method is {self.method}: remove it or "
                              f"set method: lora")
+        if self.method != "finetune" and self.finetune != FinetuneSettings():
+            hint = " (a LoRA on the text encoder is lora.text_encoder)" if self.method == "lora" else ""
+            raise ValueError(f"the finetune section (finetune.text_encoder, finetune.text_encoder_lr) is read by method "
+                             f"finetune only; method is {self.method}: remove it or set method: finetune{hint}")
         if self.method == "textual_inversion" and self.label_names:
             raise ValueError("label_names names classes in the prompt of lora / finetune; textual inversion puts each "
                              "class's token there: remove label_names (or name tokens in textual_inversion.tokens)")

@@ -91,6 +91,7 @@ def _run_info(recipe: AdaptRecipe, base: dict, classes: list[str], method: Metho
               losses: list, finished: bool) -> dict[str, Any]:
     return {"kind": ADAPT_KIND, "sip_version": getattr(sip, "__version__", None), "method": recipe.method,
             "base": base, "classes": classes, "tokens": getattr(method, "tokens", {}), "names": method.names,
+            "trained": method.trained,
             "template": recipe.template, "shots": shots, "steps": recipe.steps, "step": step, "finished": finished,
             "losses": losses, "config": to_dict(recipe)}
 
@@ -170,7 +171,8 @@ def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     params = method.params()
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(method.param_groups(recipe.lr), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak (finetune.text_encoder_lr)
     prompt_ids, step, losses = _tokenize(pipe, prompts), 0, []
     if (ckpt := out / CHECKPOINT_FILE).is_file():
         state, optim_state, step, info = load_checkpoint(ckpt)
@@ -183,8 +185,8 @@ def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts
     bar = tqdm(total=recipe.steps, initial=step, desc=f"adapt {recipe.method}", unit="step",
                disable=not recipe.progress, dynamic_ncols=True)
     while step < recipe.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * warmup_cosine(step, recipe.warmup_steps, recipe.steps)
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * warmup_cosine(step, recipe.warmup_steps, recipe.steps)
         loss = denoising_loss(pipe, noise_scheduler, method.encode, shots, prompt_ids, recipe.batch_size,
                               recipe.seed, step)
         if not torch.isfinite(loss):

@@ -59,6 +59,7 @@ def write_model_card(out: Path, info: dict[str, Any]) -> Path:
             "finetune": f'pipe = StableDiffusionPipeline.from_pretrained("{out}/pipeline")'}[method]
     lines = [f"# {method} adapter of {base.get('model')}", "",
              f"Written by `sip adapt` ({info['step']} steps). Base weights SHA-256: {base.get('weights_sha256')}.", "",
+             "Trained: " + ", ".join(info.get("trained") or ["?"]) + ".", "",
              "Load it with diffusers alone:", "", "```python", load, "```", "",
              f"or with sip: `sip augment --set generate.adapter={out}` / `sip synth --set generate.adapter={out}`.",
              "", "Prompts: " + ", ".join(f"{c} → \"{info['template'].format(label=n)}\"" for c, n in info["names"].items()),

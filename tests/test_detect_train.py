@@ -124,7 +124,7 @@ def test_shipped_detection_recipes_load_and_dispatch():
     from sip.config import load_config
     from sip.detect.train import task_of
 
-    for name in ("teacher", "kd", "datafree"):
+    for name in ("teacher", "kd", "datafree", "vit"):
         path = f"pipelines/fmnist_detect_{name}.yaml"
         assert task_of(path, []) == "detection"
         load_config(DetectRecipe, path)

@@ -775,6 +775,8 @@ DETECT_DATA = ("data.train=SCENES_A", "data.test=SCENES_B")
 DETECT_RUN = (*DETECT_DATA, *DETECTOR, "data.batch_size=2", "data.eval_batch_size=2", "optim.epochs=1",
               "run.device=cpu", "run.precision=fp32", "run.progress=false", "run.threads=1")
 KD = (*DETECT_DATA, *DETECTOR, "kd.teacher=DETECTOR")
+VIT_DETECTOR = ("detector.backbone=sip_vit_spt_lsa_tiny", "detector.patch_size=8", "detector.fpn_channels=32",
+                "detector.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "detector.head_convs=1")
 ROUNDS = ("distill.teachers=[{checkpoint: CLS}]", "distill.data.real.kind=folder", "distill.data.real.path=FOLDER",
           "distill.data.eval.kind=folder", "distill.data.eval.path=FOLDER2", "rounds.rounds=1", "rounds.top_classes=1", "rounds.per_class=2",
           "rounds.pool_per_class=1")
@@ -1078,8 +1080,14 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("detect", "data.num_workers"): Changes(1, detected, DETECT_RUN),
     ("detect", "detector.head"): Changes("retinanet", detector, DETECTOR[:2]),
     ("detect", "detector.backbone"): (Changes("resnet10t", detector, DETECTOR),
-                                      Refused("vit_tiny_patch16_224", (), "a timm ResNet is needed")),
-    ("detect", "detector.norm"): Changes("group", detector, DETECTOR),
+                                      Changes("vit_tiny_patch16_224", detector, VIT_DETECTOR),
+                                      Refused("efficientnet_b0", (), "a timm ResNet .* or a ViT")),
+    ("detect", "detector.norm"): (Changes("group", detector, DETECTOR), Changes("group", detector, VIT_DETECTOR)),
+    ("detect", "detector.patch_size"): (Changes(16, detector, VIT_DETECTOR),
+                                        Refused(16, DETECTOR, "read by ViT backbones only")),
+    ("detect", "detector.backbone_kwargs"): (Changes({"embed_dim": 64, "depth": 1, "num_heads": 2}, detector,
+                                                     VIT_DETECTOR),
+                                             Refused({"img_size": 64}, VIT_DETECTOR, "may not set img_size")),
     ("detect", "detector.gn_groups"): (Changes(4, detector, (*DETECTOR, "detector.norm=group")),
                                        Refused(4, (), "read by norm: group only")),
     ("detect", "detector.fpn_channels"): (Changes(64, detector, DETECTOR), Refused(48, (), "multiple of 32")),

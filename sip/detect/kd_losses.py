@@ -112,7 +112,8 @@ class FeatureImitation(nn.Module):
         for s, t in zip(student_feats, teacher_feats):
             if s.shape != t.shape:
                 raise ValueError(f"feature imitation needs equal pyramid shapes, got student {tuple(s.shape)} and "
-                                 f"teacher {tuple(t.shape)}: give both detectors the same detector.fpn_channels")
+                                 f"teacher {tuple(t.shape)}: give both detectors the same detector.fpn_channels and "
+                                 "pyramid strides")
             mask = box_mask(boxes, s.shape[-2:], image_size).to(s.device)
             weight = self.alpha * mask + self.beta * (1 - mask)
             total = total + (weight[:, None] * (s.float() - t.float()) ** 2).mean()

@@ -61,6 +61,23 @@ def dense_forward(model: nn.Module, images: list[torch.Tensor], targets: list[di
     return losses, head, features
 
 
+def check_teacher(kd: KDSection, student: nn.Module, teacher: nn.Module) -> None:
+    """Raise ``ValueError`` when the dense KD terms cannot compare ``student`` and ``teacher`` location by location:
+    another head, other pyramid strides (levels), or, with ``kd.feat``, other pyramid channels."""
+    if type(student) is not type(teacher):
+        raise ValueError(f"kd.teacher is a {type(teacher).__name__}, the student a {type(student).__name__}: the "
+                         "dense KD terms compare head outputs anchor by anchor; give both the same detector.head")
+    s, t = student.backbone, teacher.backbone
+    if list(s.strides) != list(t.strides):
+        raise ValueError(f"kd.teacher's pyramid has strides {list(t.strides)}, the student's {list(s.strides)}: the "
+                         "dense KD terms compare locations one to one; give a ViT student detector.patch_size "
+                         f"{2 * min(t.strides)} (strides patch/2, patch, 2·patch)")
+    if kd.feat and s.out_channels != t.out_channels:
+        raise ValueError(f"kd.feat: feature imitation needs equal pyramids, the student's has {s.out_channels} "
+                         f"channels (detector.fpn_channels), kd.teacher's {t.out_channels}: set detector.fpn_channels: "
+                         f"{t.out_channels} or kd.feat: 0")
+
+
 def make_detection_step(kd: KDSection, teacher: nn.Module | None, device, image_size: int, box_low: float):
     """The :data:`sip.train.loop.StepFn` of a detection run (``box_low``: the smallest regression value LD bins:
     0 for FCOS's distances, ``-kd.box_max`` for RetinaNet's deltas)."""
@@ -92,4 +109,4 @@ def make_detection_step(kd: KDSection, teacher: nn.Module | None, device, image_
     return step_fn
 
 
-__all__ = ["KDSection", "dense_forward", "make_detection_step"]
+__all__ = ["KDSection", "check_teacher", "dense_forward", "make_detection_step"]

@@ -1,4 +1,4 @@
-"""``sip train`` with ``task: detection``: a torchvision FCOS / RetinaNet on a timm ResNet trained on scene sets
+"""``sip train`` with ``task: detection``: a torchvision FCOS / RetinaNet on a timm ResNet or a ViT trained on scene sets
 (``sip scenes`` output, or any COCO folder), optionally distilled from a teacher detector, through sip's one
 training loop (:func:`sip.train.loop.fit`: accelerate, resume, checkpoints, ``metrics.jsonl``) with COCO mAP
 from pycocotools per epoch on the validation scenes and once on the test scenes.
@@ -20,7 +20,7 @@ import torch
 from sip.detect.data import SceneImages, collate_scenes, scene_item_maker
 from sip.detect.evaluate import DetectionHeldOut
 from sip.detect.models import DetectorSection, build_detector, detector_metadata, load_detector
-from sip.detect.step import KDSection, make_detection_step
+from sip.detect.step import KDSection, check_teacher, make_detection_step
 from sip.train.recipe import OptimSection, RunSection
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def run_detection(recipe: DetectRecipe, run_dir: str | Path) -> dict[str, Any]:
         if meta["classes"] != train.classes or meta["img_size"] != train.size:
             raise ValueError(f"kd.teacher {recipe.kd.teacher}: its classes / scene size ({meta['classes']}, "
                              f"{meta['img_size']} px) differ from data.train's ({train.classes}, {train.size} px)")
+        check_teacher(recipe.kd, model, teacher)
         teacher.requires_grad_(False)
     if recipe.detector.checkpoint:
         state, _meta = load_checkpoint_file(recipe.detector.checkpoint)

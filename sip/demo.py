@@ -101,7 +101,7 @@ def synth_recipe(recipe: DemoRecipe, out: Path, progress: bool = True):
         output=str(out), progress=progress)
 
 
-def teacher_recipe(recipe: DemoRecipe):
+def teacher_recipe(recipe: DemoRecipe, progress: bool = True):
     """The ``sip train`` recipe of stage 2: the teacher on Fashion-MNIST 0 … teacher_images - 1."""
     from sip.data.sources import SourceConfig
     from sip.train.recipe import DataSection, ModelSection, OptimSection, RunSection, TrainRecipe, ValSection
@@ -113,10 +113,10 @@ def teacher_recipe(recipe: DemoRecipe):
                          val=val, img_size=28, scale=(0.6, 1.0), batch_size=128),
         model=ModelSection(name=recipe.teacher),
         optim=OptimSection(epochs=recipe.teacher_epochs, lr=3e-3, warmup_epochs=0.1, weight_decay=0.05),
-        run=RunSection(seed=recipe.seed, eval_every=recipe.teacher_epochs))
+        run=RunSection(seed=recipe.seed, eval_every=recipe.teacher_epochs, progress=progress))
 
 
-def student_recipe(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path]):
+def student_recipe(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path], progress: bool = True):
     """The ``sip distill`` recipe of stage 3: a student on the real shots (+ ``synthetic`` folders) from the teacher."""
     from sip.data.mixing import MixConfig
     from sip.data.sources import SourceConfig
@@ -139,7 +139,8 @@ def student_recipe(recipe: DemoRecipe, teacher_dir: Path, synthetic: list[Path])
         loss=LossSection(name="hinton", temperature=recipe.temperature, alpha=recipe.alpha),
         batch_mix=BatchMixConfig(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha),
         optim=OptimSection(epochs=recipe.student_epochs, lr=3e-3, warmup_epochs=0.5),
-        run=RunSection(seed=recipe.seed, eval_every=1))  # a validation point per epoch: the report's curves
+        # a validation point per epoch: the report's curves
+        run=RunSection(seed=recipe.seed, eval_every=1, progress=progress))
 
 
 def demo_recipes(recipe: DemoRecipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -153,9 +154,10 @@ def demo_recipes(recipe: DemoRecipe, out: str | Path, progress: bool = True) -> 
     teacher_dir = out / "train" / "teacher"
     return {"augment": augment_recipe(recipe, out / "augmented", progress),
             "synth": synth_recipe(recipe, out / "synthetic", progress),
-            "teacher": teacher_recipe(recipe),
-            "student-real": student_recipe(recipe, teacher_dir, []),
-            "student-real+sip": student_recipe(recipe, teacher_dir, [out / "augmented", out / "synthetic"])}
+            "teacher": teacher_recipe(recipe, progress),
+            "student-real": student_recipe(recipe, teacher_dir, [], progress),
+            "student-real+sip": student_recipe(recipe, teacher_dir, [out / "augmented", out / "synthetic"],
+                                               progress)}
 
 
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, overrides: list[str] | None = None,

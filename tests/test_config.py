@@ -421,3 +421,13 @@ def test_hub_and_tagged_model_names_still_load():
 
     for name in ("resnet10t.c3_in1k", "hf-hub:timm/resnet10t.c3_in1k", "sip_rednet_tiny"):
         assert load_config(TrainRecipe, None, [f"model.name={name}"]).model.name == name
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_demo_passes_its_progress_switch_to_every_stage(tmp_path, progress):
+    """``scripts/demo_seeds.py --no-progress`` still drew the teacher's and students' bars (they kept the default)."""
+    from sip.demo import DemoRecipe, demo_recipes
+
+    recipes = demo_recipes(load_config(DemoRecipe, None, []), tmp_path, progress=progress)
+    assert {name: r.progress if hasattr(r, "progress") else r.run.progress for name, r in recipes.items()} == {
+        name: progress for name in ("augment", "synth", "teacher", "student-real", "student-real+sip")}

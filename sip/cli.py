@@ -304,11 +304,14 @@ def merge(output: Path = typer.Argument(..., help="Output folder of a sharded ru
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run folder written by sip demo / augment / train."),
            max_sources: int = typer.Option(10, "--max-sources", help="Source images per dataset grid."),
-           max_variants: int = typer.Option(4, "--max-variants", help="Variants shown per source.")) -> None:
-    """Write an HTML report (variant grid, training curves, accuracy table) for a run folder."""
+           max_variants: int = typer.Option(4, "--max-variants", help="Variants shown per source."),
+           max_scenes: int = typer.Option(8, "--max-scenes", help="Scenes per detection run's grid of boxes."),
+           min_score: float = typer.Option(0.3, "--min-score", help="Smallest score of a predicted box drawn.")) -> None:
+    """Write an HTML report (variant grid, training curves, predicted boxes, accuracy table) for a run folder."""
     from sip.report.page import write_report
 
-    path = _run(write_report, run_dir, max_sources=max_sources, max_variants=max_variants)
+    path = _run(write_report, run_dir, max_sources=max_sources, max_variants=max_variants, max_scenes=max_scenes,
+                min_score=min_score)
     typer.echo(f"report → {path}")
 
 

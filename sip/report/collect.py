@@ -244,8 +244,8 @@ def metric_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, flo
 
 
 # the per-epoch evaluation a student curve shows, first found wins: the validation split's top-1 (sip train /
-# distill), then the older per-epoch keys
-EVAL_KEYS = ("val_top1", "eval_top1", "top1")
+# distill), then the older per-epoch keys, then a detection run's validation COCO mAP
+EVAL_KEYS = ("val_top1", "eval_top1", "top1", "val_map")
 
 
 def evaluation_curves(runs: dict[str, dict[str, list[tuple[float, float]]]]) -> tuple[str | None, dict[str, list]]:

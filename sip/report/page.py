@@ -14,12 +14,16 @@ What it looks for (a demo run folder: ``RUN/augmented/``, ``RUN/train/<name>/met
 - **training curves**: every ``metrics.jsonl`` (one JSON object per line) up to three levels down.
   Each numeric key becomes a panel with one line per run, against ``epoch`` when rows have it, else
   the line number; non-numeric values, nested objects beyond one level and torn lines are skipped.
+- **predicted boxes**: for each training run whose ``config.yaml`` says ``task: detection``, its detector's
+  boxes (score at least ``min_score``, named by class) on its first validation scenes (test scenes when it has
+  no validation set) beside the scenes' own boxes.
 - **accuracy table**: ``RUN/results.json`` (``{"runs": [{"name": ..., "top1": ..., ...}]}``, a list of
   such rows, or ``{name: {...}}``); without it, the ``final_metrics.json`` next to each metrics file.
 
 Any missing piece is left out with a note saying what was looked for. Output: ``RUN/report/report.html``,
 ``grid-<dataset>.png``, ``evaluation.png`` (each run's validation top-1 per evaluated epoch), ``curves.png``,
-``accuracy.md`` (the table as Markdown, for a README) and
+``detections-<run>.png`` (a detection run's held-out scenes: scene boxes beside predicted boxes, see
+:mod:`sip.report.detections`), ``accuracy.md`` (the table as Markdown, for a README) and
 ``images/`` (the tiles the HTML shows). Matplotlib runs on its Agg backend (no display needed).
 """
 
@@ -48,6 +52,7 @@ from sip.report.collect import (
     read_results,
     run_names,
 )
+from sip.report.detections import detection_runs, plot_detections, read_detection_grid
 from sip.report.figures import plot_curves, plot_evaluation, plot_grid
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +197,30 @@ def _curves_section(run_dir: Path, metrics_files: list[Path], out: Path, body: l
         notes.append("no training metrics")
 
 
+def _detections_section(run_dir: Path, metrics_files: list[Path], out: Path, max_scenes: int, min_score: float,
+                        body: list[str], notes: list[str]) -> None:
+    """Append each detection run's grid of held-out scenes, scene boxes beside predicted boxes, to ``body``."""
+    runs = detection_runs(metrics_files)
+    if not runs:
+        return
+    body.append("<h2>Predicted boxes of the detection runs</h2>")
+    for run in runs:
+        rel = run.relative_to(run_dir).as_posix() if run != run_dir else run_dir.resolve().name
+        try:
+            grid = read_detection_grid(run, max_scenes, min_score)
+        except (FileNotFoundError, ValueError) as e:
+            body.append(f"<h3>{_esc(rel)}</h3><p class='note'>No predicted boxes: {_esc(e)}.</p>")
+            notes.append(f"no predicted boxes of {rel}")
+            continue
+        png = plot_detections(grid, out / f"detections-{sanitize_label(rel)}.png",
+                              f"{rel}: {grid.split} scenes, scene boxes (left) and predicted boxes (right)")
+        shown = sum(len(s.predicted) for s in grid.scenes)
+        body.append(f"<h3>{_esc(rel)}</h3><p><img class='figure' src='{png.name}' alt='predicted boxes'></p>"
+                    f"<p class='meta'>The first {len(grid.scenes)} scenes of {_esc(grid.split)} "
+                    f"(<code>{_esc(grid.scenes_dir)}</code>): {shown} predicted boxes with a score of at least "
+                    f"{grid.min_score:g}, each named by its class.</p>")
+
+
 def _accuracy_section(run_dir: Path, results: list[dict[str, Any]], results_from: Any, out: Path,
                       body: list[str], notes: list[str]) -> None:
     """Append the accuracy table (best per accuracy column in bold) and write ``accuracy.md``."""
@@ -219,7 +248,8 @@ def _accuracy_section(run_dir: Path, results: list[dict[str, Any]], results_from
     (out / "accuracy.md").write_text(markdown_table(results), encoding="utf-8")
 
 
-def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int = 4) -> Path:
+def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int = 4, max_scenes: int = 8,
+                 min_score: float = 0.3) -> Path:
     """Write ``RUN_DIR/report/report.html`` and the PNGs it shows; returns the HTML's path.
 
     Args:
@@ -227,6 +257,8 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
         max_sources (int, optional): source images per dataset grid (taken round-robin over the
             classes). Defaults to 10.
         max_variants (int, optional): variants shown per source. Defaults to 4.
+        max_scenes (int, optional): scenes per detection run's grid of predicted boxes. Defaults to 8.
+        min_score (float, optional): the smallest score of a predicted box drawn. Defaults to 0.3.
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist, or holds none of: a sip dataset, a
@@ -236,8 +268,11 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    if max_sources <= 0 or max_variants <= 0:
-        raise ValueError(f"max_sources and max_variants must be positive, got {max_sources}, {max_variants}")
+    if max_sources <= 0 or max_variants <= 0 or max_scenes <= 0:
+        raise ValueError(f"max_sources, max_variants and max_scenes must be positive, got {max_sources}, "
+                         f"{max_variants}, {max_scenes}")
+    if not 0 <= min_score <= 1:
+        raise ValueError(f"min_score must be in [0, 1], got {min_score}")
     datasets_found = find_datasets(run_dir)
     metrics_files = find_metrics(run_dir)
     results, results_from = read_results(run_dir, metrics_files)
@@ -249,7 +284,7 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
-    for old in [*out.glob("grid-*.png"), out / "curves.png", out / "evaluation.png", out / "accuracy.md"]:
+    for old in [*out.glob("grid-*.png"), *out.glob("detections-*.png"), out / "curves.png", out / "evaluation.png", out / "accuracy.md"]:
         old.unlink(missing_ok=True)
     notes: list[str] = []
     body: list[str] = []
@@ -258,10 +293,12 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     _dataset_section(run_dir, datasets_found, out, max_sources, max_variants, body, notes)
     # 4. training curves
     _curves_section(run_dir, metrics_files, out, body, notes)
-    # 5. accuracy table
+    # 5. detection runs: predicted boxes beside the scene boxes
+    _detections_section(run_dir, metrics_files, out, max_scenes, min_score, body, notes)
+    # 6. accuracy table
     _accuracy_section(run_dir, results, results_from, out, body, notes)
 
-    # 6. the page (written to a temp name, then renamed)
+    # 7. the page (written to a temp name, then renamed)
     import sip
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -7,10 +7,18 @@ Issue 28 ("a second real domain"). The 1,797 8x8 digits of ``sklearn.datasets.lo
 1. a judge (scikit-learn RBF SVM on 16x16 pixels) trained on the whole pool; its test accuracy is printed;
 2. fidelity: ``sip synth`` draws N txt2img images per class ("a photo of the digit 3") from the shipped model,
    unadapted and through ``--adapter`` of ``sip adapt`` (10 pool shots per class, each method's recipe with
-   the digits as ``--input``); the judge's accuracy on them (fraction judged their intended class);
+   the digits as ``--input``); the judge's accuracy on them (fraction judged their intended class), and how near
+   they are to the shots against real digits the adapter never saw (a copy check: high fidelity by copying the 10
+   shots would add little);
 3. (``--downstream``) 10-shot accuracy on the test split: ``sip train`` of a small CNN on the real shots alone,
    + adapted synth, + unadapted synth, over ``--seeds`` draws of shots (adapted again per draw), paired gains
    with Student-t intervals (sip.report.stats).
+
+A method may carry recipe overrides, ``METHOD+KEY=VALUE+...`` (each one ``sip adapt --set KEY=VALUE``; the whole
+string names its folders, so a changed recipe never reuses another's finished run), e.g.
+``finetune+finetune.text_encoder=true+finetune.text_encoder_lr=0.0005``. ``--synth-seed N`` draws the fidelity
+stage's images with another seed (folders ``...-drawN``): a validation draw to choose variants on, so the reported
+draw (seed 0) is not the one they were chosen on.
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/adapt_digits.py -o runs/digits --methods finetune lora
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +49,17 @@ SIZE = 28  # exported digits, the Fashion-MNIST size
 JUDGE_SIZE = 16  # the judge's input: each image resized to 16x16 grey
 TEMPLATE = "a photo of the digit {label}"
 CLASSES = [str(c) for c in range(10)]
+METHODS = ("finetune", "lora", "textual_inversion")
+
+
+def method_variant(spec: str) -> tuple[str, list[str]]:
+    """``METHOD+KEY=VALUE+...`` -> (method, ["KEY=VALUE", ...]); the method must be one of :data:`METHODS`."""
+    method, *sets = spec.split("+")
+    if method not in METHODS or any("=" not in s for s in sets):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD[+KEY=VALUE...], METHOD one of {METHODS}")
+    if re.search(r"[^A-Za-z0-9._=+\-\[\]{}:,]", spec):
+        raise argparse.ArgumentTypeError(f"{spec!r}: it names folders; use letters, digits and . _ = - [ ] {{ }} : ,")
+    return method, sets
 
 
 def sip(*args: str) -> None:
@@ -144,6 +164,25 @@ def judge_synth(judge, out: Path) -> dict[str, object]:
             "pred_hist": np.bincount(pred, minlength=10).tolist()}
 
 
+def nearest_shot(x: np.ndarray, y: np.ndarray, shots: Path) -> np.ndarray:
+    """Each image's distance (judge input, L2) to the nearest adapt shot of its own class."""
+    xs, ys = folder_xy(shots)
+    return np.array([np.min(np.linalg.norm(xs[ys == c] - v, axis=1)) for v, c in zip(x, y)])
+
+
+def copy_check(out: Path, shots: Path, real: Path) -> dict[str, float]:
+    """Do generated images copy the shots? Median nearest-shot distance of the generated images and of real digits
+    the adapter never saw (``real``, the validation split); a ratio well below 1 means near-copies, and the fraction
+    of generated images closer to a shot than the closest 5 % of real ones."""
+    rows = read_metadata(out)
+    x = np.stack([features(out / "train" / r["file_name"]) for r in rows])
+    d_gen = nearest_shot(x, np.array([int(r["label"]) for r in rows]), shots)
+    d_real = nearest_shot(*folder_xy(real), shots)
+    return {"nn_gen": float(np.median(d_gen)), "nn_real": float(np.median(d_real)),
+            "nn_ratio": float(np.median(d_gen) / np.median(d_real)),
+            "near_copy": float(np.mean(d_gen < np.percentile(d_real, 5)))}
+
+
 def vae_ceiling(root: Path, judge) -> float:
     """The judge's accuracy on the test digits after a round trip through the shipped model's VAE (at its
     32 px): what the generator's decoder can show at best, whatever the UNet learns."""
@@ -167,8 +206,10 @@ def vae_ceiling(root: Path, judge) -> float:
 # 3. Adapt and synthesise
 # --------------------------------------------------------------------------------------------------
 
-def adapt(method: str, shots: Path, out: Path, steps: int | None) -> Path:
-    """``sip adapt`` with the method's shipped recipe on the digit shots (digit prompts, no F-MNIST names)."""
+def adapt(spec: str, shots: Path, out: Path, steps: int | None) -> Path:
+    """``sip adapt`` with the method's shipped recipe on the digit shots (digit prompts, no F-MNIST names) and the
+    variant's overrides (``METHOD+KEY=VALUE+...``)."""
+    method, sets = method_variant(spec)
     recipe = yaml.safe_load((REPO / "pipelines" / f"adapt_{method}.yaml").read_text())
     recipe.pop("label_names", None)
     recipe.pop("source", None)
@@ -176,6 +217,8 @@ def adapt(method: str, shots: Path, out: Path, steps: int | None) -> Path:
     recipe["output"] = str(out)
     path = write_yaml(out.parent / f"recipe-adapt-{method}-{out.name}.yaml", recipe)
     args = ["adapt", path, "--input", shots, "-o", out, "--set", "progress=false"]
+    for s in sets:
+        args += ["--set", s]
     if steps:
         args += ["--steps", str(steps)]
     run = out / "run.json"
@@ -199,17 +242,26 @@ def synth(pool: Path, out: Path, per_class: int, adapter: Path | None, seed: int
     return out
 
 
+def variant_name(spec: str, steps: int | None) -> str:
+    """The folder name of a method variant (``--steps`` is part of it: another length is another run)."""
+    return spec + (f"+steps={steps}" if steps else "")
+
+
 def fidelity(args, root: Path, judge) -> dict[str, dict]:
-    """Judge accuracy on synth images: the unadapted model, then each method adapted on shots-0."""
-    shots = make_shots(root, args.shots, 0)
-    results = {"unadapted": judge_synth(judge, synth(root / "pool", args.output / "synth-base",
-                                                     args.per_class, None, 0))}
-    for method in args.methods:
+    """Judge accuracy on synth images (drawn with ``--synth-seed``): the unadapted model, then each method variant
+    adapted on shots-0."""
+    shots, seed = make_shots(root, args.shots, 0), args.synth_seed
+    draw = f"-draw{seed}" if seed else ""
+    base = synth(root / "pool", args.output / f"synth-base{draw}", args.per_class, None, seed)
+    results = {"unadapted": {**judge_synth(judge, base), **copy_check(base, shots, root / "val")}}
+    for spec in args.methods:
+        name = variant_name(spec, args.steps)
         t0 = time.time()
-        run = adapt(method, shots, args.output / f"adapt-{method}-0", args.steps)
+        run = adapt(spec, shots, args.output / f"adapt-{name}-0", args.steps)
         adapt_s = time.time() - t0
-        out = synth(root / "pool", args.output / f"synth-{method}-0", args.per_class, run, 0)
-        results[method] = {**judge_synth(judge, out), "adapt_seconds": round(adapt_s, 1)}
+        out = synth(root / "pool", args.output / f"synth-{name}-0{draw}", args.per_class, run, seed)
+        results[name] = {**judge_synth(judge, out), **copy_check(out, shots, root / "val"),
+                         "adapt_seconds": round(adapt_s, 1)}
     return results
 
 
@@ -241,12 +293,13 @@ def downstream(args, root: Path, judge) -> dict[str, object]:
     """Per seed: new shots, adapt on them, synth (judged), three students; paired gains over the seeds."""
     from sip.report.stats import paired_comparison
 
-    method, arms = args.downstream_method, {"real": [], "real+adapted": [], "real+unadapted": []}
+    method = variant_name(args.downstream_method, args.steps)
+    arms = {"real": [], "real+adapted": [], "real+unadapted": []}
     fidelity_per_seed = []
     base = synth(root / "pool", args.output / "synth-base", args.per_class, None, 0)
     for seed in args.seeds:
         shots = make_shots(root, args.shots, seed)
-        run = adapt(method, shots, args.output / f"adapt-{method}-{seed}", args.steps)
+        run = adapt(args.downstream_method, shots, args.output / f"adapt-{method}-{seed}", args.steps)
         adapted = synth(root / "pool", args.output / f"synth-{method}-{seed}", args.per_class, run, seed)
         fidelity_per_seed.append(judge_synth(judge, adapted)["acc"])
         for arm, synthetic in (("real", None), ("real+adapted", adapted), ("real+unadapted", base)):
@@ -270,10 +323,15 @@ def print_table(judge_stats: dict, fid: dict, down: dict | None) -> None:
           f"test {judge_stats['test']:.4f}; test digits through the shipped VAE (32 px round trip) "
           f"{judge_stats['vae_roundtrip_test']:.4f}")
     print("\n== fidelity: judge accuracy on txt2img 'a photo of the digit K' ==")
-    print(f"{'generator':<18} {'n':>5} {'acc':>7}  per class 0..9                              predicted histogram")
+    width = max(18, *map(len, fid))
+    print("(nn: median distance to the nearest shot of the class, generated / real unseen digits; copy: fraction "
+          "closer than the nearest 5 % of real ones)")
+    print(f"{'generator':<{width}} {'n':>5} {'acc':>7} {'nn':>5} {'copy':>5}  per class 0..9"
+          "                              predicted histogram")
     for name, r in fid.items():
         per = " ".join(f"{r['per_class'].get(c, float('nan')):.2f}" for c in CLASSES)
-        print(f"{name:<18} {r['n']:>5} {r['acc']:>7.4f}  {per}  {r['pred_hist']}")
+        print(f"{name:<{width}} {r['n']:>5} {r['acc']:>7.4f} {r['nn_ratio']:>5.2f} {r['near_copy']:>5.2f}  {per}  "
+              f"{r['pred_hist']}")
     if down:
         print(f"\n== downstream: 10-shot test top-1, resnet10t, adapter {down['method']}, seeds {down['seeds']} ==")
         print("judge accuracy on each seed's adapted synth: " + " ".join(f"{v:.4f}" for v in down["adapted_fidelity"]))
@@ -283,18 +341,25 @@ def print_table(judge_stats: dict, fid: dict, down: dict | None) -> None:
             print(f"{name:<28} {comp.describe(unit=' pt')}")
 
 
+def _variant(spec: str) -> str:
+    method_variant(spec)
+    return spec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/digits"))
-    parser.add_argument("--methods", nargs="+", default=["finetune", "lora"],
-                        choices=["finetune", "lora", "textual_inversion"])
+    parser.add_argument("--methods", nargs="+", default=["finetune", "lora"], type=_variant,
+                        help="METHOD[+KEY=VALUE...], METHOD one of " + ", ".join(METHODS))
     parser.add_argument("--per-class", type=int, default=30, help="synth images per class")
     parser.add_argument("--shots", type=int, default=10, help="adapt shots per class")
     parser.add_argument("--steps", type=int, default=None, help="adapt steps (default: each recipe's)")
     parser.add_argument("--downstream", action="store_true", help="also the 10-shot student table")
-    parser.add_argument("--downstream-method", default="lora", choices=["finetune", "lora", "textual_inversion"])
+    parser.add_argument("--downstream-method", default="lora", type=_variant, help="METHOD[+KEY=VALUE...]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6, help="student epochs (2,000 views each)")
+    parser.add_argument("--synth-seed", type=int, default=0,
+                        help="the fidelity stage's draw (another seed: a validation draw to choose variants on)")
     args = parser.parse_args()
     args.output = args.output.resolve()
     t0 = time.time()
@@ -308,7 +373,8 @@ def main() -> None:
     fid = fidelity(args, root, judge)
     down = downstream(args, root, judge) if args.downstream else None
     print_table(judge_stats, fid, down)
-    summary = {"judge": judge_stats, "fidelity": {k: {"acc": v["acc"], "n": v["n"]} for k, v in fid.items()},
+    summary = {"judge": judge_stats, "fidelity": {k: {"acc": v["acc"], "n": v["n"], "nn_ratio": v["nn_ratio"],
+                                                      "near_copy": v["near_copy"]} for k, v in fid.items()},
                "wall_seconds": round(time.time() - t0, 1)}
     if down:
         summary["downstream"] = {"method": down["method"], "arms": down["arms"],

@@ -186,8 +186,8 @@ class AdaptRecipe:
                              f"set method: lora")
         if self.method != "finetune" and self.finetune != FinetuneSettings():
             hint = " (a LoRA on the text encoder is lora.text_encoder)" if self.method == "lora" else ""
-            raise ValueError(f"the finetune section (finetune.text_encoder, finetune.text_encoder_lr) is read by method "
-                             f"finetune only; method is {self.method}: remove it or set method: finetune{hint}")
+            raise ValueError(f"the finetune section (finetune.text_encoder, finetune.text_encoder_lr) is read by "
+                             f"method finetune only; method is {self.method}: remove it or set method: finetune{hint}")
         if self.method == "textual_inversion" and self.label_names:
             raise ValueError("label_names names classes in the prompt of lora / finetune; textual inversion puts each "
                              "class's token there: remove label_names (or name tokens in textual_inversion.tokens)")

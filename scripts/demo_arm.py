@@ -5,8 +5,9 @@ those finished seeds without redoing them: the seed's txt2img set is made again 
 (e.g. guided by the seed's own teacher: ``--teacher``), and the seed's ``student-real+sip`` recipe is distilled
 again with that set in place of the unguided one (its img2img variants, shots, teacher, epochs and seed unchanged).
 The arm is compared with both demo students, paired by seed, on the validation split and on the test set (each
-run reads it once, at its end). Each stage is sip's own resumable job; a finished one is not redone (sip refuses
-an output folder made with other settings).
+run reads it once, at its end). Each stage is sip's own resumable job: ``sip synth`` skips the images already
+written and its writer refuses a folder made with other settings; a finished student is reused only when its saved
+recipe equals the requested one (``sip.train.run_dir.recipe_changes``), else refused with the differing keys.
 
 Usage::
 
@@ -26,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
 from sip.report.stats import paired_comparison  # noqa: E402
 
 SIP = str(Path(sys.executable).with_name("sip"))
@@ -33,7 +35,25 @@ SIP = str(Path(sys.executable).with_name("sip"))
 
 def run(cmd: list[str]) -> None:
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd, check=False).returncode:
+        raise SystemExit(f"failed (its message is above): {shlex.join(cmd)}")
+
+
+def finished_student(out: Path, recipe: Path, sets: list[str]) -> bool:
+    """True when ``out`` holds a finished student of exactly ``recipe`` with ``sets``; a finished one made with
+    other settings is refused, naming the keys (its numbers are not this arm's)."""
+    import yaml
+
+    from sip.config import load_config, to_dict
+    from sip.distill.run import DistillRecipe
+    from sip.train.run_dir import recipe_changes
+
+    if not (out / "final_metrics.json").is_file():
+        return False
+    requested = load_config(DistillRecipe, recipe, sets)
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+    return reuse_or_refuse(out, recipe_changes(requested, out / "config.yaml"), False, flat(saved),
+                           flat(to_dict(requested)))
 
 
 def run_arm(seed_dir: Path, args) -> dict:
@@ -42,20 +62,15 @@ def run_arm(seed_dir: Path, args) -> dict:
         raise SystemExit(f"{seed_dir}: not a finished demo seed (no results.json); run scripts/demo_seeds.py first")
     synth = seed_dir / "arms" / args.name / "synthetic"
     student = seed_dir / "train" / f"student-{args.name}"
-    if not (synth / "run.json").is_file() or not (synth / "train" / "metadata.jsonl").is_file():
-        cmd = [SIP, "synth", str(seed_dir / "synthetic" / "config.yaml"), "-o", str(synth), "--set", "progress=false"]
-        if args.teacher:
-            cmd += ["--teacher", str(seed_dir / "train" / "teacher")]
-        for s in args.synth_set:
-            cmd += ["--set", s]
-        run(cmd)
-    if not (student / "final_metrics.json").is_file():
-        synthetic = [str(seed_dir / "augmented"), str(synth)]
-        cmd = [SIP, "distill", str(seed_dir / "train" / "student-real+sip" / "config.yaml"), "-o", str(student),
-               "--set", f"data.synthetic={json.dumps(synthetic)}", "--set", "run.progress=false"]
-        for s in args.student_set:
-            cmd += ["--set", s]
-        run(cmd)
+    cmd = [SIP, "synth", str(seed_dir / "synthetic" / "config.yaml"), "-o", str(synth), "--set", "progress=false"]
+    if args.teacher:
+        cmd += ["--teacher", str(seed_dir / "train" / "teacher")]
+    run(cmd + [a for s in args.synth_set for a in ("--set", s)])
+    recipe = seed_dir / "train" / "student-real+sip" / "config.yaml"
+    sets = [f"data.synthetic={json.dumps([str(seed_dir / 'augmented'), str(synth)])}", "run.progress=false",
+            *args.student_set]
+    if not finished_student(student, recipe, sets):
+        run([SIP, "distill", str(recipe), "-o", str(student), *(a for s in sets for a in ("--set", s))])
     arms = {}
     for arm in ("student-real", "student-real+sip", f"student-{args.name}"):
         m = json.loads((seed_dir / "train" / arm / "final_metrics.json").read_text())

@@ -284,7 +284,8 @@ def write_report(run_dir: str | Path, max_sources: int = 10, max_variants: int =
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)
-    for old in [*out.glob("grid-*.png"), *out.glob("detections-*.png"), out / "curves.png", out / "evaluation.png", out / "accuracy.md"]:
+    for old in [*out.glob("grid-*.png"), *out.glob("detections-*.png"), out / "curves.png", out / "evaluation.png",
+                out / "accuracy.md"]:
         old.unlink(missing_ok=True)
     notes: list[str] = []
     body: list[str] = []

@@ -1,6 +1,7 @@
 """The experiment drivers reuse a finished run only when it is the requested one: equal resolved settings ->
 its metrics; other settings -> refused with the differing keys, unless --rerun (scripts/student_experiments.py,
-scripts/sip_ablation.py). No run is started here: each case has a finished run on disk."""
+scripts/sip_ablation.py, scripts/detect_experiments.py). No run is started here: each case has a finished run on
+disk."""
 
 from __future__ import annotations
 
@@ -79,3 +80,45 @@ def test_differing_keys_walks_nested_settings():
     assert finished.differing_keys({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 1, "c": (1, 2)}}) == []
     assert finished.differing_keys({"a": {"b": 1}}, {"a": {"b": 2, "d": None}}) == ["a.b", "a.d"]
     assert finished.differing_keys({"a": 1, "t": 1}, {"a": 1, "t": 2}, ignore={"t"}) == []
+
+
+def _detect_args(tmp_path: Path, tables: list[str], sets: list[str] | None = None, rerun: bool = False):
+    return argparse.Namespace(table=tables, seeds=[0, 1], datafree_seeds=[0], batches=[2, 16], gnbn_lr=1e-3,
+                              teacher_epochs=8, synth_per_class=100, synth_scenes=1000, jobs=1, threads=1,
+                              out=tmp_path / "detect", set=sets or [], smoke=False, report=False, rerun=rerun)
+
+
+def test_detection_driver_plans_what_each_arm_claims(tmp_path):
+    detect = _import("scripts.detect_experiments")
+    runs = {r.key: r for r in detect.plan(_detect_args(tmp_path, ["teacher", "kd", "datafree", "gnbn"]))}
+    teacher = tmp_path / "detect" / "teacher"
+    assert runs[("teacher",)].out == teacher  # the folder every student's kd.teacher names
+    recipes = {k: r.requested() for k, r in runs.items()}  # every plan resolves (a bad key would raise here)
+    for s in (0, 1):
+        boxes, kd = recipes[("boxes", s)], recipes[("kd", s)]
+        assert boxes.kd.teacher is None and kd.kd.teacher == str(teacher)
+        # the KD claim compares the same student on the same scenes and seed: only the kd section differs
+        assert (boxes.data, boxes.detector, boxes.optim, boxes.run.seed) == (kd.data, kd.detector, kd.optim, s)
+    for arm in ("conv", "vit"):  # data-free: generated-object scenes, the teacher's outputs only, no real val scene
+        free = recipes[(arm, 0)]
+        assert free.data.train.endswith("scenes-synth") and free.data.val is None and free.kd.gt == 0.0
+    assert recipes[("vit", 0)].detector.backbone.startswith("sip_vit")
+    gn2, bn16 = recipes[("group", 2, 0)], recipes[("batch", 16, 0)]
+    assert (gn2.detector.norm, gn2.data.batch_size, gn2.optim.lr) == ("group", 2, pytest.approx(1e-3 * 2 / 16))
+    assert (bn16.detector.norm, bn16.optim.lr, bn16.kd.teacher) == ("batch", pytest.approx(1e-3), None)
+
+
+def test_detection_driver_reuses_only_the_requested_run(tmp_path):
+    from sip.config import save_config
+
+    detect = _import("scripts.detect_experiments")
+    finished = _import("scripts.finished_runs")
+    run = next(r for r in detect.plan(_detect_args(tmp_path, ["kd"])) if r.key == ("kd", 0))
+    run.out.mkdir(parents=True)
+    save_config(run.requested(), run.out / "config.yaml")
+    (run.out / "final_metrics.json").write_text(json.dumps({"test_map": 31.5}))
+    assert detect.finished(run, rerun=False)
+    other = next(r for r in detect.plan(_detect_args(tmp_path, ["kd"], ["optim.epochs=3"])) if r.key == ("kd", 0))
+    with pytest.raises(finished.StaleRunError, match=r"optim\.epochs: 12 -> 3"):
+        detect.finished(other, rerun=False)
+    assert detect.finished(other, rerun=True) is False

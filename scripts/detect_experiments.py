@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Issue 29's detection tables, run through ``sip scenes`` / ``sip synth`` / ``sip train`` with the recipes in
+``pipelines/``: the teacher, detection KD against the same student on the boxes alone (paired by seed), data-free
+students (scenes of sip-generated objects only, the teacher's outputs as targets; no real image, no real box), and
+GroupNorm against BatchNorm at batch 2 and 16. Every COCO mAP is pycocotools' mAP@[.5:.95] on the test scenes,
+read once at the end of each run. Resumable: the scene sets and the generated objects are made once (their writers
+skip what exists and refuse a folder made with other settings); a finished run is reused only when its saved
+config equals the requested one (``recipe_changes``), a different one is refused with the keys (``--rerun``).
+
+    python scripts/detect_experiments.py --table teacher                  # FCOS + resnet18 on 3,000 scenes
+    python scripts/detect_experiments.py --table kd --seeds 0 1 2         # resnet10t student on 500 scenes
+    python scripts/detect_experiments.py --table datafree                 # conv and ViT students, generated objects
+    python scripts/detect_experiments.py --table gnbn --seeds 0 1 2
+    python scripts/detect_experiments.py --table teacher kd datafree gnbn --report    # finished runs only
+
+Scene sets (``--out``/scenes-*): train 3,000 scenes of train 0-49,999 objects (the teacher's), small 500 scenes of
+the same pool (the students': a detector's few labelled scenes), val 300 of 50,000-59,999, test 1,000 of the test
+split; synth ``--synth-scenes`` scenes of ``--synth-per-class`` txt2img objects per class from the shipped model.
+Data-free students have no validation set (``data.val: null``): no real scene chooses their epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
+from sip.config import load_config, to_dict  # noqa: E402
+from sip.detect.train import DetectRecipe  # noqa: E402
+from sip.report.stats import paired_comparison  # noqa: E402
+from sip.train.run_dir import recipe_changes  # noqa: E402
+
+SIP = str(Path(sys.executable).with_name("sip"))
+TABLES = ("teacher", "kd", "datafree", "gnbn")
+SCENES = "pipelines/fmnist_scenes.yaml"
+SMOKE_ALL = ["optim.epochs=1", "run.eval_max_samples=20", "run.checkpoint_every_steps=0"]
+
+
+@dataclass
+class Run:
+    """One ``sip train`` detection run: its recipe, overrides, folder and (after it ran) its final metrics."""
+
+    table: str
+    key: tuple  # (arm, seed) / (norm, batch, seed) / ("teacher",)
+    recipe: str
+    sets: list[str]
+    out: Path
+    metrics: dict | None = field(default=None)
+
+    def cli(self) -> list[str]:
+        return ["train", self.recipe, "-o", str(self.out), *[a for s in self.sets for a in ("--set", s)]]
+
+    def requested(self) -> DetectRecipe:
+        return load_config(DetectRecipe, ROOT / self.recipe, self.sets)
+
+
+def scene_commands(args) -> list[tuple[Path, list[str]]]:
+    """(folder, sip command) of each input the tables read, in the order they must be made."""
+    d = args.out
+    n = (lambda k: 20) if args.smoke else (lambda k: k)
+    synth_per_class = 2 if args.smoke else args.synth_per_class
+    return [
+        (d / "scenes-train", ["scenes", SCENES, "-o", str(d / "scenes-train"), "--set", f"scenes.count={n(3000)}"]),
+        (d / "scenes-small", ["scenes", SCENES, "-o", str(d / "scenes-small"), "--set", f"scenes.count={n(500)}",
+                              "--set", "scenes.seed=3"]),
+        (d / "scenes-val", ["scenes", SCENES, "-o", str(d / "scenes-val"), "--set", f"scenes.count={n(300)}",
+                            "--set", "scenes.seed=1", "--set", "objects.start=50000", "--set", "objects.stop=60000"]),
+        (d / "scenes-test", ["scenes", SCENES, "-o", str(d / "scenes-test"), "--set", f"scenes.count={n(1000)}",
+                             "--set", "scenes.seed=2", "--set", "objects.split=test", "--set", "objects.stop=null"]),
+        (d / "synth-objects", ["synth", "pipelines/fmnist_synth.yaml", "-o", str(d / "synth-objects"),
+                               "--per-class", str(synth_per_class)] + (["--set", "generate.steps=2"] if args.smoke
+                                                                       else [])),
+        (d / "scenes-synth", ["scenes", SCENES, "--input", str(d / "synth-objects"), "-o", str(d / "scenes-synth"),
+                              "--set", f"scenes.count={n(args.synth_scenes)}", "--set", "scenes.seed=4"]),
+    ]
+
+
+def plan(args) -> list[Run]:
+    """Every run of the requested tables, with its overrides (``--set`` and ``--smoke`` last)."""
+    d, runs = args.out, []
+    common_data = [f"data.val={d / 'scenes-val'}", f"data.test={d / 'scenes-test'}"]
+    teacher = d / "teacher"
+
+    def add(table: str, key: tuple, recipe: str, sets: list[str], name: str) -> None:
+        extra = SMOKE_ALL if args.smoke else []
+        runs.append(Run(table, key, recipe, [*sets, f"run.threads={args.threads}", "run.progress=false", *args.set,
+                                             *extra], d / table / name))
+
+    if "teacher" in args.table:  # name "": the teacher's folder is OUT/teacher, the kd.teacher of every student
+        add("teacher", ("teacher",), "pipelines/fmnist_detect_teacher.yaml",
+            [f"data.train={d / 'scenes-train'}", *common_data, f"optim.epochs={args.teacher_epochs}"], "")
+    student = ["pipelines/fmnist_detect_kd.yaml", f"data.train={d / 'scenes-small'}", *common_data]
+    for s in args.seeds if "kd" in args.table else []:
+        add("kd", ("boxes", s), student[0], [*student[1:], "kd.teacher=null", f"run.seed={s}"], f"boxes_s{s}")
+        add("kd", ("kd", s), student[0], [*student[1:], f"kd.teacher={teacher}", f"run.seed={s}"], f"kd_s{s}")
+    free = [f"data.train={d / 'scenes-synth'}", "data.val=null", f"data.test={d / 'scenes-test'}",
+            f"kd.teacher={teacher}", "kd.gt=0.0"]
+    for s in args.datafree_seeds if "datafree" in args.table else []:
+        add("datafree", ("conv", s), "pipelines/fmnist_detect_datafree.yaml", [*free, f"run.seed={s}"], f"conv_s{s}")
+        add("datafree", ("vit", s), "pipelines/fmnist_detect_vit.yaml", [*free, f"run.seed={s}"], f"vit_s{s}")
+    for norm in ("batch", "group") if "gnbn" in args.table else ():
+        for b in args.batches:
+            for s in args.seeds:
+                sets = [*student[1:], "kd.teacher=null", f"detector.norm={norm}", f"data.batch_size={b}",
+                        f"optim.lr={args.gnbn_lr * b / 16:.8g}", f"run.seed={s}"]
+                add("gnbn", (norm, b, s), student[0], sets, f"{norm}_b{b}_s{s}")
+    return runs
+
+
+def prepare(runs: list[Run], args) -> None:
+    """Make the scene sets and generated objects the runs read (each writer resumes / refuses by itself)."""
+    needed = {Path(s.split("=", 1)[1]) for r in runs for s in r.sets if s.split("=", 1)[0] in ("data.train", "data.val",
+                                                                                                "data.test")}
+    if any(p.name == "scenes-synth" for p in needed):
+        needed.add(args.out / "synth-objects")
+    for folder, cmd in scene_commands(args):
+        if folder not in needed or (folder / "run.json").is_file() and (
+                (folder / "annotations.json").is_file() or folder.name == "synth-objects"):
+            continue
+        print("sip " + shlex.join(cmd), flush=True)
+        proc = subprocess.run([SIP, *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"failed: sip {shlex.join(cmd)}")
+
+
+def finished(run: Run, rerun: bool) -> bool:
+    """True when ``run.out`` holds a finished run of exactly the requested recipe."""
+    if not (run.out / "final_metrics.json").is_file():
+        return False
+    saved = run.out / "config.yaml"
+    if not saved.is_file():
+        if rerun:
+            return False
+        raise SystemExit(f"{run.out} has final_metrics.json but no config.yaml: move it away or pass --rerun")
+    requested = run.requested()
+    changed = recipe_changes(requested, saved)
+    return reuse_or_refuse(run.out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
+                           flat(to_dict(requested)))
+
+
+def execute(run: Run, args) -> None:
+    """Reuse, report as missing, or run one ``sip train`` and read its metrics."""
+    done = run.out / "final_metrics.json"
+    cli = run.cli()
+    if finished(run, args.rerun):
+        run.metrics = json.loads(done.read_text())
+        return
+    if done.is_file():  # --rerun of a run made with other settings: start the folder over
+        cli += ["--set", "run.resume=false"]
+    if args.report:
+        print(f"  {run.table} {run.key}: not finished ({run.out})", flush=True)
+        return
+    print("sip " + shlex.join(cli), flush=True)
+    t0 = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"failed: sip {shlex.join(cli)}")
+    run.metrics = json.loads(done.read_text())
+    print(f"  {run.table} {run.key}: test mAP {run.metrics['test_map']:.2f} ({time.time() - t0:.0f}s)", flush=True)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "—"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def paired(with_arm: dict, without_arm: dict, label: str, out: dict) -> None:
+    """Print and record the paired gain ``with_arm - without_arm`` over their common seeds (>= 2)."""
+    both = sorted(set(with_arm) & set(without_arm))
+    if len(both) < 2:
+        print(f"{label}: {len(both)} paired seed(s) finished; a t-interval needs 2 or more")
+        return
+    gain = paired_comparison([with_arm[s] for s in both], [without_arm[s] for s in both])
+    out[label] = {**gain.to_dict(2), "seeds": both}
+    print(f"{label}, paired by seed {both}: {', '.join(f'{x:+.2f}' for x in gain.diffs)}; {gain.describe(' mAP')}")
+
+
+def report(runs: list[Run]) -> dict:
+    """The tables as Markdown (finished runs only) and a summary dict; mAP in COCO points (0-100)."""
+    m = {r.key: r.metrics for r in runs if r.metrics}
+    summary: dict = {"paired": {}}
+    teacher = m.get(("teacher",), {}).get("test_map")
+    if teacher is not None:
+        t = m[("teacher",)]
+        print(f"\n| teacher | test mAP | mAP@.5 |\n|---|---|---|\n| FCOS resnet18, 3,000 scenes | {teacher:.2f} | "
+              f"{t['test_map50']:.2f} |")
+        summary["teacher"] = teacher
+    arms = {a: {k[1]: v["test_map"] for k, v in m.items() if len(k) == 2 and k[0] == a}
+            for a in ("boxes", "kd", "conv", "vit")}
+    rows = [("boxes", "resnet10t student, 500 real scenes, boxes only"),
+            ("kd", "same + KD (kd_cls, kd_box LD, kd_feat) from the teacher"),
+            ("conv", "data-free: resnet10t, generated-object scenes, teacher's outputs only"),
+            ("vit", "data-free: SPT + LSA ViT (ViTDet pyramid), same scenes")]
+    if any(arms.values()):
+        print("\n| arm | test mAP (mean ± std) | % of teacher | runs (seed) |\n|---|---|---|---|")
+        for a, label in rows:
+            if arms[a]:
+                pct = f"{100 * statistics.mean(arms[a].values()) / teacher:.1f}" if teacher else "—"
+                print(f"| {label} | {mean_std(list(arms[a].values()))} | {pct} | "
+                      f"{', '.join(f'{v:.2f} (s{s})' for s, v in sorted(arms[a].items()))} |")
+        summary["arms"] = arms
+        paired(arms["kd"], arms["boxes"], "KD - boxes only (target >= +2 mAP)", summary["paired"])
+    gnbn = {k: v["test_map"] for k, v in m.items() if len(k) == 3}
+    if gnbn:
+        print("\n| batch | BatchNorm test mAP | GroupNorm test mAP |\n|---|---|---|")
+        for b in sorted({k[1] for k in gnbn}):
+            cells = [mean_std([v for k, v in gnbn.items() if k[:2] == (n, b)]) for n in ("batch", "group")]
+            print(f"| {b} | {cells[0]} | {cells[1]} |")
+        for b in sorted({k[1] for k in gnbn}):
+            by = {n: {k[2]: v for k, v in gnbn.items() if k[:2] == (n, b)} for n in ("batch", "group")}
+            paired(by["group"], by["batch"], f"batch {b}: GN - BN", summary["paired"])
+        summary["gnbn"] = {f"{n}_b{b}_s{s}": v for (n, b, s), v in gnbn.items()}
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--table", nargs="+", choices=TABLES, default=["teacher", "kd", "datafree"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds (kd, gnbn)")
+    p.add_argument("--datafree-seeds", type=int, nargs="+", default=[0], help="run seeds (datafree)")
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 16], help="batch sizes (gnbn)")
+    p.add_argument("--gnbn-lr", type=float, default=1e-3, help="gnbn lr at batch 16, scaled linearly with the batch")
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--synth-per-class", type=int, default=100, help="txt2img objects per class (datafree)")
+    p.add_argument("--synth-scenes", type=int, default=1000, help="scenes of generated objects (datafree)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--out", type=Path, default=Path("runs/detect"))
+    p.add_argument("--set", action="append", default=[], help="an override for every run")
+    p.add_argument("--smoke", action="store_true", help="tiny scene sets, 1 epoch: proves the commands")
+    p.add_argument("--report", action="store_true", help="tabulate the finished runs only; start none")
+    p.add_argument("--rerun", action="store_true",
+                   help="redo a finished run whose saved config differs from the requested one (default: refuse)")
+    args = p.parse_args()
+
+    runs = plan(args)
+    for run in runs:
+        run.requested()  # a bad override fails here, naming the key, before anything runs
+    if not args.report:
+        prepare(runs, args)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda r: execute(r, args), runs))
+    print(json.dumps(report(runs)))
+
+
+if __name__ == "__main__":
+    main()

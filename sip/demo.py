@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sip.config import load_config, save_config
-from sip.data.sources import FASHION_MNIST_READABLE
+from sip.data.fashion_mnist import FASHION_MNIST_PHRASES
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,26 @@ QUICK = ["per_image=2", "per_class=10", "steps=8", "teacher_images=3000", "teach
          "epoch_size=500"]
 
 
+def demo_prompts():
+    """Grammatical prompts: each class as a noun phrase with its article ("a photo of a pair of trousers, ...")."""
+    from sip.augment.prompts import PromptConfig
+
+    return PromptConfig(label_names=FASHION_MNIST_PHRASES, template="a photo of {label}, {caption}",
+                        template_no_caption="a photo of {label}")
+
+
 def augment_recipe(recipe: DemoRecipe, out: Path, progress: bool = True):
     """The ``sip augment`` recipe of stage 1: captions → SIP prompts → img2img of the real shots."""
     from sip.augment.caption import CaptionConfig
     from sip.augment.generate import GenerateConfig
     from sip.augment.jobs import AugmentRecipe
-    from sip.augment.prompts import PromptConfig
     from sip.data.sources import SourceConfig
     from sip.models.diffusion import DEFAULT_SD_MODEL
 
     return AugmentRecipe(
         source=SourceConfig(kind="fashion-mnist", shots=recipe.shots, seed=recipe.seed, start=50000, size=32),
         caption=CaptionConfig(kind="imagenet-topk", image_size=96),
-        prompt=PromptConfig(label_names=FASHION_MNIST_READABLE),
+        prompt=demo_prompts(),
         generate=GenerateConfig(model=recipe.model or DEFAULT_SD_MODEL, strength=recipe.strength,
                                 guidance_scale=recipe.guidance_scale, steps=recipe.steps, per_image=recipe.per_image,
                                 batch_size=128, seed=recipe.seed),
@@ -89,13 +96,12 @@ def synth_recipe(recipe: DemoRecipe, out: Path, progress: bool = True):
     """The ``sip synth`` recipe of stage 1: txt2img from label prompts (the data-free part)."""
     from sip.augment.generate import GenerateConfig
     from sip.augment.jobs import SynthRecipe
-    from sip.augment.prompts import PromptConfig
     from sip.data.sources import SourceConfig
     from sip.models.diffusion import DEFAULT_SD_MODEL
 
     return SynthRecipe(
         source=SourceConfig(kind="fashion-mnist"),
-        prompt=PromptConfig(label_names=FASHION_MNIST_READABLE),
+        prompt=demo_prompts(),
         generate=GenerateConfig(model=recipe.model or DEFAULT_SD_MODEL, guidance_scale=recipe.txt2img_guidance,
                                 steps=recipe.steps, per_class=recipe.per_class, batch_size=128, seed=recipe.seed),
         output=str(out), progress=progress)

@@ -431,3 +431,20 @@ def test_the_demo_passes_its_progress_switch_to_every_stage(tmp_path, progress):
     recipes = demo_recipes(load_config(DemoRecipe, None, []), tmp_path, progress=progress)
     assert {name: r.progress if hasattr(r, "progress") else r.run.progress for name, r in recipes.items()} == {
         name: progress for name in ("augment", "synth", "teacher", "student-real", "student-real+sip")}
+
+
+def test_the_demo_prompts_are_grammatical(tmp_path):
+    """The demo's txt2img and img2img prompts read as English: "a photo of a pair of trousers", "an ankle boot"."""
+    from sip.augment.prompts import PromptBuilder
+    from sip.data.fashion_mnist import FASHION_MNIST_CLASSES
+    from sip.demo import DemoRecipe, demo_recipes
+
+    recipes = demo_recipes(load_config(DemoRecipe, None, []), tmp_path)
+    txt2img, img2img = PromptBuilder(recipes["synth"].prompt), PromptBuilder(recipes["augment"].prompt)
+    assert txt2img("Trouser") == "a photo of a pair of trousers"
+    assert txt2img("Ankle boot") == "a photo of an ankle boot"
+    assert img2img("Ankle boot", "clog, sandal") == "a photo of an ankle boot, clog, sandal"
+    for label in FASHION_MNIST_CLASSES:
+        words = txt2img(label).split()
+        assert not any(a in ("a", "an") and b in ("a", "an") for a, b in zip(words, words[1:])), txt2img(label)
+        assert not any(a == "a" and b[0] in "aeiou" for a, b in zip(words, words[1:])), txt2img(label)

@@ -2,7 +2,8 @@
 
 README shows the demo's arms over 3 seeds so the sign is not noise (issue "Data that teaches"). Each seed is a
 whole ``sip demo`` (its own shots, teacher, sip data and students) in ``OUT/seed<k>``; a finished seed is reused
-only when its ``demo.yaml`` equals the requested recipe (``--rerun`` redoes a different one). The gain is judged on
+only when its ``demo.yaml`` and every stage's saved config equal what the demo would run now (``--rerun`` redoes a
+different one; its generation stages refuse a folder made with other settings, so choose another ``--out``). The gain is judged on
 the validation split (1,000 images of the training pool, not the shots) and reported on the test set, which each
 run reads once, at its end.
 
@@ -37,6 +38,34 @@ def requested(overrides: list[str]) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(load_config(DemoRecipe, None, overrides))))
 
 
+STAGE_CONFIGS = {"augment": "augmented/config.yaml", "synth": "synthetic/config.yaml",
+                 "teacher": "train/teacher/config.yaml", "student-real": "train/student-real/config.yaml",
+                 "student-real+sip": "train/student-real+sip/config.yaml"}
+
+
+def stage_changes(out: Path, overrides: list[str]) -> list[str]:
+    """Keys of the stage recipes the demo would run now that differ from those saved in ``out``: what demo.yaml
+    does not hold (the prompts are the demo's code, not its recipe) still makes a finished seed another run.
+    Progress switches are left out; a stage with no saved config counts as changed."""
+    from sip.config import load_config, to_dict
+    from sip.demo import DemoRecipe, demo_recipes
+
+    now = demo_recipes(load_config(DemoRecipe, None, overrides), out, progress=False)
+    changed = []
+    for name, rel in STAGE_CONFIGS.items():
+        if not (out / rel).is_file():
+            changed.append(f"{name}: no {rel}")
+            continue
+        try:  # read back through the recipe type: keys added since resolve to their defaults
+            saved = to_dict(load_config(type(now[name]), out / rel, []))
+        except (ValueError, TypeError) as e:
+            changed.append(f"{name}: {rel} does not resolve ({e})")
+            continue
+        keys = differing_keys(saved, to_dict(now[name]))
+        changed += [f"{name}.{k}" for k in keys if not k.endswith("progress")]
+    return changed
+
+
 def run_seed(seed: int, args) -> dict:
     """One demo seed's arms (reused when finished with equal settings) and its wall time."""
     import yaml
@@ -49,7 +78,8 @@ def run_seed(seed: int, args) -> dict:
     results = out / "results.json"
     if results.is_file():
         saved = yaml.safe_load((out / "demo.yaml").read_text())
-        if not reuse_or_refuse(out, differing_keys(saved, want), args.rerun, flat(saved), flat(want)):
+        changed = differing_keys(saved, want) or stage_changes(out, overrides)
+        if not reuse_or_refuse(out, changed, args.rerun, flat(saved), flat(want)):
             results.unlink()
     if not results.is_file():
         t0 = time.perf_counter()

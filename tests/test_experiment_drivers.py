@@ -122,3 +122,26 @@ def test_detection_driver_reuses_only_the_requested_run(tmp_path):
     with pytest.raises(finished.StaleRunError, match=r"optim\.epochs: 12 -> 3"):
         detect.finished(other, rerun=False)
     assert detect.finished(other, rerun=True) is False
+
+
+def test_demo_seeds_sees_a_stage_changed_outside_demo_yaml(tmp_path):
+    """A finished seed whose demo.yaml equals the request but whose img2img prompts were other (prompts are the
+    demo's code, not its recipe) is not the requested run: scripts/demo_seeds.py names the stage keys."""
+    import dataclasses
+
+    from sip.config import load_config, save_config
+    from sip.demo import DemoRecipe, demo_recipes
+
+    seeds = _import("scripts.demo_seeds")
+    overrides = ["shots=1", "seed=3"]
+    recipes = demo_recipes(load_config(DemoRecipe, None, overrides), tmp_path)
+    for name, rel in seeds.STAGE_CONFIGS.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_config(recipes[name], tmp_path / rel)
+    assert seeds.stage_changes(tmp_path, overrides) == []
+    old = dataclasses.replace(recipes["augment"], prompt=dataclasses.replace(
+        recipes["augment"].prompt, template="a photo of a {label}, {caption}"))
+    save_config(old, tmp_path / seeds.STAGE_CONFIGS["augment"])
+    assert seeds.stage_changes(tmp_path, overrides) == ["augment.prompt.template"]
+    (tmp_path / seeds.STAGE_CONFIGS["teacher"]).unlink()
+    assert "teacher: no train/teacher/config.yaml" in seeds.stage_changes(tmp_path, overrides)

@@ -229,3 +229,16 @@ def test_empty_class_in_folder_is_refused(tmp_path):
 
 def test_scene_ids_are_stable():
     assert scene_id(12) == "scene-0000012"
+
+
+def test_objects_shots_are_the_shots_sip_augment_draws():
+    """objects.shots with an augment source's pool and seed reads exactly that source's shots: the real objects of a
+    few-shot scene set are the images whose sip variants make the sip scenes."""
+    from sip.data.sources import SourceConfig, open_source
+
+    source = open_source(SourceConfig(kind="fashion-mnist", shots=3, seed=5, start=50000))
+    pool = load_object_pool(ObjectsSection(start=50000, stop=60000, shots=3, shots_seed=5))
+    assert pool.ids == [f"train/{i}" for i in source.indices]  # the same 30 Fashion-MNIST images, in order
+    assert sorted(np.bincount(pool.labels).tolist()) == [3] * 10
+    other = load_object_pool(ObjectsSection(start=50000, stop=60000, shots=3, shots_seed=6))
+    assert other.ids != pool.ids

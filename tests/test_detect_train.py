@@ -147,3 +147,22 @@ def test_finished_detection_run_resumes_without_retraining(scene_sets, trained):
     again = run_detection(_recipe(scene_sets), run_dir)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert again["steps"] == metrics["steps"] and again["test_map"] == pytest.approx(metrics["test_map"])
+
+
+def test_train_extra_scene_sets_are_trained_on_with_data_train(scene_sets, tmp_path):
+    """data.train_extra (sip scenes beside the real ones): one training set of every scene, in order; a set of
+    another scene size is refused naming its key."""
+    from sip.detect.data import SceneImages
+    from sip.detect.train import _scene_sets
+
+    data = DetectDataSection(train=scene_sets["train"], train_extra=[scene_sets["val"]], test=scene_sets["test"])
+    train, _, _ = _scene_sets(data)
+    val = SceneImages(scene_sets["val"])
+    assert len(train) == 16 + 4 and train.size == SIZE
+    assert train.item(16)["boxes"].tolist() == val.item(0)["boxes"].tolist()
+    assert train.item(15)["boxes"].tolist() == SceneImages(scene_sets["train"]).item(15)["boxes"].tolist()
+    big = SceneSection(count=2, size=96, max_objects=2, object_size=(14, 30), seed=3)
+    run_scenes(SceneRecipe(output=str(tmp_path / "big"), objects=ObjectsSection(start=0, stop=100), scenes=big,
+                           progress=False))
+    with pytest.raises(ValueError, match=r"data.train_extra\[1\]: .* at 96 px"):
+        _scene_sets(replace(data, train_extra=[scene_sets["val"], str(tmp_path / "big")]))

@@ -67,6 +67,36 @@ class SceneImages:
         return f"SceneImages({self.root}, {len(self)} scenes of {self.size} px, {len(self.classes)} classes)"
 
 
+class SceneSets:
+    """Several scene sets trained on as one (``data.train`` then each of ``data.train_extra``: real scenes beside
+    sip's): the same classes and scene size required; scene ``i`` is read from the set it falls in."""
+
+    def __init__(self, parts: list[SceneImages], keys: list[str]):
+        first = parts[0]
+        for part, key in zip(parts[1:], keys[1:]):
+            if part.classes != first.classes or part.size != first.size:
+                raise ValueError(f"{key}: {len(part.classes)} classes at {part.size} px ({part.classes[:3]}...), "
+                                 f"{keys[0]}'s are {len(first.classes)} at {first.size} px: write every training set "
+                                 "with the same classes and scenes.size")
+        self.parts, self.classes, self.size = parts, first.classes, first.size
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def item(self, index: int, hflip: bool = False) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"scene {index} of {len(self)}")
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[k].item(index - int(self.offsets[k]), hflip)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(p) for p in self.parts)
+
+
 def scene_item_maker(hflip: float):
     """``make_item`` for :class:`sip.train.inputs.EpochView`: the scene, flipped with probability ``hflip``
     (drawn from the item's seeded rng, so a resumed run replays it)."""
@@ -83,4 +113,4 @@ def collate_scenes(items: list[dict[str, Any]]) -> dict[str, Any]:
             "labels": [it["labels"] for it in items], "image_id": [it["image_id"] for it in items]}
 
 
-__all__ = ["SceneImages", "collate_scenes", "scene_item_maker"]
+__all__ = ["SceneImages", "SceneSets", "collate_scenes", "scene_item_maker"]

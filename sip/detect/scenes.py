@@ -41,6 +41,10 @@ class ObjectsSection:
     # a pixel belongs to the object when its grey level is above this (objects on a dark background)
     mask_threshold: int = 24
     classes: list[str] | None = None  # category order (ids 1..C); null = Fashion-MNIST's / the dataset's own order
+    # fashion-mnist: only this many objects per class of start-stop, drawn from shots_seed (null = all). With the
+    # pool and seed of a `sip augment` source (start 50000, stop 60000, its shots and seed) these are its shots.
+    shots: int | None = None
+    shots_seed: int = 0
 
     def __post_init__(self):
         if self.kind != "fashion-mnist" and not self.path:
@@ -56,6 +60,9 @@ class ObjectsSection:
                              "the split's own folder and remove objects.split")
         if self.classes is not None and not self.classes:
             raise ValueError("objects.classes is an empty list: name at least one class, or null for the source's own")
+        if self.shots is not None and (self.kind != "fashion-mnist" or self.shots < 1):
+            raise ValueError(f"objects.shots ({self.shots}) is a positive count of Fashion-MNIST objects per class "
+                             f"(kind fashion-mnist); for kind {self.kind!r} put the chosen crops in objects.path")
 
 
 @dataclass(frozen=True)
@@ -154,10 +161,16 @@ def load_object_pool(objects: ObjectsSection) -> ObjectPool:
         if stop > len(images):
             raise ValueError(f"objects.stop {stop} is past the {len(images)} images of Fashion-MNIST {objects.split}")
         keep = range(objects.start, stop)
+        if objects.shots is not None:  # the same draw as a FashionMNISTSource with this pool, shots and seed
+            from sip.data.fashion_mnist import select_shots
+
+            pool = np.arange(objects.start, stop)
+            keep = [int(i) for i in select_shots(labels, objects.shots, objects.shots_seed, pool)]
         classes = list(objects.classes or FASHION_MNIST_CLASSES)
         rgb = [np.repeat(images[i][:, :, None], 3, axis=2) for i in keep]
         return ObjectPool(rgb, [int(labels[i]) for i in keep], [f"{objects.split}/{i}" for i in keep], classes,
-                          objects.mask_threshold, f"Fashion-MNIST {objects.split} {objects.start}-{stop}")
+                          objects.mask_threshold, f"Fashion-MNIST {objects.split} {objects.start}-{stop}"
+                          + (f", {objects.shots} per class (seed {objects.shots_seed})" if objects.shots else ""))
     if objects.kind == "folder":
         return _folder_pool(objects)
     return _dataset_pool(objects)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from sip.detect.data import SceneImages, collate_scenes, scene_item_maker
+from sip.detect.data import SceneImages, SceneSets, collate_scenes, scene_item_maker
 from sip.detect.evaluate import DetectionHeldOut
 from sip.detect.models import DetectorSection, build_detector, detector_metadata, load_detector
 from sip.detect.step import KDSection, check_teacher, make_detection_step
@@ -33,6 +33,7 @@ class DetectDataSection:
     train: str | None = None  # scene folder (sip scenes -o DIR) or a folder with annotations.json; required
     val: str | None = None  # validation scenes, every run.eval_every epochs (best epoch); null = none
     test: str | None = None  # test scenes, read once at the end; required
+    train_extra: list[str] = field(default_factory=list)  # more training scene sets, trained on with data.train
     classes: list[str] | None = None  # the class list every set must have (ids 1..C); null = data.train's
     hflip: float = 0.5  # horizontal flip probability of a training scene (boxes flipped with it)
     repeat: int = 1  # passes over the training scenes per epoch
@@ -72,11 +73,14 @@ def task_of(recipe: str | Path | None, overrides: list[str]) -> str:
     return str(data.get("task", "classification"))
 
 
-def _scene_sets(data: DetectDataSection) -> tuple[SceneImages, SceneImages | None, SceneImages]:
+def _scene_sets(data: DetectDataSection) -> tuple[SceneImages | SceneSets, SceneImages | None, SceneImages]:
     """Train, validation and test scenes, their classes and scene sizes checked to agree."""
     if not data.train or not data.test:
         raise ValueError("task: detection needs data.train and data.test (scene folders written by sip scenes)")
     train = SceneImages(data.train, data.classes, "data.train")
+    if data.train_extra:
+        extra = [SceneImages(f, train.classes, f"data.train_extra[{i}]") for i, f in enumerate(data.train_extra)]
+        train = SceneSets([train, *extra], ["data.train", *(f"data.train_extra[{i}]" for i in range(len(extra)))])
     val = SceneImages(data.val, train.classes, "data.val") if data.val else None
     test = SceneImages(data.test, train.classes, "data.test")
     for key, s in (("data.val", val), ("data.test", test)):

@@ -10,6 +10,7 @@ config equals the requested one (``recipe_changes``), a different one is refused
     python scripts/detect_experiments.py --table teacher                  # FCOS + resnet18 on 3,000 scenes
     python scripts/detect_experiments.py --table kd --seeds 0 1 2         # resnet10t student on 500 scenes
     python scripts/detect_experiments.py --table datafree                 # conv and ViT students, generated objects
+    python scripts/detect_experiments.py --table fewshot --draws 0 1 2     # 10 real objects / class (+ sip scenes)
     python scripts/detect_experiments.py --table gnbn --seeds 0 1 2
     python scripts/detect_experiments.py --table teacher kd datafree gnbn --report    # finished runs only
 
@@ -45,7 +46,7 @@ from sip.report.stats import paired_comparison  # noqa: E402
 from sip.train.run_dir import recipe_changes  # noqa: E402
 
 SIP = str(Path(sys.executable).with_name("sip"))
-TABLES = ("teacher", "kd", "datafree", "gnbn")
+TABLES = ("teacher", "kd", "datafree", "fewshot", "gnbn")
 SCENES = "pipelines/fmnist_scenes.yaml"
 SMOKE_ALL = ["optim.epochs=1", "run.eval_max_samples=20", "run.checkpoint_every_steps=0"]
 
@@ -86,6 +87,24 @@ def scene_commands(args) -> list[tuple[Path, list[str]]]:
                                                                        else [])),
         (d / "scenes-synth", ["scenes", SCENES, "--input", str(d / "synth-objects"), "-o", str(d / "scenes-synth"),
                               "--set", f"scenes.count={n(args.synth_scenes)}", "--set", "scenes.seed=4"]),
+    ] + [c for s in args.draws for c in fewshot_commands(args, s, n)]
+
+
+def fewshot_commands(args, draw: int, n) -> list[tuple[Path, list[str]]]:
+    """Draw ``draw``'s few-shot inputs: scenes of its 10 real objects per class (pool 50,000-59,999, unseen by the
+    generator and the teacher's scenes), sip's img2img variants of those same objects (``sip augment``: the same
+    shots by the same pool and seed), and scenes of the variants."""
+    d, aug = args.out, args.out / f"aug-d{draw}"
+    fast = ["--set", "generate.steps=2", "--set", "generate.per_image=1"] if args.smoke else []
+    return [
+        (d / f"scenes-fewshot-d{draw}", ["scenes", SCENES, "-o", str(d / f"scenes-fewshot-d{draw}"), "--set",
+                                         f"scenes.count={n(500)}", "--set", "scenes.seed=5", "--set",
+                                         "objects.start=50000", "--set", "objects.stop=60000", "--set",
+                                         f"objects.shots={args.shots}", "--set", f"objects.shots_seed={draw}"]),
+        (aug, ["augment", "pipelines/fmnist_augment.yaml", "-o", str(aug), "--set", f"source.seed={draw}", "--set",
+               f"source.shots={args.shots}", *fast]),
+        (d / f"scenes-aug-d{draw}", ["scenes", SCENES, "--input", str(aug), "-o", str(d / f"scenes-aug-d{draw}"),
+                                     "--set", f"scenes.count={n(500)}", "--set", "scenes.seed=6"]),
     ]
 
 
@@ -112,6 +131,16 @@ def plan(args) -> list[Run]:
     for s in args.datafree_seeds if "datafree" in args.table else []:
         add("datafree", ("conv", s), "pipelines/fmnist_detect_datafree.yaml", [*free, f"run.seed={s}"], f"conv_s{s}")
         add("datafree", ("vit", s), "pipelines/fmnist_detect_vit.yaml", [*free, f"run.seed={s}"], f"vit_s{s}")
+    for draw in args.draws if "fewshot" in args.table else []:
+        few = [student[0], f"data.train={d / f'scenes-fewshot-d{draw}'}", *common_data, f"kd.teacher={teacher}",
+               f"run.seed={draw}"]
+        # the same steps in both arms: the real arm's 500 scenes repeated to the sip arm's 500 + 500 + synth scenes,
+        # 4 epochs (8,000 scenes at the default sizes, the KD table's students see 6,000)
+        repeat = max(1, round((1000 + args.synth_scenes) / 500))
+        few.append("optim.epochs=4")
+        add("fewshot", ("fewshot_real", draw), few[0], [*few[1:], f"data.repeat={repeat}"], f"real_d{draw}")
+        add("fewshot", ("fewshot_sip", draw), few[0], [*few[1:], "data.train_extra=[" + ", ".join(
+            str(d / x) for x in (f"scenes-aug-d{draw}", "scenes-synth")) + "]"], f"sip_d{draw}")
     for norm in ("batch", "group") if "gnbn" in args.table else ():
         for b in args.batches:
             for s in args.seeds:
@@ -125,11 +154,14 @@ def prepare(runs: list[Run], args) -> None:
     """Make the scene sets and generated objects the runs read (each writer resumes / refuses by itself)."""
     needed = {Path(s.split("=", 1)[1]) for r in runs for s in r.sets if s.split("=", 1)[0] in ("data.train", "data.val",
                                                                                                 "data.test")}
+    extra = {Path(p.strip()) for r in runs for s in r.sets if s.startswith("data.train_extra=")
+             for p in s.split("=", 1)[1].strip("[]").split(",")}
+    needed |= extra
     if any(p.name == "scenes-synth" for p in needed):
         needed.add(args.out / "synth-objects")
+    needed |= {args.out / f"aug-d{k}" for k in args.draws if args.out / f"scenes-aug-d{k}" in needed}
     for folder, cmd in scene_commands(args):
-        if folder not in needed or (folder / "run.json").is_file() and (
-                (folder / "annotations.json").is_file() or folder.name == "synth-objects"):
+        if folder not in needed:  # a made folder's writer skips what it holds and refuses other settings
             continue
         print("sip " + shlex.join(cmd), flush=True)
         proc = subprocess.run([SIP, *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -204,11 +236,13 @@ def report(runs: list[Run]) -> dict:
               f"{t['test_map50']:.2f} |")
         summary["teacher"] = teacher
     arms = {a: {k[1]: v["test_map"] for k, v in m.items() if len(k) == 2 and k[0] == a}
-            for a in ("boxes", "kd", "conv", "vit")}
+            for a in ("boxes", "kd", "conv", "vit", "fewshot_real", "fewshot_sip")}
     rows = [("boxes", "resnet10t student, 500 real scenes, boxes only"),
             ("kd", "same + KD (kd_cls, kd_box LD, kd_feat) from the teacher"),
             ("conv", "data-free: resnet10t, generated-object scenes, teacher's outputs only"),
-            ("vit", "data-free: SPT + LSA ViT (ViTDet pyramid), same scenes")]
+            ("vit", "data-free: SPT + LSA ViT (ViTDet pyramid), same scenes"),
+            ("fewshot_real", "resnet10t + KD, 500 scenes of 10 real objects per class, repeated"),
+            ("fewshot_sip", "same + scenes of their sip img2img variants + scenes of txt2img objects")]
     if any(arms.values()):
         print("\n| arm | test mAP (mean ± std) | % of teacher | runs (seed) |\n|---|---|---|---|")
         for a, label in rows:
@@ -218,6 +252,8 @@ def report(runs: list[Run]) -> dict:
                       f"{', '.join(f'{v:.2f} (s{s})' for s, v in sorted(arms[a].items()))} |")
         summary["arms"] = arms
         paired(arms["kd"], arms["boxes"], "KD - boxes only (target >= +2 mAP)", summary["paired"])
+        paired(arms["fewshot_sip"], arms["fewshot_real"], "10 objects/class: + sip scenes - real only",
+               summary["paired"])
     gnbn = {k: v["test_map"] for k, v in m.items() if len(k) == 3}
     if gnbn:
         print("\n| batch | BatchNorm test mAP | GroupNorm test mAP |\n|---|---|---|")
@@ -241,6 +277,8 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--synth-per-class", type=int, default=100, help="txt2img objects per class (datafree)")
     p.add_argument("--synth-scenes", type=int, default=1000, help="scenes of generated objects (datafree)")
+    p.add_argument("--draws", type=int, nargs="+", default=[0], help="few-shot object draws (fewshot)")
+    p.add_argument("--shots", type=int, default=10, help="real objects per class (fewshot)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--out", type=Path, default=Path("runs/detect"))

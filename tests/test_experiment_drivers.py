@@ -84,13 +84,14 @@ def test_differing_keys_walks_nested_settings():
 
 def _detect_args(tmp_path: Path, tables: list[str], sets: list[str] | None = None, rerun: bool = False):
     return argparse.Namespace(table=tables, seeds=[0, 1], datafree_seeds=[0], batches=[2, 16], gnbn_lr=1e-3,
-                              teacher_epochs=8, synth_per_class=100, synth_scenes=1000, jobs=1, threads=1,
+                              teacher_epochs=8, synth_per_class=100, synth_scenes=1000, draws=[0], shots=10, jobs=1,
+                              threads=1,
                               out=tmp_path / "detect", set=sets or [], smoke=False, report=False, rerun=rerun)
 
 
 def test_detection_driver_plans_what_each_arm_claims(tmp_path):
     detect = _import("scripts.detect_experiments")
-    runs = {r.key: r for r in detect.plan(_detect_args(tmp_path, ["teacher", "kd", "datafree", "gnbn"]))}
+    runs = {r.key: r for r in detect.plan(_detect_args(tmp_path, ["teacher", "kd", "datafree", "fewshot", "gnbn"]))}
     teacher = tmp_path / "detect" / "teacher"
     assert runs[("teacher",)].out == teacher  # the folder every student's kd.teacher names
     recipes = {k: r.requested() for k, r in runs.items()}  # every plan resolves (a bad key would raise here)
@@ -103,6 +104,9 @@ def test_detection_driver_plans_what_each_arm_claims(tmp_path):
         free = recipes[(arm, 0)]
         assert free.data.train.endswith("scenes-synth") and free.data.val is None and free.kd.gt == 0.0
     assert recipes[("vit", 0)].detector.backbone.startswith("sip_vit")
+    real, sip = recipes[("fewshot_real", 0)], recipes[("fewshot_sip", 0)]  # the same scenes per epoch, both + KD
+    assert real.data.train == sip.data.train and real.data.repeat * 500 == 500 + 500 + 1000 and real.kd == sip.kd
+    assert [Path(p).name for p in sip.data.train_extra] == ["scenes-aug-d0", "scenes-synth"] and not real.data.train_extra
     gn2, bn16 = recipes[("group", 2, 0)], recipes[("batch", 16, 0)]
     assert (gn2.detector.norm, gn2.data.batch_size, gn2.optim.lr) == ("group", 2, pytest.approx(1e-3 * 2 / 16))
     assert (bn16.detector.norm, bn16.optim.lr, bn16.kd.teacher) == ("batch", pytest.approx(1e-3), None)

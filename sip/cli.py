@@ -263,9 +263,16 @@ def train(recipe: Optional[Path] = RecipeArg,
 def distill(recipe: Optional[Path] = RecipeArg,
             output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder."),
             set_: list[str] = SetOpt) -> None:
-    """Distil teachers into a student (Hinton KD, DeiT token, teacher ensembles, data-free)."""
+    """Distil teachers into a student (Hinton KD, DeiT token, teacher ensembles, data-free; a recipe with task:
+    detection distils a detector from kd.teacher)."""
+    from sip.detect.train import task_of
     from sip.distill.run import DistillRecipe, run_distillation
 
+    if _run(task_of, recipe, list(set_)) == "detection":
+        from sip.detect.train import DetectRecipe, run_detection_distillation
+
+        _run_recipe(DetectRecipe, run_detection_distillation, recipe, output, set_, "detect")
+        return
     _run_recipe(DistillRecipe, run_distillation, recipe, output, set_, "distill")
 
 

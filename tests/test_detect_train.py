@@ -107,6 +107,24 @@ def test_cli_train_dispatches_task_detection(tmp_path):
     assert res.exit_code == 2 and "detector.head" in res.output
 
 
+def test_cli_distill_dispatches_task_detection_and_needs_a_teacher(scene_sets, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from sip.cli import app
+
+    recipe = tmp_path / "det.yaml"
+    recipe.write_text(f"task: detection\ndata: {{train: {scene_sets['train']}, test: {scene_sets['test']}}}\n"
+                      "detector: {backbone: test_resnet, fpn_channels: 32, head_convs: 1}\n")
+    res = CliRunner().invoke(app, ["distill", str(recipe), "-o", str(tmp_path / "boxes")])
+    assert res.exit_code == 2 and "needs kd.teacher" in res.output and not (tmp_path / "boxes").exists()
+    res = CliRunner().invoke(app, ["distill", str(recipe), "-o", str(tmp_path / "kd"), "--set", f"kd.teacher={trained[0]}",
+                                   "--set", "optim.epochs=1", "--set", "run.progress=false", "--set", "run.threads=1",
+                                   "--set", "data.batch_size=4", "--set", "run.eval_max_samples=4"])
+    assert res.exit_code == 0, res.output
+    logged = json.loads((tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_kd_cls", "train_kd_box"} <= set(logged)
+
+
 @pytest.mark.slow
 def test_tiny_detector_map_rises_above_chance(tmp_path):
     """A small FCOS on 300 scenes of 2 classes: test mAP@.5 well above what random boxes score (< 1)."""

@@ -140,4 +140,12 @@ def run_detection(recipe: DetectRecipe, run_dir: str | Path) -> dict[str, Any]:
     return result.metrics
 
 
-__all__ = ["DetectDataSection", "DetectRecipe", "run_detection", "task_of"]
+def run_detection_distillation(recipe: DetectRecipe, run_dir: str | Path) -> dict[str, Any]:
+    """``sip distill`` with ``task: detection``: :func:`run_detection` of a recipe that names its teacher."""
+    if not recipe.kd.teacher:
+        raise ValueError("sip distill with task: detection needs kd.teacher (a sip detector run folder); a detector "
+                         "trained on the scene boxes alone is `sip train` with the same recipe")
+    return run_detection(recipe, run_dir)
+
+
+__all__ = ["DetectDataSection", "DetectRecipe", "run_detection", "run_detection_distillation", "task_of"]

@@ -116,6 +116,8 @@ def plan(args) -> list[Run]:
 
     def add(table: str, key: tuple, recipe: str, sets: list[str], name: str) -> None:
         extra = SMOKE_ALL if args.smoke else []
+        if table != "teacher" and f"kd.teacher={teacher}" in sets:  # a distilled run: --kd-set, its folder tagged
+            sets, name = [*sets, *args.kd_set], name.replace("_", f"_{args.kd_tag}_", 1) if args.kd_tag else name
         runs.append(Run(table, key, recipe, [*sets, f"run.threads={args.threads}", "run.progress=false", *args.set,
                                              *extra], d / table / name))
 
@@ -283,6 +285,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--out", type=Path, default=Path("runs/detect"))
     p.add_argument("--set", action="append", default=[], help="an override for every run")
+    p.add_argument("--kd-set", action="append", default=[],
+                   help="an override for the distilled runs only (kd, datafree, fewshot), e.g. kd.box=0.1")
+    p.add_argument("--kd-tag", default="", help="a tag in the distilled runs' folder names (kd_<tag>_s0, ...)")
     p.add_argument("--smoke", action="store_true", help="tiny scene sets, 1 epoch: proves the commands")
     p.add_argument("--report", action="store_true", help="tabulate the finished runs only; start none")
     p.add_argument("--rerun", action="store_true",

@@ -85,7 +85,7 @@ def test_differing_keys_walks_nested_settings():
 def _detect_args(tmp_path: Path, tables: list[str], sets: list[str] | None = None, rerun: bool = False):
     return argparse.Namespace(table=tables, seeds=[0, 1], datafree_seeds=[0], batches=[2, 16], gnbn_lr=1e-3,
                               teacher_epochs=8, synth_per_class=100, synth_scenes=1000, draws=[0], shots=10, jobs=1,
-                              threads=1,
+                              threads=1, kd_set=[], kd_tag="",
                               out=tmp_path / "detect", set=sets or [], smoke=False, report=False, rerun=rerun)
 
 
@@ -110,6 +110,13 @@ def test_detection_driver_plans_what_each_arm_claims(tmp_path):
     gn2, bn16 = recipes[("group", 2, 0)], recipes[("batch", 16, 0)]
     assert (gn2.detector.norm, gn2.data.batch_size, gn2.optim.lr) == ("group", 2, pytest.approx(1e-3 * 2 / 16))
     assert (bn16.detector.norm, bn16.optim.lr, bn16.kd.teacher) == ("batch", pytest.approx(1e-3), None)
+    # --kd-set reaches the distilled runs only, whose folders carry --kd-tag; the boxes-only arm stays as it was
+    args = _detect_args(tmp_path, ["kd", "datafree"])
+    args.kd_set, args.kd_tag = ["kd.box=0.1"], "box0.1"
+    tagged = {r.key: r for r in detect.plan(args)}
+    assert tagged[("kd", 0)].requested().kd.box == 0.1 and tagged[("kd", 0)].out.name == "kd_box0.1_s0"
+    assert tagged[("conv", 0)].requested().kd.box == 0.1 and tagged[("conv", 0)].out.name == "conv_box0.1_s0"
+    assert tagged[("boxes", 0)].out == runs[("boxes", 0)].out and tagged[("boxes", 0)].sets == runs[("boxes", 0)].sets
 
 
 def test_detection_driver_reuses_only_the_requested_run(tmp_path):

@@ -27,23 +27,18 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
-from sip.config import load_config, to_dict  # noqa: E402
+from scripts.finished_runs import execute, mean_std, paired, run_sip  # noqa: E402
+from sip.config import load_config  # noqa: E402
 from sip.detect.train import DetectRecipe  # noqa: E402
-from sip.report.stats import paired_comparison  # noqa: E402
-from sip.train.run_dir import recipe_changes  # noqa: E402
 
 SIP = str(Path(sys.executable).with_name("sip"))
 TABLES = ("teacher", "kd", "datafree", "fewshot", "gnbn")
@@ -166,65 +161,7 @@ def prepare(runs: list[Run], args) -> None:
         if folder not in needed:  # a made folder's writer skips what it holds and refuses other settings
             continue
         print("sip " + shlex.join(cmd), flush=True)
-        proc = subprocess.run([SIP, *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"failed: sip {shlex.join(cmd)}")
-
-
-def finished(run: Run, rerun: bool) -> bool:
-    """True when ``run.out`` holds a finished run of exactly the requested recipe."""
-    if not (run.out / "final_metrics.json").is_file():
-        return False
-    saved = run.out / "config.yaml"
-    if not saved.is_file():
-        if rerun:
-            return False
-        raise SystemExit(f"{run.out} has final_metrics.json but no config.yaml: move it away or pass --rerun")
-    requested = run.requested()
-    changed = recipe_changes(requested, saved)
-    return reuse_or_refuse(run.out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
-                           flat(to_dict(requested)))
-
-
-def execute(run: Run, args) -> None:
-    """Reuse, report as missing, or run one ``sip train`` and read its metrics."""
-    done = run.out / "final_metrics.json"
-    cli = run.cli()
-    if finished(run, args.rerun):
-        run.metrics = json.loads(done.read_text())
-        return
-    if done.is_file():  # --rerun of a run made with other settings: start the folder over
-        cli += ["--set", "run.resume=false"]
-    if args.report:
-        print(f"  {run.table} {run.key}: not finished ({run.out})", flush=True)
-        return
-    print("sip " + shlex.join(cli), flush=True)
-    t0 = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"failed: sip {shlex.join(cli)}")
-    run.metrics = json.loads(done.read_text())
-    print(f"  {run.table} {run.key}: test mAP {run.metrics['test_map']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}" if values else "—"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def paired(with_arm: dict, without_arm: dict, label: str, out: dict) -> None:
-    """Print and record the paired gain ``with_arm - without_arm`` over their common seeds (>= 2)."""
-    both = sorted(set(with_arm) & set(without_arm))
-    if len(both) < 2:
-        print(f"{label}: {len(both)} paired seed(s) finished; a t-interval needs 2 or more")
-        return
-    gain = paired_comparison([with_arm[s] for s in both], [without_arm[s] for s in both])
-    out[label] = {**gain.to_dict(2), "seeds": both}
-    print(f"{label}, paired by seed {both}: {', '.join(f'{x:+.2f}' for x in gain.diffs)}; {gain.describe(' mAP')}")
+        run_sip(cmd, ROOT, os.cpu_count() or 1)  # alone, before any run starts
 
 
 def report(runs: list[Run]) -> dict:
@@ -253,9 +190,9 @@ def report(runs: list[Run]) -> dict:
                 print(f"| {label} | {mean_std(list(arms[a].values()))} | {pct} | "
                       f"{', '.join(f'{v:.2f} (s{s})' for s, v in sorted(arms[a].items()))} |")
         summary["arms"] = arms
-        paired(arms["kd"], arms["boxes"], "KD - boxes only (target >= +2 mAP)", summary["paired"])
+        paired(arms["kd"], arms["boxes"], "KD - boxes only (target >= +2 mAP)", summary["paired"], " mAP")
         paired(arms["fewshot_sip"], arms["fewshot_real"], "10 objects/class: + sip scenes - real only",
-               summary["paired"])
+               summary["paired"], " mAP")
     gnbn = {k: v["test_map"] for k, v in m.items() if len(k) == 3}
     if gnbn:
         print("\n| batch | BatchNorm test mAP | GroupNorm test mAP |\n|---|---|---|")
@@ -264,7 +201,7 @@ def report(runs: list[Run]) -> dict:
             print(f"| {b} | {cells[0]} | {cells[1]} |")
         for b in sorted({k[1] for k in gnbn}):
             by = {n: {k[2]: v for k, v in gnbn.items() if k[:2] == (n, b)} for n in ("batch", "group")}
-            paired(by["group"], by["batch"], f"batch {b}: GN - BN", summary["paired"])
+            paired(by["group"], by["batch"], f"batch {b}: GN - BN", summary["paired"], " mAP")
         summary["gnbn"] = {f"{n}_b{b}_s{s}": v for (n, b, s), v in gnbn.items()}
     return summary
 
@@ -300,7 +237,7 @@ def main() -> None:
     if not args.report:
         prepare(runs, args)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda r: execute(r, args), runs))
+        list(pool.map(lambda r: execute(r, args, lambda m: f"test mAP {m['test_map']:.2f}"), runs))
     print(json.dumps(report(runs)))
 
 

@@ -61,3 +61,89 @@ def reuse_or_refuse(where: Path, changed: list[str], rerun: bool, saved: dict | 
         f"{where} holds a finished run made with other settings than requested:\n  " + "\n  ".join(shown)
         + "\nits results are not this run's: pass --rerun to redo it, choose another --out, or request the "
           "settings it was made with")
+
+
+def finished_run(out: Path, requested: Any, rerun: bool) -> bool:
+    """True when ``out`` holds a finished ``sip train`` / ``sip distill`` run of exactly ``requested`` (a recipe
+    object): its ``final_metrics.json`` exists and ``sip.train.run_dir.recipe_changes`` finds no key that decides
+    results differing from its ``config.yaml``. A different finished run is refused (:func:`reuse_or_refuse`)."""
+    import yaml
+
+    from sip.config import to_dict
+    from sip.train.run_dir import recipe_changes
+
+    if not (out / "final_metrics.json").is_file():
+        return False
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        if rerun:
+            return False
+        raise SystemExit(f"{out} has final_metrics.json but no config.yaml: it cannot be checked against the "
+                         f"requested run; move it away or pass --rerun")
+    changed = recipe_changes(requested, saved)
+    return reuse_or_refuse(out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
+                           flat(to_dict(requested)))
+
+
+def run_sip(cli: list[str], cwd: Path, threads: int) -> None:
+    """``sip <cli>`` with ``threads`` OpenMP threads and the hubs offline; exits naming the command on failure."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    sip = str(Path(sys.executable).with_name("sip"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sip, *cli], cwd=cwd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"failed: sip {shlex.join(cli)}")
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` of a table cell (one value as is, none as a dash)."""
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.2f}" if values else "—"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def paired(with_arm: dict, without_arm: dict, label: str, out: dict, unit: str = " pt") -> None:
+    """Print and record in ``out[label]`` the paired gain ``with_arm - without_arm`` over their common draws (keys),
+    with its t-interval (``sip.report.stats``); fewer than 2 common draws are reported, not tested."""
+    from sip.report.stats import paired_comparison
+
+    both = sorted(set(with_arm) & set(without_arm))
+    if len(both) < 2:
+        print(f"{label}: {len(both)} paired draw(s) finished; a t-interval needs 2 or more")
+        return
+    gain = paired_comparison([with_arm[d] for d in both], [without_arm[d] for d in both])
+    out[label] = {**gain.to_dict(2), "draws": both}
+    print(f"{label}, paired by {both}: {', '.join(f'{x:+.2f}' for x in gain.diffs)}; {gain.describe(unit)}")
+
+
+def execute(run: Any, args: Any, show: Any) -> None:
+    """Reuse, report as missing (``args.report``), or run one experiment run and read its final metrics into
+    ``run.metrics``. ``run`` has ``out``, ``table``, ``key``, ``cli()`` and ``requested()`` (the drivers' ``Run``);
+    ``args.rerun`` redoes a finished run made with other settings; ``args.threads`` (default 1) threads per run;
+    ``show(metrics)`` is the line printed when a run ends."""
+    import json
+    import shlex
+    import time
+
+    done = run.out / "final_metrics.json"
+    cli = run.cli()
+    if finished_run(run.out, run.requested(), args.rerun):
+        run.metrics = json.loads(done.read_text())
+        return
+    if done.is_file():  # --rerun of a run made with other settings: start the folder over
+        cli += ["--set", "run.resume=false"]
+    if args.report:
+        print(f"  {run.table} {run.key}: not finished ({run.out})", flush=True)
+        return
+    print("sip " + shlex.join(cli), flush=True)
+    t0 = time.time()
+    run_sip(cli, Path(__file__).resolve().parents[1], getattr(args, "threads", 1))
+    run.metrics = json.loads(done.read_text())
+    print(f"  {run.table} {run.key}: {show(run.metrics)} ({time.time() - t0:.0f}s)", flush=True)

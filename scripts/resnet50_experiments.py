@@ -24,26 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
-from sip.config import load_config, to_dict  # noqa: E402
-from sip.report.stats import paired_comparison  # noqa: E402
+from scripts.finished_runs import execute, mean_std, paired  # noqa: E402
+from sip.config import load_config  # noqa: E402
 from sip.train.recipe import TrainRecipe  # noqa: E402
-from sip.train.run_dir import recipe_changes  # noqa: E402
 
 SIP = str(Path(sys.executable).with_name("sip"))
 TABLES = ("teacher", "tenshot", "gnbn")
@@ -117,64 +109,6 @@ def check_inputs(runs: list[Run], args) -> None:
         raise SystemExit("the sip arm needs the img2img variants of each draw; missing: " + ", ".join(missing)
                          + "\nmake them with: " + "; ".join(f"sip augment pipelines/fmnist_augment.yaml -o {m} "
                                                             f"--set source.seed={d}" for m, d in zip(missing, seeds)))
-
-
-def finished(run: Run, rerun: bool) -> bool:
-    """True when ``run.out`` holds a finished run of exactly the requested recipe (see the module docstring)."""
-    if not (run.out / "final_metrics.json").is_file():
-        return False
-    saved = run.out / "config.yaml"
-    if not saved.is_file():
-        if rerun:
-            return False
-        raise SystemExit(f"{run.out} has final_metrics.json but no config.yaml: it cannot be checked against the "
-                         f"requested run; move it away or pass --rerun")
-    requested = run.requested()
-    changed = recipe_changes(requested, saved)
-    return reuse_or_refuse(run.out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
-                           flat(to_dict(requested)))
-
-
-def execute(run: Run, args) -> None:
-    """Reuse, report as missing, or run one ``sip train`` (one thread) and read its metrics."""
-    done = run.out / "final_metrics.json"
-    cli = run.cli()
-    if finished(run, args.rerun):
-        run.metrics = json.loads(done.read_text())
-        return
-    if done.is_file():  # --rerun of a run made with other settings: start the folder over
-        cli += ["--set", "run.resume=false"]
-    if args.report:
-        print(f"  {run.table} {run.key}: not finished ({run.out})", flush=True)
-        return
-    print("sip " + shlex.join(cli), flush=True)
-    t0 = time.time()
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    if os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"failed: sip {shlex.join(cli)}")
-    run.metrics = json.loads(done.read_text())
-    print(f"  {run.table} {run.key}: top-1 {run.metrics['top1']:.2f}% ({time.time() - t0:.0f}s)", flush=True)
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}" if values else "—"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def paired(with_arm: dict, without_arm: dict, label: str, out: dict) -> None:
-    """Print and record the paired gain ``with_arm - without_arm`` over their common draws (>= 2)."""
-    both = sorted(set(with_arm) & set(without_arm))
-    if len(both) < 2:
-        print(f"{label}: {len(both)} paired draw(s) finished; a t-interval needs 2 or more")
-        return
-    gain = paired_comparison([with_arm[d] for d in both], [without_arm[d] for d in both])
-    out[label] = {**gain.to_dict(2), "draws": both}
-    print(f"{label}, paired by {both}: {', '.join(f'{x:+.2f}' for x in gain.diffs)}; {gain.describe(' pt')}")
 
 
 def report(runs: list[Run]) -> dict:
@@ -265,7 +199,7 @@ def main() -> None:
     runs = plan(args)
     check_inputs(runs, args)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda r: execute(r, args), runs))
+        list(pool.map(lambda r: execute(r, args, lambda m: f"top-1 {m['top1']:.2f}%"), runs))
     summary = report(runs)
     if args.smoke:
         summary["cpu_hours_full"] = estimate(runs)

@@ -43,13 +43,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.finished_runs import flat, reuse_or_refuse  # noqa: E402
-from sip.config import load_config, to_dict  # noqa: E402
+from scripts.finished_runs import finished_run  # noqa: E402
+from sip.config import load_config  # noqa: E402
 from sip.report.stats import paired_comparison  # noqa: E402
 SIP = str(Path(sys.executable).with_name("sip"))
 ARMS = {
@@ -96,19 +95,9 @@ def finished_is_requested(cli: list[str], out: Path, rerun: bool) -> bool:
     """True when ``out`` holds a finished run of exactly the recipe and overrides in ``cli``; False when it
     holds another one and ``rerun`` is set; raises :class:`scripts.finished_runs.StaleRunError` otherwise."""
     from sip.distill.run import DistillRecipe
-    from sip.train.run_dir import recipe_changes
 
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        if rerun:
-            return False
-        raise SystemExit(f"{out} has final_metrics.json but no config.yaml: it cannot be checked against the "
-                         f"requested run; move it away or pass --rerun")
     overrides = [value for flag, value in zip(cli, cli[1:]) if flag == "--set"]
-    requested = load_config(DistillRecipe, ROOT / cli[1], overrides)
-    changed = recipe_changes(requested, saved)
-    return reuse_or_refuse(out, changed, rerun, flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}),
-                           flat(to_dict(requested)))
+    return finished_run(out, load_config(DistillRecipe, ROOT / cli[1], overrides), rerun)
 
 
 def run_one(arm: str, draw: int, args) -> dict | None:

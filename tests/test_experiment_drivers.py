@@ -128,11 +128,11 @@ def test_detection_driver_reuses_only_the_requested_run(tmp_path):
     run.out.mkdir(parents=True)
     save_config(run.requested(), run.out / "config.yaml")
     (run.out / "final_metrics.json").write_text(json.dumps({"test_map": 31.5}))
-    assert detect.finished(run, rerun=False)
+    assert finished.finished_run(run.out, run.requested(), rerun=False)
     other = next(r for r in detect.plan(_detect_args(tmp_path, ["kd"], ["optim.epochs=3"])) if r.key == ("kd", 0))
     with pytest.raises(finished.StaleRunError, match=r"optim\.epochs: 12 -> 3"):
-        detect.finished(other, rerun=False)
-    assert detect.finished(other, rerun=True) is False
+        finished.finished_run(other.out, other.requested(), rerun=False)
+    assert finished.finished_run(other.out, other.requested(), rerun=True) is False
 
 
 def test_demo_seeds_sees_a_stage_changed_outside_demo_yaml(tmp_path):

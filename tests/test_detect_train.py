@@ -184,3 +184,16 @@ def test_train_extra_scene_sets_are_trained_on_with_data_train(scene_sets, tmp_p
                            progress=False))
     with pytest.raises(ValueError, match=r"data.train_extra\[1\]: .* at 96 px"):
         _scene_sets(replace(data, train_extra=[scene_sets["val"], str(tmp_path / "big")]))
+
+
+def test_a_boxes_only_run_is_not_another_run_for_kd_weights_it_never_reads(scene_sets, trained):
+    """Without kd.teacher no kd key is read (the step is the detector's own losses): a finished boxes-only run is
+    the requested one whatever the kd weights say; with a teacher they decide the run."""
+    from sip.train.run_dir import recipe_changes
+
+    run_dir, _ = trained
+    assert recipe_changes(_recipe(scene_sets, kd=KDSection(cls=10.0, box=0.1)), run_dir / "config.yaml") == []
+    longer = _recipe(scene_sets, optim=replace(_recipe(scene_sets).optim, epochs=4))
+    assert recipe_changes(longer, run_dir / "config.yaml") == ["optim.epochs"]
+    with_teacher = _recipe(scene_sets, kd=KDSection(teacher=str(run_dir), cls=10.0))
+    assert {"kd.teacher", "kd.cls"} <= set(recipe_changes(with_teacher, run_dir / "config.yaml"))

@@ -59,6 +59,16 @@ class DetectRecipe:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-3, weight_decay=1e-4))
     run: RunSection = field(default_factory=RunSection)
 
+    def output_settings(self) -> dict[str, Any]:
+        """The recipe as a dict with the settings the run reads, for resume and reuse checks: without
+        ``kd.teacher`` the detector trains on its own losses alone and no other ``kd`` key is read."""
+        from sip.config import to_dict
+
+        d = to_dict(self)
+        if not self.kd.teacher:
+            d["kd"] = {"teacher": None}
+        return d
+
     def __post_init__(self):
         if self.optim.label_smoothing:
             raise ValueError("optim.label_smoothing is a classification loss setting; a detector's class loss is "

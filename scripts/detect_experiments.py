@@ -40,7 +40,6 @@ from scripts.finished_runs import execute, mean_std, paired, run_sip  # noqa: E4
 from sip.config import load_config  # noqa: E402
 from sip.detect.train import DetectRecipe  # noqa: E402
 
-SIP = str(Path(sys.executable).with_name("sip"))
 TABLES = ("teacher", "kd", "datafree", "fewshot", "gnbn")
 SCENES = "pipelines/fmnist_scenes.yaml"
 SMOKE_ALL = ["optim.epochs=1", "run.eval_max_samples=20", "run.checkpoint_every_steps=0"]

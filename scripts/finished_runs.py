@@ -86,7 +86,8 @@ def finished_run(out: Path, requested: Any, rerun: bool) -> bool:
 
 
 def run_sip(cli: list[str], cwd: Path, threads: int) -> None:
-    """``sip <cli>`` with ``threads`` OpenMP threads and the hubs offline; exits naming the command on failure."""
+    """``sip <cli>`` (this interpreter's) with ``threads`` OpenMP threads and the hubs offline, the caller's
+    environment otherwise (a frozen checkout's PYTHONPATH runs its own sip); exits naming the command on failure."""
     import os
     import shlex
     import subprocess

@@ -37,7 +37,6 @@ from scripts.finished_runs import execute, mean_std, paired  # noqa: E402
 from sip.config import load_config  # noqa: E402
 from sip.train.recipe import TrainRecipe  # noqa: E402
 
-SIP = str(Path(sys.executable).with_name("sip"))
 TABLES = ("teacher", "tenshot", "gnbn")
 NORMS = ("batchnorm", "groupnorm")
 # --smoke: every run made tiny (1 epoch, ~64 training and 100 test images), to prove the commands and time a step

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.finished_runs import finished_run  # noqa: E402
+from scripts.finished_runs import finished_run, mean_std, run_sip  # noqa: E402
 from sip.config import load_config  # noqa: E402
 from sip.report.stats import paired_comparison  # noqa: E402
-SIP = str(Path(sys.executable).with_name("sip"))
 ARMS = {
     "cnn_sip": ("fmnist_student_cnn_sip.yaml", []),
     "cnn_real": ("fmnist_student_cnn_real.yaml", []),
@@ -116,22 +113,12 @@ def run_one(arm: str, draw: int, args) -> dict | None:
                          f"(the same command without --init-from, --out {args.init_from})")
     print("sip " + shlex.join(cli), flush=True)
     t0 = time.time()
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    if os.environ.get("PYTHONPATH"):  # a frozen checkout (git worktree) runs its own sip, not the editable install
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    proc = subprocess.run([SIP, *cli], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"failed: sip {shlex.join(cli)}")
+    run_sip(cli, ROOT, 1)
     metrics = json.loads(done.read_text())
     print(f"  {arm} draw {draw}: top-1 {metrics['top1']:.2f}% ({time.time() - t0:.0f}s)", flush=True)
     return metrics
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.2f}" if values else "—"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ README shows the demo's arms over 3 seeds so the sign is not noise (issue "Data 
 whole ``sip demo`` (its own shots, teacher, sip data and students) in ``OUT/seed<k>``; a finished seed is reused
 only when its ``demo.yaml`` and every stage's saved config equal what the demo would run now (``--rerun`` redoes a
 different one; its generation stages refuse a folder made with other settings, so choose another ``--out``). The
-gain is judged on the validation split (1,000 images of the training pool, not the shots) and reported on the test set, which each
-run reads once, at its end.
+gain is judged on the validation split (1,000 images of the training pool, not the shots) and reported on the test
+set, which each run reads once, at its end.
 
 Usage::
 

@@ -182,12 +182,15 @@ def report(runs: list[Run]) -> dict:
             ("fewshot_real", "resnet10t + KD, 500 scenes of 10 real objects per class, repeated"),
             ("fewshot_sip", "same + scenes of their sip img2img variants + scenes of txt2img objects")]
     if any(arms.values()):
-        print("\n| arm | test mAP (mean ± std) | % of teacher | runs (seed) |\n|---|---|---|---|")
+        print("\n| arm | test mAP (mean ± std) | % of teacher | runs (seed) | validation mAP, last epoch (seed) |"
+              "\n|---|---|---|---|---|")
         for a, label in rows:
             if arms[a]:
                 pct = f"{100 * statistics.mean(arms[a].values()) / teacher:.1f}" if teacher else "—"
+                val = {k[1]: v.get("val_map") for k, v in m.items() if len(k) == 2 and k[0] == a}
                 print(f"| {label} | {mean_std(list(arms[a].values()))} | {pct} | "
-                      f"{', '.join(f'{v:.2f} (s{s})' for s, v in sorted(arms[a].items()))} |")
+                      f"{', '.join(f'{v:.2f} (s{s})' for s, v in sorted(arms[a].items()))} | "
+                      f"{', '.join(f'{v:.2f} (s{s})' if v is not None else '—' for s, v in sorted(val.items()))} |")
         summary["arms"] = arms
         paired(arms["kd"], arms["boxes"], "KD - boxes only (target >= +2 mAP)", summary["paired"], " mAP")
         paired(arms["fewshot_sip"], arms["fewshot_real"], "10 objects/class: + sip scenes - real only",

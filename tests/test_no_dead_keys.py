@@ -490,6 +490,17 @@ def distilled(cfg) -> Any:
             metrics.get("store_views"))
 
 
+def selection(cfg) -> Any:
+    """A real sip distill run's per-epoch selections (sip.distill.select): each RUN/selection/epoch-<e>.json."""
+    import tempfile
+
+    from sip.distill.run import run_distillation
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        run_distillation(cfg, run_dir)
+        return {p.name: json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("selection/*.json"))}
+
+
 def resumes(cfg) -> Any:
     """Whether a run folder holding a checkpoint is continued (sip.train.run_dir.prepare_run_dir)."""
     import tempfile
@@ -755,6 +766,9 @@ DISTILL_RUN = ("data.real.kind=folder", "data.real.path=FOLDER", "data.eval.kind
                "data.val=null", "data.img_size=32", "data.batch_size=2", *TEACHER, "student.name=test_resnet",
                "student.patch_size=null", "student.kwargs={}", "optim.epochs=1", "run.device=cpu", "run.precision=fp32",
                "run.progress=false", "run.threads=1")
+# two epochs on the tiny folders + SYN, the second drawing its synthetic items from the pool's most-disputed half
+SELECTING = (*DISTILL_RUN, "data.synthetic=SYN", "data.mix.mode=ratio", "data.mix.epoch_size=8", "optim.epochs=2",
+             "select.keep=0.5")
 CAPTION_T = ("caption.kind=transformers", "caption.model=BLIP", "caption.max_new_tokens=4")
 FILTER_CLS = ("filter.kind=classifier", "filter.model=CLS")
 OUTPUT = ("output=OUT",)
@@ -895,6 +909,12 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("distill", "teachers[0].pretrained"): Pending("timm's hub weights (no network here); a name without a "
                                                    "checkpoint or pretrained: true is refused (test_distill_teachers)"),
     ("distill", "logits"): Changes("LOGITS", distilled, DISTILL_RUN),
+    ("distill", "select.keep"): Changes(0.5, distilled, SELECTING[:-1]),
+    ("distill", "select.start_epoch"): Changes(0, selection, SELECTING),
+    ("distill", "select.class_balanced"): Changes(False, selection, (*SELECTING[:-1], "select.keep=0.1")),
+    ("distill", "select.temperature"): Changes(4.0, selection, SELECTING),
+    ("distill", "select.batch_size"): Pending("images per scoring forward pass: the same scores and choice at any "
+                                              "batch (speed only)"),
     ("logits", "store.views"): Changes(3, store, STORE),
     ("logits", "store.identity_view"): Changes(False, store, STORE),
     ("logits", "store.seed"): Changes(1, store, STORE),

@@ -289,7 +289,25 @@ class MixedImages(torch.utils.data.Dataset):
                     f"{len(real)} real images as its source (a synthetic source looks like {example!r}, "
                     f"a real id like {real.sample_id(0)!r}); were the variants made from this real set?")
         self.epoch = -1
+        self.synthetic_subset: np.ndarray | None = None  # restrict_synthetic: the synthetic items an epoch may draw
         self.set_epoch(0)
+
+    def restrict_synthetic(self, subset: np.ndarray | None) -> None:
+        """Let the next plans draw their synthetic items from ``subset`` (indices into ``synthetic``) only, in
+        the same numbers as from the whole set (None: the whole set again); the epoch's length does not change.
+        Used by ``sip distill``'s ``select:`` (the images the student most disagrees with its teacher on)."""
+        if subset is not None:
+            if self.synthetic is None or self.config.mode == "swap":
+                raise ValueError("restrict_synthetic needs synthetic images mixed by mode 'ratio' or 'concat' "
+                                 f"(this mix: mode {self.config.mode!r}, synthetic {self.synthetic is not None})")
+            subset = np.unique(np.asarray(subset, dtype=np.int64))
+            if len(subset) == 0 or subset[0] < 0 or subset[-1] >= len(self.synthetic):
+                raise ValueError(f"a synthetic subset must name 1 to {len(self.synthetic)} of its items by index")
+        changed = (subset is None) != (self.synthetic_subset is None) or (
+            subset is not None and not np.array_equal(subset, self.synthetic_subset))
+        self.synthetic_subset = subset
+        if changed:
+            self.epoch = -1  # the next set_epoch plans again
 
     # -- the plan ---------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -309,8 +327,15 @@ class MixedImages(torch.utils.data.Dataset):
                 return _draw_balanced(rng, labels, n)
             return _draw(rng, np.arange(len(labels)), n)
 
+        subset = self.synthetic_subset
+
+        def take_synthetic(n: int) -> np.ndarray:
+            if subset is None:
+                return take(syn.labels, n)
+            return subset[take(syn.labels[subset], n)]
+
         if cfg.mode == "concat":
-            if cfg.epoch_size is None and not cfg.class_balanced:
+            if cfg.epoch_size is None and not cfg.class_balanced and subset is None:
                 plan = np.concatenate([np.arange(n_real), -(np.arange(n_syn) + 1)]).astype(np.int64)
             else:
                 total = cfg.epoch_size or (n_real + n_syn)
@@ -319,7 +344,7 @@ class MixedImages(torch.utils.data.Dataset):
                 if real is not None:
                     parts.append(take(real.labels, k_real))
                 if syn is not None:
-                    parts.append(-(take(syn.labels, total - k_real) + 1))
+                    parts.append(-(take_synthetic(total - k_real) + 1))
                 plan = np.concatenate(parts)
         elif cfg.mode == "ratio":
             if cfg.epoch_size is not None:
@@ -329,7 +354,7 @@ class MixedImages(torch.utils.data.Dataset):
                 k_real, k_syn = 0, n_syn
             else:
                 k_real, k_syn = n_real, round(n_real * cfg.ratio / (1.0 - cfg.ratio))
-            plan = np.concatenate([take(real.labels, k_real), -(take(syn.labels, k_syn) + 1)])
+            plan = np.concatenate([take(real.labels, k_real), -(take_synthetic(k_syn) + 1)])
         else:  # swap
             picks = take(real.labels, cfg.epoch_size or n_real)
             plan = picks.copy()

@@ -28,6 +28,7 @@ from sip.distill.logits import (
 )
 from sip.distill.losses import KD_LOSSES, build_kd_loss, kd_loss_arguments
 from sip.distill.mixup import BatchMixConfig
+from sip.distill.select import DivergenceSelector, SelectSection
 from sip.distill.step import DistillStep, TeacherInputs
 from sip.distill.teachers import Teacher, TeacherSection, build_teachers, check_teacher_classes, describe
 from sip.models.checkpoints import model_metadata
@@ -87,6 +88,8 @@ class DistillRecipe:
     # mixup / CutMix between the images of a batch, labelled by the online teachers on the mixed images
     # ("function matching", Beyer et al. CVPR 2022); off by default
     batch_mix: BatchMixConfig = field(default_factory=BatchMixConfig)
+    # each epoch, draw the synthetic items from the share the student most disagrees with its teachers on
+    select: SelectSection = field(default_factory=SelectSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
 
@@ -103,6 +106,7 @@ class DistillRecipe:
         if not self.teachers and not self.logits:
             raise ValueError("distillation needs teachers (teachers: [...]) or a logits store (logits: DIR)")
         _check_one_teacher_weight(self.teachers, "the student learns from it alone")
+        self.select.check(self.data, online_teachers=bool(self.teachers) and not self.logits, epochs=self.optim.epochs)
         if self.data.soft_labels and not self.loss.use_labels:
             raise ValueError("data.soft_labels is true but loss.use_labels is false: the labels (soft or not) are "
                              "never read; set one of them")
@@ -356,10 +360,12 @@ def run_distillation(recipe: DistillRecipe, run_dir: str | Path) -> dict[str, An
     meta["distilled_from"] = [t.identity for t in teachers] or (store.teachers if store is not None else [])
     logger.info("distilling %s from %s (%s) on %s", recipe.student.name,
                 ", ".join(describe(t) for t in teachers) or f"store {recipe.logits}", recipe.loss.name, train_images)
+    selector = (DivergenceSelector(recipe.select, train_images, teachers, eval_tf, input_config, run_dir, accelerator)
+                if recipe.select.active else None)
     result = fit(model=student, train_view=view, val_images=val_images, test_images=test_images,
                  eval_transform=eval_tf, step_fn=step, optim=recipe.optim, run=recipe.run, data=data,
                  run_dir=run_dir, accelerator=accelerator, model_meta=meta, resume=resume,
-                 desc=f"distill {recipe.student.name}",
+                 desc=f"distill {recipe.student.name}", before_epoch=selector,
                  modules_to_device=[t.model for t in teachers] if online else [])
     metrics = dict(result.metrics)
     metrics.update({"loss": recipe.loss.name, "logits": recipe.logits,

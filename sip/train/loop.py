@@ -353,7 +353,8 @@ def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test
         eval_transform: Callable, step_fn: StepFn, optim: OptimSection, run: RunSection, data: DataSection,
         run_dir: Path, accelerator, model_meta: dict, resume: bool, desc: str = "train",
         modules_to_device: Sequence[nn.Module] = (), held_out: Any | None = None,
-        collate_fn: Callable | None = None) -> FitResult:
+        collate_fn: Callable | None = None, before_epoch: Callable[[nn.Module, int], None] | None = None
+        ) -> FitResult:
     """The epoch loop: train with ``step_fn``, validate, log, checkpoint, resume; test once; returns final metrics.
 
     Args:
@@ -376,6 +377,8 @@ def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test
             :class:`sip.detect.evaluate.DetectionHeldOut`'s mAP); ``val_images`` / ``test_images`` /
             ``eval_transform`` are then unused. Defaults to None (top-1 on the images given).
         collate_fn (Callable, optional): the training DataLoader's (detection batches hold lists of boxes).
+        before_epoch (Callable, optional): ``(model, epoch)`` called before each epoch's items are planned (also
+            when a resumed run re-enters an epoch), with the unwrapped model: e.g. sip distill's ``select:``.
     """
     state = _Fit(model=model, train_view=train_view, step_fn=step_fn, optim=optim, run=run, data=data,
                  run_dir=run_dir, accelerator=accelerator, model_meta=model_meta, desc=desc, collate_fn=collate_fn,
@@ -390,6 +393,8 @@ def fit(*, model: nn.Module, train_view: EpochView, val_images: Any | None, test
                            num_workers=data.num_workers, max_samples=run.eval_max_samples, accelerator=accelerator)
     last_val = None
     for epoch in range(int(state.counters["epoch"]), optim.epochs):
+        if before_epoch is not None:
+            before_epoch(accelerator.unwrap_model(state.model), epoch)
         times = state.train_epoch(epoch)
         last_val = state.end_epoch(epoch, times, held_out)
     return state.finish(last_val, held_out)

@@ -50,8 +50,11 @@ def encode_shots(pipe: Any, images: Sequence[Any], labels: Sequence[int], batch:
 
 
 def denoising_loss(pipe: Any, noise_scheduler: Any, encode: Callable[[torch.Tensor], torch.Tensor],
-                   shots: Shots, prompt_ids: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The noise-prediction MSE of one step's batch (drawn with a generator seeded by ``seed`` and ``step``).
+                   shots: Shots, prompt_ids: torch.Tensor, batch_size: int, seed: int, step: int,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise-prediction MSE of one step's batch (drawn with a generator seeded by ``seed`` and ``step``);
+    with ``rows``, this process's part of it (:mod:`sip.adapt.collective`): the squared errors of those rows over
+    the whole batch's element count, so the parts of all processes add up to the whole batch's MSE.
 
     Args:
         pipe: the pipeline whose UNet predicts (``pipe.vae.config.scaling_factor`` scales the latents).
@@ -61,6 +64,7 @@ def denoising_loss(pipe: Any, noise_scheduler: Any, encode: Callable[[torch.Tens
         prompt_ids (torch.Tensor): each class's tokenised training prompt, (classes, length).
         batch_size (int): images per step (with replacement when the set is smaller).
         seed (int), step (int): fix the batch, timesteps and noise.
+        rows (torch.Tensor, optional): the batch rows this process computes. Defaults to all.
     """
     g = torch.Generator().manual_seed(stable_seed("adapt", seed, step))
     n = len(shots.labels)
@@ -78,9 +82,14 @@ def denoising_loss(pipe: Any, noise_scheduler: Any, encode: Callable[[torch.Tens
     else:
         raise ValueError(f"the model's scheduler predicts {kind!r}; sip adapt trains epsilon or v_prediction models")
     device, dtype = pipe.unet.device, pipe.unet.dtype
+    whole = target.numel()
+    if rows is not None:
+        idx, noisy, t, target = idx[rows], noisy[rows], t[rows], target[rows]
     hidden = encode(prompt_ids[shots.labels[idx]].to(device))
     pred = pipe.unet(noisy.to(device, dtype), t.to(device), hidden.to(dtype)).sample
-    return F.mse_loss(pred.float(), target.to(device).float())
+    if rows is None:
+        return F.mse_loss(pred.float(), target.to(device).float())
+    return F.mse_loss(pred.float(), target.to(device).float(), reduction="sum") / whole
 
 
 # --------------------------------------------------------------------------------------------------

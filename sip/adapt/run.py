@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import sip
+from sip.adapt import collective
 from sip.adapt.loop import CHECKPOINT_FILE, Shots, denoising_loss, encode_shots, load_checkpoint, save_checkpoint
 from sip.adapt.methods import Method, build_method
 from sip.adapt.recipe import AdaptRecipe
@@ -34,6 +36,8 @@ from sip.data.run_lock import hold_output
 from sip.data.sources import open_source
 from sip.ids import stable_seed
 from sip.models.diffusion import check_model_source, load_diffusion_pipeline
+from sip.runtime import resolve_device
+from sip.scale.launch import detect_launch, process_device, warn_if_alone
 from sip.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -132,9 +136,13 @@ def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None 
     if previous and previous.get("base") != base:
         raise ValueError(f"output {out} was adapted from {previous['base'].get('model')}, not {base['model']} (its "
                          "weights differ); pass another folder (-o)")
-    with hold_output(out):
+    launch = detect_launch()  # under torchrun / accelerate launch: data parallel (sip.adapt.collective)
+    warn_if_alone(launch)
+    device = process_device(recipe.device, launch)
+    share, _ = collective.start(launch, cpu=resolve_device(device).type == "cpu")
+    with hold_output(out, shard=launch.shard):
         # 2. the base model and the method's trainable parts
-        pipe = load_diffusion_pipeline(recipe.model, "txt2img", device=recipe.device)
+        pipe = load_diffusion_pipeline(recipe.model, "txt2img", device=device)
         size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         classes, images, labels, shots_used = load_shots(recipe, size)
         with torch.random.fork_rng(devices=[]):  # LoRA's random init: from the recipe's seed, not the process's
@@ -143,17 +151,19 @@ def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None 
         # 3. the shots, the prompts, the optimiser; the checkpoint when resuming
         shots = encode_shots(pipe, images, labels)
         prompts = [recipe.template.format(label=method.names[c]) for c in classes]
-        if previous is None:  # the folder is a sip adapt run from here on (resumable, refused for another method)
-            _write_run(out, _run_info(recipe, base, classes, method, shots_used, 0, [], False))
+        info = lambda s, ls, done: {**_run_info(recipe, base, classes, method, shots_used, s, ls, done),
+                                    **launch.record()}
+        if previous is None and share.is_main:  # a sip adapt run from here on (resumable, refused for another method)
+            _write_run(out, info(0, [], False))
         step, losses = _train(recipe, pipe, method, shots, prompts, out, on_step,
-                              lambda s, ls, done: _write_run(out, _run_info(recipe, base, classes, method, shots_used,
-                                                                           s, ls, done)))
-        # 4. final files, model card, run.json (finished) last
-        _publish(method, out)
-        info = _run_info(recipe, base, classes, method, shots_used, step, losses, True)
-        write_model_card(out, info)
-        _write_run(out, info)
-    return {"output": str(out), "method": recipe.method, "steps": step,
+                              lambda s, ls, done: _write_run(out, info(s, ls, done)), share)
+        # 4. final files, model card, run.json (finished) last: process 0; the others wait for it
+        if share.is_main:
+            _publish(method, out)
+            write_model_card(out, info(step, losses, True))
+            _write_run(out, info(step, losses, True))
+        collective.barrier(share)
+    return {"output": str(out), "method": recipe.method, "steps": step, **launch.record(),
             "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -165,8 +175,11 @@ def _tokenize(pipe: Any, prompts: list[str]) -> torch.Tensor:
 
 
 def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts: list[str], out: Path,
-           on_step: Callable[[int, float], None] | None, record: Callable[[int, list, bool], None]):
-    """The loop from the last checkpoint (or step 0) to ``recipe.steps``; returns (steps done, [(step, loss)])."""
+           on_step: Callable[[int, float], None] | None, record: Callable[[int, list, bool], None],
+           share: collective.Share = collective.Share()):
+    """The loop from the last checkpoint (or step 0) to ``recipe.steps``; returns (steps done, [(step, loss)]).
+    Under a multi-process launch each process computes its ``share`` of every batch, the gradients are summed,
+    and process 0 alone writes checkpoints, ``run.json`` and grids."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -183,27 +196,30 @@ def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.eval()  # no dropout: a step's result depends only on (seed, step) and the weights
     bar = tqdm(total=recipe.steps, initial=step, desc=f"adapt {recipe.method}", unit="step",
-               disable=not recipe.progress, dynamic_ncols=True)
+               disable=not recipe.progress or not share.is_main, dynamic_ncols=True)
     while step < recipe.steps:
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * warmup_cosine(step, recipe.warmup_steps, recipe.steps)
+        rows = share.rows(recipe.batch_size) if share.world > 1 else None
         loss = denoising_loss(pipe, noise_scheduler, method.encode, shots, prompt_ids, recipe.batch_size,
-                              recipe.seed, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"adapt loss is {loss.item()} at step {step}: lower lr (now {recipe.lr})")
+                              recipe.seed, step, rows)
+        value = collective.sum_value(loss.item(), share, pipe.unet.device)  # the whole batch's
+        if not math.isfinite(value):
+            raise FloatingPointError(f"adapt loss is {value} at step {step}: lower lr (now {recipe.lr})")
         loss.backward()
+        collective.sum_gradients(params, share)
         if recipe.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append((step, round(loss.item(), 6)))
+        losses.append((step, round(value, 6)))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1][1]:.4f}", refresh=False)
-        if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+        if share.is_main and (step % recipe.checkpoint_every == 0 or step == recipe.steps):
             save_checkpoint(ckpt, method.state(), optimizer, step, {"losses": losses})
             record(step, losses, False)
-        if recipe.validation.every and (step % recipe.validation.every == 0 or step == recipe.steps):
+        if share.is_main and recipe.validation.every and (step % recipe.validation.every == 0 or step == recipe.steps):
             save_grid(pipe, method, prompts, recipe.validation, out / "validation" / f"step-{step:06d}.png")
         if on_step is not None:
             on_step(step, losses[-1][1])

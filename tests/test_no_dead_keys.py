@@ -782,6 +782,7 @@ ADAPT_TI = (*ADAPT, "method=textual_inversion")
 ADAPT_FT = (*ADAPT, "method=finetune")
 ADAPT_FT_TEXT = (*ADAPT_FT, "finetune.text_encoder=true")
 ADAPT_VAL = (*ADAPT, "validation.every=2", "validation.per_class=1", "validation.steps=2")
+ADAPT_PRIOR = (*ADAPT, "prior.prompts=[a photo of a cat]", "prior.per_prompt=1", "prior.steps=2")
 SCENE = ("objects.kind=folder", "objects.path=FOLDER", "objects.stop=null", "scenes.count=2", "scenes.size=64",
          "scenes.object_size=[12, 30]", "scenes.max_objects=4")  # scenes of the tiny folder's cat / dog crops
 DETECTOR = ("detector.backbone=test_resnet", "detector.fpn_channels=32", "detector.head_convs=1")
@@ -1056,6 +1057,13 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("adapt", "finetune.text_encoder_lr"): (Changes(0.5, adapted, ADAPT_FT_TEXT),
                                             Refused(0.5, ADAPT_FT, "read only when finetune.text_encoder is true"),
                                             Refused(0, ADAPT_FT_TEXT, "text_encoder_lr must be a finite number > 0")),
+    ("adapt", "prior.prompts"): (Changes(["a photo of a dog"], adapted, ADAPT_PRIOR),
+                                 Refused(["a photo of a dog"], (), "read only when prior.per_prompt > 0")),
+    ("adapt", "prior.per_prompt"): (Changes(2, adapted, ADAPT_PRIOR), Refused(1, (), "prior.prompts is empty")),
+    ("adapt", "prior.weight"): Changes(3.0, adapted, ADAPT_PRIOR),
+    ("adapt", "prior.guidance_scale"): Changes(1.5, adapted, ADAPT_PRIOR),
+    ("adapt", "prior.steps"): Changes(3, adapted, ADAPT_PRIOR),
+    ("adapt", "prior.seed"): Changes(1, adapted, ADAPT_PRIOR),
     ("adapt", "validation.every"): Changes(1, adapted, ADAPT_VAL),
     ("adapt", "validation.per_class"): Changes(2, adapted, ADAPT_VAL),
     ("adapt", "validation.steps"): Changes(3, adapted, ADAPT_VAL),

@@ -7,7 +7,7 @@ another method runs is an error, never ignored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from sip.adapt.use import METHODS
@@ -93,6 +93,49 @@ class FinetuneSettings:
 
 
 @dataclass(frozen=True)
+class PriorConfig:
+    """Prior preservation (DreamBooth, Ruiz et al., CVPR 2023): before training, the base model draws ``per_prompt``
+    txt2img images of each of ``prompts`` (what it must keep drawing, e.g. the classes it already knows); every step
+    adds ``weight`` times the denoising loss of a batch of them, so adapting to the user's classes does not
+    overwrite the others. Off while ``per_prompt`` is 0. For lora and finetune (textual inversion leaves the model
+    as it is).
+
+    Attributes:
+        prompts: the prompts whose images the model must keep.
+        per_prompt: the base model's images per prompt (made once, kept in ``OUT/prior.safetensors``).
+        weight: the prior term's weight (DreamBooth's lambda).
+        guidance_scale, steps, seed: how those images are drawn.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    per_prompt: int = 0
+    weight: float = 1.0
+    guidance_scale: float = 4.0
+    steps: int = 20
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.per_prompt > 0
+
+    def __post_init__(self):
+        if self.per_prompt < 0 or self.steps < 1:
+            raise ValueError(f"prior.per_prompt must be >= 0 and prior.steps >= 1, got {self.per_prompt}, {self.steps}")
+        for key in ("weight", "guidance_scale"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"prior.{key} must be a finite number > 0, got {value}")
+        if self.active and not self.prompts:
+            raise ValueError("prior.per_prompt > 0 but prior.prompts is empty: list the prompts whose images the model "
+                             "must keep (e.g. [\"a photo of a coat\", ...])")
+        set_keys = [f.name for f in fields(self) if f.name != "per_prompt" and getattr(self, f.name) != (
+            f.default_factory() if f.default is MISSING else f.default)]
+        if not self.active and set_keys:
+            raise ValueError(f"prior.{set_keys[0]} is read only when prior.per_prompt > 0 (images per prompt): set "
+                             "prior.per_prompt, or remove the prior section")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """The validation grid: txt2img of every class from the current weights, every ``every`` steps.
 
@@ -139,7 +182,7 @@ class AdaptRecipe:
         device: "auto", "cpu", "cuda", ...
         output: the output folder (``-o``); rerunning into it resumes.
         progress: show a progress bar.
-        textual_inversion, lora, finetune, validation: the sections above.
+        textual_inversion, lora, finetune, prior, validation: the sections above.
     """
 
     method: Literal["textual_inversion", "lora", "finetune"] = "lora"
@@ -161,6 +204,7 @@ class AdaptRecipe:
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
@@ -188,6 +232,9 @@ class AdaptRecipe:
             hint = " (a LoRA on the text encoder is lora.text_encoder)" if self.method == "lora" else ""
             raise ValueError(f"the finetune section (finetune.text_encoder, finetune.text_encoder_lr) is read by "
                              f"method finetune only; method is {self.method}: remove it or set method: finetune{hint}")
+        if self.method == "textual_inversion" and self.prior.active:
+            raise ValueError("prior (prior preservation) keeps what the model draws while it trains; textual inversion "
+                             "trains no model weight: remove the prior section or use method lora / finetune")
         if self.method == "textual_inversion" and self.label_names:
             raise ValueError("label_names names classes in the prompt of lora / finetune; textual inversion puts each "
                              "class's token there: remove label_names (or name tokens in textual_inversion.tokens)")

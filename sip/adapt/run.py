@@ -27,6 +27,7 @@ import sip
 from sip.adapt import collective
 from sip.adapt.loop import CHECKPOINT_FILE, Shots, denoising_loss, encode_shots, load_checkpoint, save_checkpoint
 from sip.adapt.methods import Method, build_method
+from sip.adapt.prior import make_prior
 from sip.adapt.recipe import AdaptRecipe
 from sip.adapt.use import ADAPT_KIND, ADAPT_RUN, base_identity, read_adapt_run
 from sip.adapt.validate import save_grid, write_model_card
@@ -155,8 +156,10 @@ def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None 
                                     **launch.record()}
         if previous is None and share.is_main:  # a sip adapt run from here on (resumable, refused for another method)
             _write_run(out, info(0, [], False))
+        # the base model's own images to keep (a new LoRA is still the identity; fine-tuning has not started)
+        prior = make_prior(pipe, recipe.prior, out, share, recipe.progress) if recipe.prior.active else None
         step, losses = _train(recipe, pipe, method, shots, prompts, out, on_step,
-                              lambda s, ls, done: _write_run(out, info(s, ls, done)), share)
+                              lambda s, ls, done: _write_run(out, info(s, ls, done)), share, prior)
         # 4. final files, model card, run.json (finished) last: process 0; the others wait for it
         if share.is_main:
             _publish(method, out)
@@ -176,10 +179,11 @@ def _tokenize(pipe: Any, prompts: list[str]) -> torch.Tensor:
 
 def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts: list[str], out: Path,
            on_step: Callable[[int, float], None] | None, record: Callable[[int, list, bool], None],
-           share: collective.Share = collective.Share()):
+           share: collective.Share = collective.Share(), prior: Shots | None = None):
     """The loop from the last checkpoint (or step 0) to ``recipe.steps``; returns (steps done, [(step, loss)]).
     Under a multi-process launch each process computes its ``share`` of every batch, the gradients are summed,
-    and process 0 alone writes checkpoints, ``run.json`` and grids."""
+    and process 0 alone writes checkpoints, ``run.json`` and grids. With ``prior`` (:mod:`sip.adapt.prior`) each
+    step adds ``prior.weight`` times the loss of a batch of the base model's own images."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -187,6 +191,8 @@ def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts
     optimizer = torch.optim.AdamW(method.param_groups(recipe.lr), lr=recipe.lr, weight_decay=recipe.weight_decay)
     peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak (finetune.text_encoder_lr)
     prompt_ids, step, losses = _tokenize(pipe, prompts), 0, []
+    prior_ids = _tokenize(pipe, list(recipe.prior.prompts)) if prior is not None else None
+    prior_seed = stable_seed("adapt-prior-batch", recipe.seed)
     if (ckpt := out / CHECKPOINT_FILE).is_file():
         state, optim_state, step, info = load_checkpoint(ckpt)
         method.load_state(state)
@@ -203,6 +209,9 @@ def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts
         rows = share.rows(recipe.batch_size) if share.world > 1 else None
         loss = denoising_loss(pipe, noise_scheduler, method.encode, shots, prompt_ids, recipe.batch_size,
                               recipe.seed, step, rows)
+        if prior is not None:
+            loss = loss + recipe.prior.weight * denoising_loss(pipe, noise_scheduler, method.encode, prior, prior_ids,
+                                                               recipe.batch_size, prior_seed, step, rows)
         value = collective.sum_value(loss.item(), share, pipe.unet.device)  # the whole batch's
         if not math.isfinite(value):
             raise FloatingPointError(f"adapt loss is {value} at step {step}: lower lr (now {recipe.lr})")

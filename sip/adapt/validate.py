@@ -65,6 +65,11 @@ def write_model_card(out: Path, info: dict[str, Any]) -> Path:
              "", "Prompts: " + ", ".join(f"{c} → \"{info['template'].format(label=n)}\"" for c, n in info["names"].items()),
              "", f"## Shots ({len(info['shots'])})", ""]
     lines += [f"- {s['label']}: {s['source_id']}" for s in info["shots"]]
+    prior = (info.get("config") or {}).get("prior") or {}
+    if prior.get("per_prompt"):
+        lines += ["", f"## Prior preservation (weight {prior['weight']})", "",
+                  f"The base model's own {prior['per_prompt']} images of each prompt, replayed every step:", ""]
+        lines += [f"- \"{q}\"" for q in prior["prompts"]]
     path = out / "README.md"
     atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path

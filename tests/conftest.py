@@ -119,6 +119,37 @@ def build_tiny_sd(save_dir: Path, seed: int = 0) -> Path:
     return save_dir
 
 
+def build_tiny_taesd(blocks: int = 2, latent_channels: int = 4, seed: int = 0):
+    """A seeded random ``AutoencoderTiny`` (TAESD layout) with ``blocks - 1`` 2x up/down-samplings (2 fits the tiny
+    SD's 2x, 4-channel latents), in eval mode."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,
+                           num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks,
+                           latent_channels=latent_channels).eval()
+
+
+def build_tiny_lora(sd_dir: Path, out: Path) -> Path:
+    """A seeded rank-4 LoRA of the tiny SD's attention in diffusers' ``save_lora_weights`` layout (lora_B non-zero:
+    a LoRA that changes nothing would test nothing)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
+    return Path(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """Folder of a tiny random Stable Diffusion in diffusers' ``save_pretrained`` layout (safetensors).

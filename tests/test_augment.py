@@ -19,6 +19,7 @@ from sip.config import ConfigError, load_config
 from sip.data.bank import label_folders, read_metadata
 from sip.data.sources import SourceConfig
 from sip.ids import sanitize_label
+from conftest import build_tiny_taesd
 
 
 def recipe(folder, out, **generate):
@@ -327,17 +328,6 @@ def test_fast_path_matches_the_plain_diffusers_call(image_folder, tiny_sd_img2im
     assert np.asarray(ours[0]).tobytes() != np.asarray(ours[1]).tobytes()  # variants differ
 
 
-def tiny_autoencoder(blocks: int, latent_channels: int = 4, seed: int = 0):
-    """A random ``AutoencoderTiny`` (TAESD layout) with ``blocks - 1`` 2x up/down-samplings."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    return AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,
-                           num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks,
-                           latent_channels=latent_channels).eval()
-
-
 def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd_img2img, tmp_path):
     import numpy as np
 
@@ -347,7 +337,7 @@ def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd
     sources = [s.image for s in ImageFolderSource(image_folder)][:2]
     config = GenerateConfig(steps=4, strength=0.5, device="cpu", precision="fp32", tiny_vae="unused-here")
     full = DiffusionGenerator(tiny_sd_img2img, GenerateConfig(steps=4, strength=0.5, device="cpu", precision="fp32"))
-    taesd = tiny_autoencoder(blocks=2)  # 2x, as the fixture's VAE
+    taesd = build_tiny_taesd(blocks=2)  # 2x, as the fixture's VAE
     fast = DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=taesd)
     assert tiny_sd_img2img.vae is not taesd and fast.pipe.vae is taesd  # the caller's pipeline is untouched
     assert fast.encoder_vae is tiny_sd_img2img.vae and fast.txt2img.vae is taesd
@@ -358,15 +348,15 @@ def test_tiny_vae_decodes_while_the_full_vae_still_encodes(image_folder, tiny_sd
     assert fast.img2img(sources, ["a cat", "a dog"], [1, 2])[1].tobytes() == b[1].tobytes()  # still seeded
     assert [im.size for im in fast.text2img(["a cat"], [3])] == [(32, 32)]
     with pytest.raises(ValueError, match="tiny_vae upsamples latents 8x but the model's VAE 2x"):
-        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=tiny_autoencoder(blocks=4))
+        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=build_tiny_taesd(blocks=4))
     with pytest.raises(ValueError, match="takes 16-channel latents but the model's VAE makes 4-channel"):
-        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=tiny_autoencoder(blocks=2, latent_channels=16))
+        DiffusionGenerator(tiny_sd_img2img, config, tiny_vae=build_tiny_taesd(blocks=2, latent_channels=16))
 
 
 def test_tiny_vae_loads_from_a_folder_and_a_missing_one_is_named(tiny_sd_dir, tmp_path):
     from sip.augment.generate import DiffusionGenerator
 
-    tiny_autoencoder(blocks=2).save_pretrained(tmp_path / "taesd")
+    build_tiny_taesd(blocks=2).save_pretrained(tmp_path / "taesd")
     gen = DiffusionGenerator.from_config(GenerateConfig(model=str(tiny_sd_dir), tiny_vae=str(tmp_path / "taesd"),
                                                         device="cpu", steps=2))
     assert type(gen.pipe.vae).__name__ == "AutoencoderTiny"

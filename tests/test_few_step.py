@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.train_tiny_lcm import DDIMSolver, boundary_scalings, consistency, distill, parse_args  # noqa: E402
 from sip.augment.generate import DiffusionGenerator, GenerateConfig  # noqa: E402
-from tests.conftest import TINY_SD_IMAGE_SIZE  # noqa: E402
+from tests.conftest import TINY_SD_IMAGE_SIZE, build_tiny_lora  # noqa: E402
 
 
 class UNetCalls:
@@ -223,22 +223,7 @@ def test_img2img_with_no_denoising_step_is_a_clear_error(tiny_sd_img2img):
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_sd_dir, tmp_path_factory) -> Path:
     pytest.importorskip("peft")
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_" in name:  # lora_B starts at zero: a LoRA that changes nothing would test nothing
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    out = tmp_path_factory.mktemp("tiny-lora")
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
-    return out
+    return build_tiny_lora(tiny_sd_dir, tmp_path_factory.mktemp("tiny-lora"))
 
 
 def test_a_lora_is_fused_at_its_scale_and_recorded(tiny_sd_dir, tiny_lora):

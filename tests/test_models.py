@@ -20,6 +20,7 @@ from sip.models.diffusion import (
     write_clip_tokenizer,
 )
 from sip.runtime import resolve_device, resolve_dtype
+from conftest import build_tiny_taesd
 
 # --------------------------------------------------------------------------------------------------
 # Offline CLIP tokenizer
@@ -273,13 +274,9 @@ def test_the_shipped_model_as_tiny_vae_is_refused_with_a_hint_that_works(tmp_pat
 
 
 def test_a_pipeline_folder_whose_vae_is_tiny_is_a_tiny_vae(tmp_path):
-    from diffusers import AutoencoderTiny
-
     from sip.models.diffusion import load_tiny_vae
 
-    torch.manual_seed(0)
-    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    tiny = build_tiny_taesd()
     tiny.save_pretrained(tmp_path / "pipe" / "vae")
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderTiny"]}))
     loaded = load_tiny_vae(str(tmp_path / "pipe"), device="cpu")

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from sip.config import ConfigError, load_config
+from conftest import build_tiny_lora, build_tiny_taesd
 
 # --------------------------------------------------------------------------------------------------
 # 1. the verbs and their recipe fields
@@ -1276,31 +1277,12 @@ def _new_verbs_inputs(root: Path, out: dict[str, str]) -> dict[str, str]:
 
 def _tiny_vae(out: Path) -> str:
     """A random AutoencoderTiny (TAESD layout) that fits the tiny SD's 2x, 4-channel latents."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
-                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(out)
+    build_tiny_taesd().save_pretrained(out)
     return str(out)
 
 
 def _tiny_lora(sd_dir: Path, out: Path) -> str:
-    """A seeded rank-4 LoRA of the tiny SD's attention (lora_B non-zero, so fusing it changes the images)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(pipe.unet)), safe_serialization=True)
-    return str(out)
+    return str(build_tiny_lora(sd_dir, out))
 
 
 def _synthetic_set(root: Path, real_folder: str) -> Path:

@@ -20,6 +20,9 @@ Phases, each resumable from the work folder (rerun the same command after a kill
   7. with ``--lcm-out DIR``: scripts/train_tiny_lcm.py distils the saved pipeline into a few-step LCM one.
 
 Leakage guard: only training images 0..49999 are used; few-shot experiments draw from 50000..59999.
+Leakage-controlled (DA-Fusion's setting): ``--exclude-classes Bag "Ankle boot" --out runs/tiny-sd-heldout --work
+.cache/tiny-sd-heldout`` trains the same model without those classes' images; ``sip adapt --model runs/tiny-sd-heldout``
+then has to teach it them from the shots.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def parse_args():
     p.add_argument("--out", default=DEFAULT_SD_MODEL, help="where the pipeline is saved")
     p.add_argument("--work", default=".cache/tiny-sd-work", help="checkpoints, captions, latents")
     p.add_argument("--train-stop", type=int, default=50000, help="use training images [0, this)")
+    p.add_argument("--exclude-classes", nargs="+", default=[], metavar="CLASS",
+                   help="leave these classes' images out (e.g. Bag 'Ankle boot'): a generator that never saw them, "
+                        "for sip adapt's leakage-controlled experiment; use its own --work folder")
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning steps (0: none)")
@@ -117,8 +123,17 @@ def build_scheduler():
 # phases
 # --------------------------------------------------------------------------------------------------
 
-def load_images(stop: int) -> tuple[torch.Tensor, np.ndarray, FashionMNISTSource]:
+def load_images(stop: int, exclude: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, FashionMNISTSource]:
+    """Training images [0, stop) at 32 px in [-1, 1], their labels and the source; ``exclude``: class names whose
+    images are left out (the leakage-controlled setting: a generator that never saw those classes)."""
     src = FashionMNISTSource("train", start=0, stop=stop, size=32)
+    if exclude:
+        unknown = sorted(set(exclude) - set(FASHION_MNIST_CLASSES))
+        if unknown:
+            raise SystemExit(f"--exclude-classes: {unknown} are not Fashion-MNIST classes; pick from "
+                             f"{list(FASHION_MNIST_CLASSES)}")
+        dropped = [FASHION_MNIST_CLASSES.index(c) for c in exclude]
+        src.indices = src.indices[~np.isin(src.labels[src.indices], dropped)]
     arr = np.stack([np.asarray(src.sample(i).image) for i in range(len(src))])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     return x, src.labels[src.indices], src
@@ -210,7 +225,7 @@ def finetune_saved_decoder(args, bf16: bool) -> None:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(args.decoder_from)
-    x, _, _ = load_images(args.train_stop)
+    x, _, _ = load_images(args.train_stop, args.exclude_classes)
     work = Path(args.work)
     before = json.loads((Path(args.decoder_from) / "training_args.json").read_text()) \
         if (Path(args.decoder_from) / "training_args.json").is_file() else {}
@@ -287,6 +302,19 @@ def phase_unet(mean, std, prompts_fn, tokenizer, work: Path, steps: int, batch: 
     return unet.eval(), text_encoder.eval()
 
 
+def check_work_folder(work: Path, args) -> None:
+    """A work folder's cached captions, latents and checkpoints belong to one training set: refuse another."""
+    data = {"train_stop": args.train_stop, "exclude_classes": sorted(args.exclude_classes)}
+    path = work / "data.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != data:
+            raise SystemExit(f"{work} holds the work of another training set ({before}, asked {data}): pass another "
+                             "--work folder")
+    else:
+        path.write_text(json.dumps(data) + "\n")
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -304,7 +332,8 @@ def main():
     if args.decoder_from:
         finetune_saved_decoder(args, bf16)
         return
-    x, labels, src = load_images(args.train_stop)
+    check_work_folder(work, args)
+    x, labels, src = load_images(args.train_stop, args.exclude_classes)
     captions = phase_captions(src, work, args.caption_size)
 
     tokenizer = offline_clip_tokenizer(work / "tokenizer", num_merges=args.num_merges, model_max_length=32)

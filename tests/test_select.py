@@ -60,7 +60,13 @@ class _Accelerator:
         pass
 
 
-def test_the_selector_keeps_the_highest_kl_images_and_reads_its_choice_back(make_tiny_classifier, tmp_path):
+@pytest.mark.parametrize("cache", [True, False])  # the pool's inputs kept between epochs, or decoded each time
+def test_the_selector_keeps_the_highest_kl_images_and_reads_its_choice_back(make_tiny_classifier, tmp_path, cache,
+                                                                           monkeypatch):
+    import sip.distill.select as select_module
+
+    if not cache:
+        monkeypatch.setattr(select_module, "CACHE_BYTES", 0)
     from sip.models.checkpoints import input_transform
     from sip.data.sources import FASHION_MNIST_CLASSES
 
@@ -92,6 +98,7 @@ def test_the_selector_keeps_the_highest_kl_images_and_reads_its_choice_back(make
     assert student.training and all(p.requires_grad for p in student.parameters())
     expected = choose(kl, syn.labels, 0.5, class_balanced=True)
     assert np.array_equal(images.synthetic_subset, expected) and len(expected) == 20
+    assert (sel._inputs is not None) == cache
     record = json.loads((tmp_path / "run" / "selection" / "epoch-0001.json").read_text())
     assert record["chosen"] == 20 and record["pool"] == 40 and record["mean_kl_chosen"] > record["mean_kl_pool"]
     assert record["mean_kl_pool"] == pytest.approx(float(kl.mean()), rel=1e-4)

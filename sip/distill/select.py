@@ -31,6 +31,7 @@ from sip.data.mixing import MixedImages
 logger = logging.getLogger(__name__)
 
 __all__ = ["SelectSection", "DivergenceSelector", "choose"]
+CACHE_BYTES = 512 << 20  # the pool's decoded inputs are kept between epochs up to this size (float16)
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,19 @@ class DivergenceSelector:
         self._teacher_probs: torch.Tensor | None = None
 
     # -- scoring ---------------------------------------------------------------------------------------
-    def inputs(self) -> torch.Tensor:
-        if self._inputs is None:
-            syn = self.images.synthetic
-            self._inputs = torch.stack([self.eval_transform(syn[j][0]) for j in range(len(syn))]).half()
-        return self._inputs
+    def _decode(self, start: int, stop: int) -> torch.Tensor:
+        syn = self.images.synthetic
+        return torch.stack([self.eval_transform(syn[j][0]) for j in range(start, stop)])
+
+    def _input_batches(self):
+        """The pool's student inputs in batches: decoded once and kept (float16) while the whole pool fits in
+        :data:`CACHE_BYTES`, else decoded again at each scoring."""
+        n, bs = len(self.images.synthetic), self.section.batch_size
+        if self._inputs is None and n * self._decode(0, 1).numel() * 2 <= CACHE_BYTES:
+            self._inputs = torch.cat([self._decode(s, min(s + bs, n)).half() for s in range(0, n, bs)])
+        for start in range(0, n, bs):
+            yield (self._inputs[start : start + bs].float() if self._inputs is not None
+                   else self._decode(start, min(start + bs, n)))
 
     def _teacher_view(self, x: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
         """The student's normalised input as the teacher's: same pixels, its normalisation, channels and size."""
@@ -137,10 +146,9 @@ class DivergenceSelector:
     @torch.inference_mode()
     def _log_probs(self, model: torch.nn.Module, config: dict[str, Any] | None) -> torch.Tensor:
         """log softmax(logits / T) of the pool: the student's (``config`` None) or a teacher's."""
-        device, bs, t = self.accelerator.device, self.section.batch_size, self.section.temperature
-        out, inputs = [], self.inputs()
-        for start in range(0, len(inputs), bs):
-            x = inputs[start : start + bs].float()
+        device, t = self.accelerator.device, self.section.temperature
+        out = []
+        for x in self._input_batches():
             x = x if config is None else self._teacher_view(x, config)
             logits = model(x.to(device))
             logits = logits[0] if isinstance(logits, (tuple, list)) else logits

@@ -32,7 +32,8 @@ def test_the_shares_of_a_batch_add_up_to_the_whole_batch_loss_and_gradient(tiny_
 
     from sip.adapt.loop import denoising_loss, encode_shots
     from sip.adapt.methods import build_method
-    from sip.adapt.run import _tokenize, load_shots
+    from sip.adapt.run import load_shots
+    from sip.adapt.steps import tokenize
     from sip.models.diffusion import load_diffusion_pipeline
 
     recipe = _recipe("textual_inversion", tiny_sd_dir, shots, Path("unused"), batch_size=5)
@@ -40,7 +41,7 @@ def test_the_shares_of_a_batch_add_up_to_the_whole_batch_loss_and_gradient(tiny_
     classes, images, labels, _ = load_shots(recipe, 32)
     method = build_method(recipe, pipe, classes)
     encoded = encode_shots(pipe, images, labels)
-    ids = _tokenize(pipe, [recipe.template.format(label=method.names[c]) for c in classes])
+    ids = tokenize(pipe, [recipe.template.format(label=method.names[c]) for c in classes])
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     for m in (pipe.unet, pipe.text_encoder, pipe.vae):
         m.eval()

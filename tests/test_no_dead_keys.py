@@ -535,15 +535,16 @@ def adapted(cfg) -> Any:
     import tempfile
 
     import sip.adapt.run as adapt_run
+    import sip.adapt.steps as adapt_steps
     from sip.adapt.loop import CHECKPOINT_FILE, load_checkpoint
 
-    saves, save = [], adapt_run.save_checkpoint
+    saves, save = [], adapt_steps.save_checkpoint
 
     def counted(path, state, optimizer, step, info):
         saves.append(step)
         return save(path, state, optimizer, step, info)
 
-    adapt_run.save_checkpoint = counted
+    adapt_steps.save_checkpoint = counted
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "adapt"
@@ -553,7 +554,7 @@ def adapted(cfg) -> Any:
             files = {p.relative_to(out).as_posix(): _digest(Image.open(p)) if p.suffix == ".png" else None
                      for p in sorted(out.rglob("*")) if p.is_file()}
     finally:
-        adapt_run.save_checkpoint = save
+        adapt_steps.save_checkpoint = save
     return ({k: tuple(v.shape) for k, v in state.items()}, _digest(torch.cat([v.flatten().float() for v in state.values()])),
             info["losses"], run["names"], run["tokens"], run["template"], files, saves)
 

@@ -12,6 +12,7 @@ checkpoint state, and the final files in the layouts diffusers' own loaders read
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,17 @@ def build_method(recipe: AdaptRecipe, pipe: Any, classes: list[str]) -> Method:
     if recipe.method == "lora":
         return Lora(pipe, classes, recipe.lora, recipe.label_names)
     return Finetune(pipe, classes, recipe.finetune, recipe.label_names)
+
+
+def publish(method: Method, out: Path) -> None:
+    """Write the final files into a temp folder, then move each into ``out`` (never half a file in ``out``)."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    method.save(tmp)
+    for entry in tmp.iterdir():
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    tmp.rmdir()

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import sip
 from sip.adapt import collective
-from sip.adapt.loop import CHECKPOINT_FILE, Shots, denoising_loss, encode_shots, load_checkpoint, save_checkpoint
-from sip.adapt.methods import Method, build_method
+from sip.adapt.loop import encode_shots
+from sip.adapt.methods import Method, build_method, publish
 from sip.adapt.prior import make_prior
+from sip.adapt.steps import train_steps
 from sip.adapt.recipe import AdaptRecipe
 from sip.adapt.use import ADAPT_KIND, ADAPT_RUN, base_identity, read_adapt_run
-from sip.adapt.validate import save_grid, write_model_card
+from sip.adapt.validate import write_model_card
 from sip.config import to_dict
 from sip.data.durable import atomic_write
 from sip.data.run_lock import hold_output
@@ -39,7 +37,6 @@ from sip.ids import stable_seed
 from sip.models.diffusion import check_model_source, load_diffusion_pipeline
 from sip.runtime import resolve_device
 from sip.scale.launch import detect_launch, process_device, warn_if_alone
-from sip.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 # recipe keys a resumed run may change: how long it runs and how it reports, not what it learns
@@ -105,20 +102,6 @@ def _write_run(out: Path, info: dict[str, Any]) -> None:
     atomic_write(out / ADAPT_RUN, (json.dumps(info, indent=1) + "\n").encode("utf-8"))
 
 
-def _publish(method: Method, out: Path) -> None:
-    """Write the final files into a temp folder, then move each into ``out`` (never half a file in ``out``)."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    method.save(tmp)
-    for entry in tmp.iterdir():
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        entry.replace(target)
-    tmp.rmdir()
-
-
 def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Adapt ``recipe.model`` to ``recipe.source``'s shots by ``recipe.method``; resumes a run in ``recipe.output``.
 
@@ -158,79 +141,14 @@ def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None 
             _write_run(out, info(0, [], False))
         # the base model's own images to keep (a new LoRA is still the identity; fine-tuning has not started)
         prior = make_prior(pipe, recipe.prior, out, share, recipe.progress) if recipe.prior.active else None
-        step, losses = _train(recipe, pipe, method, shots, prompts, out, on_step,
-                              lambda s, ls, done: _write_run(out, info(s, ls, done)), share, prior)
+        step, losses = train_steps(recipe, pipe, method, shots, prompts, out, on_step,
+                                   lambda s, ls, done: _write_run(out, info(s, ls, done)), share, prior)
         # 4. final files, model card, run.json (finished) last: process 0; the others wait for it
         if share.is_main:
-            _publish(method, out)
+            publish(method, out)
             write_model_card(out, info(step, losses, True))
             _write_run(out, info(step, losses, True))
         collective.barrier(share)
     return {"output": str(out), "method": recipe.method, "steps": step, **launch.record(),
             "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None,
             "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _tokenize(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
-def _train(recipe: AdaptRecipe, pipe: Any, method: Method, shots: Shots, prompts: list[str], out: Path,
-           on_step: Callable[[int, float], None] | None, record: Callable[[int, list, bool], None],
-           share: collective.Share = collective.Share(), prior: Shots | None = None):
-    """The loop from the last checkpoint (or step 0) to ``recipe.steps``; returns (steps done, [(step, loss)]).
-    Under a multi-process launch each process computes its ``share`` of every batch, the gradients are summed,
-    and process 0 alone writes checkpoints, ``run.json`` and grids. With ``prior`` (:mod:`sip.adapt.prior`) each
-    step adds ``prior.weight`` times the loss of a batch of the base model's own images."""
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    params = method.params()
-    optimizer = torch.optim.AdamW(method.param_groups(recipe.lr), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    peaks = [group["lr"] for group in optimizer.param_groups]  # each group's own peak (finetune.text_encoder_lr)
-    prompt_ids, step, losses = _tokenize(pipe, prompts), 0, []
-    prior_ids = _tokenize(pipe, list(recipe.prior.prompts)) if prior is not None else None
-    prior_seed = stable_seed("adapt-prior-batch", recipe.seed)
-    if (ckpt := out / CHECKPOINT_FILE).is_file():
-        state, optim_state, step, info = load_checkpoint(ckpt)
-        method.load_state(state)
-        optimizer.load_state_dict(optim_state)
-        losses = [tuple(x) for x in info.get("losses", [])]
-        logger.info("resuming %s from step %d", out, step)
-    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
-        m.eval()  # no dropout: a step's result depends only on (seed, step) and the weights
-    bar = tqdm(total=recipe.steps, initial=step, desc=f"adapt {recipe.method}", unit="step",
-               disable=not recipe.progress or not share.is_main, dynamic_ncols=True)
-    while step < recipe.steps:
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * warmup_cosine(step, recipe.warmup_steps, recipe.steps)
-        rows = share.rows(recipe.batch_size) if share.world > 1 else None
-        loss = denoising_loss(pipe, noise_scheduler, method.encode, shots, prompt_ids, recipe.batch_size,
-                              recipe.seed, step, rows)
-        if prior is not None:
-            loss = loss + recipe.prior.weight * denoising_loss(pipe, noise_scheduler, method.encode, prior, prior_ids,
-                                                               recipe.batch_size, prior_seed, step, rows)
-        value = collective.sum_value(loss.item(), share, pipe.unet.device)  # the whole batch's
-        if not math.isfinite(value):
-            raise FloatingPointError(f"adapt loss is {value} at step {step}: lower lr (now {recipe.lr})")
-        loss.backward()
-        collective.sum_gradients(params, share)
-        if recipe.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append((step, round(value, 6)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1][1]:.4f}", refresh=False)
-        if share.is_main and (step % recipe.checkpoint_every == 0 or step == recipe.steps):
-            save_checkpoint(ckpt, method.state(), optimizer, step, {"losses": losses})
-            record(step, losses, False)
-        if share.is_main and recipe.validation.every and (step % recipe.validation.every == 0 or step == recipe.steps):
-            save_grid(pipe, method, prompts, recipe.validation, out / "validation" / f"step-{step:06d}.png")
-        if on_step is not None:
-            on_step(step, losses[-1][1])
-    bar.close()
-    return step, losses

@@ -567,6 +567,17 @@ def adapt_written(cfg) -> Any:
     return result["output"], sorted(p.name for p in Path(cfg.output).iterdir())
 
 
+def adapt_files(cfg) -> Any:
+    """The files a real sip adapt run writes into a fresh folder (relative paths)."""
+    import tempfile
+
+    from sip.adapt.run import run_adapt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_adapt(dataclasses.replace(cfg, output=str(Path(tmp) / "adapt")))
+        return sorted(p.relative_to(Path(tmp) / "adapt").as_posix() for p in (Path(tmp) / "adapt").rglob("*"))
+
+
 def adapter_prompts(cfg) -> Any:
     """The prompts sip augment / synth build with the generator's adapter (sip.augment.jobs.prompt_builder) and the
     loaded pipeline's vocabulary (a textual-inversion adapter adds each class's token to both)."""
@@ -1053,6 +1064,8 @@ ENTRIES: dict[tuple[str, str], Any] = {
     ("adapt", "lora.text_encoder"): (Changes(True, adapted, ADAPT) if _peft_takes_text_encoder()
                                      else Refused(True, ADAPT, "lora.text_encoder: .*pip install -U peft", adapted)),
     ("adapt", "lora.target_modules"): Changes(["to_q"], adapted, ADAPT),
+    ("adapt", "lora.per_class"): (Changes(True, adapt_files, ADAPT),
+                                  Refused(True, ("lora.text_encoder=true",), "lora.per_class with lora.text_encoder")),
     ("adapt", "finetune.text_encoder"): (Changes(True, adapted, ADAPT_FT),
                                          Refused(True, (), "read by method finetune only; method is lora"),
                                          Refused(True, ("method=textual_inversion",), "read by method finetune only")),

@@ -50,12 +50,15 @@ class LoraSettings:
         alpha: the update's scale numerator (scale alpha / r); null: alpha = r.
         text_encoder: also a LoRA on the text encoder's attention (q, k, v, out projections).
         target_modules: the UNet's module names that get a LoRA.
+        per_class: one LoRA per class, each trained on its class's shots alone for ``steps`` steps (DataDream's
+            per-class setting); generation switches to each class's LoRA for its images. False: one for the dataset.
     """
 
     rank: int = 4
     alpha: float | None = None
     text_encoder: bool = False
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    per_class: bool = False
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -64,6 +67,9 @@ class LoraSettings:
             raise ValueError(f"lora.alpha must be a positive finite number or null, got {self.alpha}")
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+        if self.per_class and self.text_encoder:
+            raise ValueError("lora.per_class with lora.text_encoder: generation switches UNet LoRAs per batch but encodes "
+                             "prompts once; per-class text-encoder LoRAs are not supported: set one of them false")
 
 
 @dataclass(frozen=True)

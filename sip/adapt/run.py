@@ -24,6 +24,7 @@ import sip
 from sip.adapt import collective
 from sip.adapt.loop import encode_shots
 from sip.adapt.methods import Method, build_method, publish
+from sip.adapt.per_class import class_folders, train_per_class
 from sip.adapt.prior import make_prior
 from sip.adapt.steps import train_steps
 from sip.adapt.recipe import AdaptRecipe
@@ -89,13 +90,40 @@ def load_shots(recipe: AdaptRecipe, size: int) -> tuple[list[str], list[Any], li
     return classes, images, [s.label for s in samples], shots
 
 
-def _run_info(recipe: AdaptRecipe, base: dict, classes: list[str], method: Method, shots: list, step: int,
+def _run_info(recipe: AdaptRecipe, base: dict, classes: list[str], method: Method | dict, shots: list, step: int,
               losses: list, finished: bool) -> dict[str, Any]:
+    """run.json; ``method``: the method, or (per-class LoRAs) a dict of its ``names``, ``tokens`` and ``trained``."""
+    about = method if isinstance(method, dict) else {"names": method.names, "trained": method.trained,
+                                                     "tokens": getattr(method, "tokens", {})}
     return {"kind": ADAPT_KIND, "sip_version": getattr(sip, "__version__", None), "method": recipe.method,
-            "base": base, "classes": classes, "tokens": getattr(method, "tokens", {}), "names": method.names,
-            "trained": method.trained,
+            "base": base, "classes": classes, "tokens": about["tokens"], "names": about["names"],
+            "trained": about["trained"],
             "template": recipe.template, "shots": shots, "steps": recipe.steps, "step": step, "finished": finished,
             "losses": losses, "config": to_dict(recipe)}
+
+
+def _per_class_run(recipe: AdaptRecipe, pipe: Any, device: str, classes: list[str], images: list, labels: list[int],
+                   shots_used: list, base: dict, out: Path, launch: Any, share: collective.Share,
+                   on_step: Callable[[int, float], None] | None) -> tuple[int, list]:
+    """``lora.per_class``: every class's LoRA (:mod:`sip.adapt.per_class`), run.json naming each class's folder."""
+    about = {"names": {c: recipe.label_names.get(c, c) for c in classes}, "tokens": {},
+             "trained": ["unet: one LoRA per class"]}
+
+    def info(step: int, losses: list, finished: bool, **extra) -> dict[str, Any]:
+        return {**_run_info(recipe, base, classes, about, shots_used, step, losses, finished), **launch.record(),
+                **extra}
+
+    if share.is_main and read_adapt_run(out) is None:
+        _write_run(out, info(0, [], False, per_class={}))
+    prior = make_prior(pipe, recipe.prior, out, share, recipe.progress) if recipe.prior.active else None
+    step, by_class = train_per_class(
+        recipe, pipe, device, classes, images, labels, out, share, prior, on_step,
+        lambda c, s, ls, done: _write_run(out, info(s, ls, False, per_class=done, class_in_progress=c)))
+    if share.is_main:
+        final = info(step, [], True, per_class=class_folders(classes), losses_by_class=by_class)
+        write_model_card(out, final)
+        _write_run(out, final)
+    return step, []
 
 
 def _write_run(out: Path, info: dict[str, Any]) -> None:
@@ -129,6 +157,12 @@ def run_adapt(recipe: AdaptRecipe, on_step: Callable[[int, float], None] | None 
         pipe = load_diffusion_pipeline(recipe.model, "txt2img", device=device)
         size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         classes, images, labels, shots_used = load_shots(recipe, size)
+        if recipe.method == "lora" and recipe.lora.per_class:
+            step, losses = _per_class_run(recipe, pipe, device, classes, images, labels, shots_used, base, out,
+                                          launch, share, on_step)
+            collective.barrier(share)
+            return {"output": str(out), "method": recipe.method, "steps": step, **launch.record(),
+                    "per_class": True, "seconds": round(time.perf_counter() - t0, 2)}
         with torch.random.fork_rng(devices=[]):  # LoRA's random init: from the recipe's seed, not the process's
             torch.manual_seed(stable_seed("adapt-init", recipe.seed))
             method = build_method(recipe, pipe, classes)

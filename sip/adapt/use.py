@@ -24,6 +24,7 @@ METHODS = ("textual_inversion", "lora", "finetune")
 EMBEDDINGS_DIR = "embeddings"  # embeddings/<label>/learned_embeds.safetensors, one per class
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name
 PIPELINE_DIR = "pipeline"  # finetune: the whole pipeline, save_pretrained layout
+PER_CLASS_DIR = "per_class"  # lora.per_class: per_class/<index>-<label>/pytorch_lora_weights.safetensors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -83,6 +84,11 @@ class Adapter:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def per_class(self) -> dict[str, str]:
+        """One LoRA per class (``lora.per_class``): each class's folder, relative to ``folder``; else {}."""
+        return dict(self.info.get("per_class") or {})
+
+    @property
     def model(self) -> str | None:
         """The model to load instead of the base (finetune: the saved pipeline), else None."""
         return str(self.folder / PIPELINE_DIR) if self.method == "finetune" else None
@@ -97,6 +103,10 @@ class Adapter:
                 import peft  # noqa: F401  (diffusers loads LoRAs through peft)
             except ImportError as e:
                 raise ImportError("generate.adapter holds a LoRA, which needs peft: pip install 'sip[lora]'") from e
+            if self.per_class:  # one adapter per class, switched per batch (sip.augment.jobs.batch_generator)
+                for (label, rel), name in zip(self.per_class.items(), class_adapter_names(self.per_class)):
+                    pipe.load_lora_weights(str(self.folder / rel), weight_name=LORA_FILE, adapter_name=name)
+                return dict(self.tokens)
             pipe.load_lora_weights(str(self.folder), weight_name=LORA_FILE)
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()  # fused: no cost per step; the adapter layers go
@@ -137,7 +147,8 @@ def check_adapter(folder: str | Path, model: str, key: str = "generate.adapter")
                          f"adapt --model {model}`")
     needed = {"textual_inversion": [embedding_folder(path, lb) / "learned_embeds.safetensors"
                                     for lb in info.get("tokens", {})],
-              "lora": [path / LORA_FILE], "finetune": [path / PIPELINE_DIR / "model_index.json"]}[method]
+              "lora": [path / rel / LORA_FILE for rel in (info.get("per_class") or {"": ""}).values()],
+              "finetune": [path / PIPELINE_DIR / "model_index.json"]}[method]
     if missing := [str(p) for p in needed if not p.is_file()]:
         raise FileNotFoundError(f"{key}: {path} is missing {', '.join(missing)}; rerun `sip adapt` into it")
     return Adapter(path, method, dict(info.get("tokens", {})), info)
@@ -147,6 +158,19 @@ def adapter_tokens(folder: str | Path | None) -> dict[str, str]:
     """Each class's learned token in a ``sip adapt`` folder (textual inversion), for the prompt builder; else {}."""
     info = read_adapt_run(folder) if folder else None
     return dict(info.get("tokens") or {}) if info and info.get("method") == "textual_inversion" else {}
+
+
+def class_adapter_names(per_class: dict[str, str]) -> list[str]:
+    """The peft adapter name of each class's LoRA, in ``per_class`` order."""
+    return [f"sip_class_{i}" for i in range(len(per_class))]
+
+
+def class_adapters(folder: str | Path | None) -> dict[str, str]:
+    """Each class's adapter name in a per-class LoRA ``sip adapt`` folder (what the generator switches to for a
+    batch of that class), else {}."""
+    info = read_adapt_run(folder) if folder else None
+    per_class = dict((info or {}).get("per_class") or {})
+    return dict(zip(per_class, class_adapter_names(per_class)))
 
 
 def load_generation_models(config: Any) -> tuple[Any, Any]:

@@ -57,6 +57,9 @@ def write_model_card(out: Path, info: dict[str, Any]) -> Path:
                                            for t in list(info["tokens"].values())[:3]),
             "lora": f'pipe.load_lora_weights("{out}")',
             "finetune": f'pipe = StableDiffusionPipeline.from_pretrained("{out}/pipeline")'}[method]
+    if info.get("per_class"):  # one LoRA per class: load the one of the class to draw
+        load = "\n".join(f'pipe.load_lora_weights("{out}/{rel}")  # {label}'
+                          for label, rel in list(info["per_class"].items())[:3]) + "\n# ... one folder per class"
     lines = [f"# {method} adapter of {base.get('model')}", "",
              f"Written by `sip adapt` ({info['step']} steps). Base weights SHA-256: {base.get('weights_sha256')}.", "",
              "Trained: " + ", ".join(info.get("trained") or ["?"]) + ".", "",

@@ -21,7 +21,7 @@ from sip.augment.guidance import TargetedGuidance, guiding
 from sip.augment.pipeline_setup import prepare_pipeline, supports_fast_path
 from sip.augment.token_merge import merge_targets
 from sip.augment.unet_cache import check_cacheable, check_speedup_settings, unet_speedups
-from sip.adapt.use import load_generation_models
+from sip.adapt.use import class_adapters, load_generation_models
 from sip.models.diffusion import DEFAULT_SD_MODEL, check_decoder_fits, few_step_advice, resolve_scheduler, runs_cfg
 from sip.models.kdeformer import kdeformer_config
 from sip.runtime import AMX_MIN_UNET_PARAMS, autocast, resolve_precision
@@ -187,6 +187,8 @@ class DiffusionGenerator:
         # embeddings (SD 1.x/2.x img2img); others (SDXL: pooled embeddings …) get the plain call
         self._fast = supports_fast_path(pipe)
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        # a per-class LoRA adapter (sip adapt lora.per_class): each class's LoRA, switched per batch by use_class
+        self.class_adapters = class_adapters(config.adapter)
         # the pipeline's modules are used as given: channels_last / compile are prepare_pipeline's job;
         # feature caching and token merging patch the UNet for the length of each call only (_unet_speedups)
         if config.cache_interval > 1:
@@ -196,6 +198,13 @@ class DiffusionGenerator:
         if config.token_merge_ratio > 0 and not merge_targets(pipe.unet)[1]:
             raise ValueError(f"generate.token_merge_ratio > 0 but this {type(pipe.unet).__name__} has no self-attention "
                              f"to merge tokens in; set generate.token_merge_ratio: 0")
+
+    def use_class(self, label: str) -> None:
+        """Make ``label``'s own LoRA the active one (per-class adapters only; the UNet is shared by both modes)."""
+        if label not in self.class_adapters:
+            raise ValueError(f"generate.adapter {self.config.adapter} has a LoRA for {sorted(self.class_adapters)}, "
+                             f"not for {label!r}: adapt that class too, or generate only those classes")
+        self.pipe.set_adapters([self.class_adapters[label]])
 
     @classmethod
     def from_config(cls, config: GenerateConfig) -> DiffusionGenerator:

@@ -363,9 +363,30 @@ def batch_generator(generator: Any, mode: str, negative_prompt: str,
     """The ``generate(batch) -> images`` call of a mode ("img2img": job payloads are the sources, one call per
     setting of the batch), guided toward each job's label by ``guidance`` (a ``ClassifierGuidance``) if given."""
     if mode == "img2img":
-        return variants_generator(generator, negative_prompt, guidance)
-    return lambda batch: generator.text2img([j.prompt for j in batch], [j.seed for j in batch], negative_prompt,
-                                            guide=guidance.toward([j.label for j in batch]) if guidance else None)
+        return per_class_adapters(generator, variants_generator(generator, negative_prompt, guidance))
+    return per_class_adapters(generator, lambda batch: generator.text2img(
+        [j.prompt for j in batch], [j.seed for j in batch], negative_prompt,
+        guide=guidance.toward([j.label for j in batch]) if guidance else None))
+
+
+def per_class_adapters(generator: Any, generate: Callable[[Sequence[Job]], list]) -> Callable[[Sequence[Job]], list]:
+    """``generate`` as is, or, with a per-class LoRA adapter (``generator.class_adapters``), one call per label of
+    the batch under that label's LoRA, images back in job order (each image's own seed: the same bytes whatever
+    batch it is drawn in)."""
+    if not getattr(generator, "class_adapters", None):
+        return generate
+
+    def by_class(batch: Sequence[Job]) -> list:
+        images: list[Any] = [None] * len(batch)
+        groups: dict[str, list[int]] = {}
+        for i, j in enumerate(batch):
+            groups.setdefault(j.label, []).append(i)
+        for label, idx in groups.items():
+            generator.use_class(label)
+            for i, image in zip(idx, generate([batch[i] for i in idx])):
+                images[i] = image
+        return images
+    return by_class
 
 
 def prompt_builder(prompt: PromptConfig, generator: Any) -> PromptBuilder:

@@ -225,6 +225,10 @@ def run_synth(recipe: SynthRecipe, generator: DiffusionGenerator | None = None,
         generate = batch_generator(generator, "txt2img", recipe.prompt.negative_prompt, teaching.guidance)
         jobs, labeller = (synth_jobs(b, builder, recipe, settings) for b in batches), None
         if recipe.latent_mix.active:  # image k >= per_class of a class: two classes' latents mixed, then decoded
+            if generator.class_adapters:
+                raise ValueError(f"latent_mix mixes two classes' latents in one image, but generate.adapter "
+                                 f"{recipe.generate.adapter} holds one LoRA per class: use a dataset-wide adapter "
+                                 "(lora.per_class: false) or set latent_mix.mode: null")
             jobs, generate, labeller = latent_mix_jobs(recipe, classes, generator, teaching, builder, settings,
                                                        batches, synth_job)
         generate_and_write(jobs, generate, writer, image_filter, summary, progress, labeller)

@@ -271,8 +271,8 @@ def _check_lora_file(path: Path) -> None:
     """A LoRA file is a safetensors file whose tensor names say LoRA (``lora_A`` / ``lora_down`` / ``lora.up`` …)."""
     from safetensors import SafetensorError, safe_open
 
-    need = (f"generate.lora takes a LoRA in safetensors format (diffusers' save_lora_weights, or a kohya / "
-            f"A1111 .safetensors LoRA), e.g. latent-consistency/lcm-lora-sdv1-5")
+    need = ("generate.lora takes a LoRA in safetensors format (diffusers' save_lora_weights, or a kohya / "
+            "A1111 .safetensors LoRA), e.g. latent-consistency/lcm-lora-sdv1-5")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

@@ -90,6 +90,8 @@ def test_a_killed_per_class_run_resumes_class_by_class(tiny_sd_dir, shots, per_c
     seen.clear()
     run_adapt(cut, on_step=lambda step, loss: seen.append(step))
     assert seen == [3, 4]  # blue is not trained again; red resumes from its checkpoint
+    whole = json.loads((per_class / "run.json").read_text())["losses_by_class"]
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["losses_by_class"] == whole
     for rel in ("per_class/000-blue", "per_class/001-red"):
         a, _, _, _ = load_checkpoint(per_class / rel / CHECKPOINT_FILE)
         b, _, _, _ = load_checkpoint(tmp_path / "cut" / rel / CHECKPOINT_FILE)

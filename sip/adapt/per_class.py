@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sip.adapt.collective import Share
-from sip.adapt.loop import Shots, encode_shots
+from sip.adapt.loop import CHECKPOINT_FILE, Shots, encode_shots, load_checkpoint
 from sip.adapt.methods import Lora, publish
 from sip.adapt.recipe import AdaptRecipe
 from sip.adapt.steps import train_steps
@@ -49,8 +49,9 @@ def train_per_class(recipe: AdaptRecipe, pipe: Any, device: str, classes: list[s
     folders, done, losses = class_folders(classes), {}, {}
     for i, c in enumerate(classes):
         folder = out / folders[c]
-        if (folder / LORA_FILE).is_file():
+        if (folder / LORA_FILE).is_file():  # finished by an earlier run: its losses are in its last checkpoint
             done[c] = folders[c]
+            losses[c] = [tuple(x) for x in load_checkpoint(folder / CHECKPOINT_FILE)[3].get("losses", [])]
             continue
         if pipe is None:
             pipe = load_diffusion_pipeline(recipe.model, "txt2img", device=device)

@@ -112,6 +112,7 @@ class DivergenceSelector:
         self.eval_transform, self.student_config = eval_transform, student_config
         self.folder, self.accelerator = Path(run_dir) / "selection", accelerator
         self._inputs: torch.Tensor | None = None  # the student's inputs of the pool, decoded once (float16)
+        self._cacheable: bool | None = None
         self._teacher_probs: torch.Tensor | None = None
 
     # -- scoring ---------------------------------------------------------------------------------------
@@ -123,7 +124,9 @@ class DivergenceSelector:
         """The pool's student inputs in batches: decoded once and kept (float16) while the whole pool fits in
         :data:`CACHE_BYTES`, else decoded again at each scoring."""
         n, bs = len(self.images.synthetic), self.section.batch_size
-        if self._inputs is None and n * self._decode(0, 1).numel() * 2 <= CACHE_BYTES:
+        if self._cacheable is None:  # decided once, from one image's size
+            self._cacheable = n * self._decode(0, 1).numel() * 2 <= CACHE_BYTES
+        if self._inputs is None and self._cacheable:
             self._inputs = torch.cat([self._decode(s, min(s + bs, n)).half() for s in range(0, n, bs)])
         for start in range(0, n, bs):
             yield (self._inputs[start : start + bs].float() if self._inputs is not None

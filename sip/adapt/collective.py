@@ -57,23 +57,22 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], share: Share) -> None:
         return
     import torch.distributed as dist
 
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
+    buckets: list[list[torch.Tensor]] = []
     size = 0
-    for g in grads + [None]:
-        if g is not None and (not bucket or (size + g.numel() <= BUCKET_ELEMENTS and g.dtype == bucket[0].dtype
-                                             and g.device == bucket[0].device)):
-            bucket.append(g)
-            size += g.numel()
-            continue
-        if bucket:
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
-        bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+    for g in (p.grad for p in params if p.grad is not None):
+        last = buckets[-1] if buckets else None
+        if last is None or size + g.numel() > BUCKET_ELEMENTS or (g.dtype, g.device) != (last[0].dtype, last[0].device):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.numel()
+    for bucket in buckets:
+        flat = torch.cat([b.reshape(-1) for b in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for b in bucket:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def sum_value(value: float, share: Share, device: torch.device | str = "cpu") -> float:

@@ -4,6 +4,8 @@
 those finished seeds without redoing them: the seed's txt2img set is made again with ``--synth-set`` overrides
 (e.g. guided by the seed's own teacher: ``--teacher``), and the seed's ``student-real+sip`` recipe is distilled
 again with that set in place of the unguided one (its img2img variants, shots, teacher, epochs and seed unchanged).
+An arm with no ``--teacher`` nor ``--synth-set`` changes the student only (``--student-set``, e.g.
+``select.keep=0.3``) and reads the seed's own txt2img set.
 The arm is compared with both demo students, paired by seed, on the validation split and on the test set (each
 run reads it once, at its end). Each stage is sip's own resumable job: ``sip synth`` skips the images already
 written and its writer refuses a folder made with other settings; a finished student is reused only when its saved
@@ -13,6 +15,7 @@ Usage::
 
     python scripts/demo_arm.py --demo runs/demo10 --seeds 0 1 2 3 4 --name guided --teacher \\
         --synth-set guide.scale=5 --synth-set "guide.steps=[0.0, 0.6]" --synth-set guide.every=2
+    python scripts/demo_arm.py --demo runs/demo1 --name select --student-set select.keep=0.3
 """
 
 from __future__ import annotations
@@ -60,12 +63,15 @@ def run_arm(seed_dir: Path, args) -> dict:
     """The arm's txt2img set and student in ``seed_dir`` (a finished demo seed); its final metrics."""
     if not (seed_dir / "results.json").is_file():
         raise SystemExit(f"{seed_dir}: not a finished demo seed (no results.json); run scripts/demo_seeds.py first")
-    synth = seed_dir / "arms" / args.name / "synthetic"
     student = seed_dir / "train" / f"student-{args.name}"
-    cmd = [SIP, "synth", str(seed_dir / "synthetic" / "config.yaml"), "-o", str(synth), "--set", "progress=false"]
-    if args.teacher:
-        cmd += ["--teacher", str(seed_dir / "train" / "teacher")]
-    run(cmd + [a for s in args.synth_set for a in ("--set", s)])
+    if args.teacher or args.synth_set:
+        synth = seed_dir / "arms" / args.name / "synthetic"
+        cmd = [SIP, "synth", str(seed_dir / "synthetic" / "config.yaml"), "-o", str(synth), "--set", "progress=false"]
+        if args.teacher:
+            cmd += ["--teacher", str(seed_dir / "train" / "teacher")]
+        run(cmd + [a for s in args.synth_set for a in ("--set", s)])
+    else:  # the txt2img recipe is unchanged: the arm differs in its student only and reads the seed's own set
+        synth = seed_dir / "synthetic"
     recipe = seed_dir / "train" / "student-real+sip" / "config.yaml"
     sets = [f"data.synthetic={json.dumps([str(seed_dir / 'augmented'), str(synth)])}", "run.progress=false",
             *args.student_set]

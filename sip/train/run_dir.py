@@ -69,8 +69,9 @@ def _prune(data: Any, known: dict[str, Any], prefix: str = "") -> Any:
 def recipe_changes(recipe: Any, saved: str | Path) -> list[str]:
     """The dotted keys that decide a run's outputs and differ between ``recipe`` and the config saved at ``saved``.
 
-    Keys that do not change results (threads, progress, evaluation batch size, ...) are left out, and unset
-    keys compare equal to their resolved defaults, so an empty list means: the run at ``saved`` is this run.
+    Keys that do not change what the run computes (progress, evaluation batch size, ...; threads and device
+    change the order of float sums only, so their weights agree to rounding, not bit for bit) are left out, and
+    unset keys compare equal to their resolved defaults, so an empty list means: the run at ``saved`` is this run.
 
     Args:
         recipe: The requested recipe (e.g. a ``TrainRecipe`` or ``DistillRecipe``).
